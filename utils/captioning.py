@@ -25,5 +25,14 @@ The contract a captioner class fulfils:
                            its original mode (convert it as the model's reference code does).
     caption(self, images, prompts) -> list[list[Caption]]
                            images: list of `prepare` results; prompts: list of prompt texts.
-                           Returns result[i][j] for image i and prompt j.
+                           Returns result[i][j] for image i and prompt j, a Caption(text,
+                           truncated) where truncated means generation stopped at
+                           --max-new-tokens without reaching the end token.
 """
+from typing import NamedTuple
+
+
+class Caption(NamedTuple):
+    text: str
+    truncated: bool
+
