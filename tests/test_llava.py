@@ -1,0 +1,170 @@
+"""llava.py on tiny random-weight checkpoints in both formats (see tests/llava_checkpoint.py)."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+from PIL import Image
+
+import llava
+from tests.llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
+
+LLAVA_V1_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{} ASSISTANT:")
+PROMPTS = ["Describe the image.", llava.LlavaCaptioner.prompts["default"]]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    # the original config names the published tower, so loading it needs --vision-tower, as offline users do
+    return build_checkpoints(tmp_path_factory.mktemp("llava"))
+
+
+def make_args(model, vision_tower=None, **overrides):
+    args = dict(model=str(model), vision_tower=vision_tower and str(vision_tower), dtype=torch.float32,
+                max_new_tokens=20, temperature=0.0, top_p=None, num_beams=1, seed=0, batch_size=8)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+@pytest.fixture(scope="session")
+def captioners(checkpoints):
+    cpu = torch.device("cpu")
+    return {"hf": llava.LlavaCaptioner(make_args(checkpoints.hf), cpu),
+            "original": llava.LlavaCaptioner(make_args(checkpoints.original, checkpoints.vision_tower), cpu)}
+
+
+@pytest.fixture(scope="session")
+def images():
+    rng = np.random.default_rng(0)
+    noise = lambda h, w, *c: rng.integers(0, 256, (h, w, *c), dtype=np.uint8)
+    return [Image.new("RGB", (60, 40), "red"), Image.fromarray(noise(80, 50, 3)),
+            Image.fromarray(noise(300, 200), "L"), Image.fromarray(noise(100, 400, 4), "RGBA"),
+            Image.fromarray(noise(336, 336, 3)).convert("P"), Image.new("RGB", (30, 90), "blue")]
+
+
+def sentencepiece_ids(checkpoints, text):
+    return sentencepiece.SentencePieceProcessor(model_file=str(checkpoints.original / "tokenizer.model")).encode(text)
+
+
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_prompt_ids_are_tokenizer_image_token_of_llava_v1(form, captioners, checkpoints):
+    captioner = captioners[form]
+    before, after = llava.split_prompt("Describe the image.")
+    assert before + "<image>" + after == LLAVA_V1_PROMPT.format("Describe the image.")
+    bos = captioner.tokenizer.bos_token_id
+    expected = ([bos] + sentencepiece_ids(checkpoints, before) + [captioner.image_token_id] * 576
+                + sentencepiece_ids(checkpoints, after))
+    ids = captioner.prompt_ids("Describe the image.")
+    assert ids == expected
+    # the text after the image starts with the dummy-prefix piece, then the newline byte
+    after_ids = ids[ids.index(captioner.image_token_id) + 576:]
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(checkpoints.original / "tokenizer.model"))
+    assert [pieces.id_to_piece(i) for i in after_ids[:2]] == ["▁", "<0x0A>"]
+    assert ids.count(bos) == 1
+
+
+def test_image_token_ids(captioners, checkpoints):
+    hf_config = json.loads((checkpoints.hf / "config.json").read_text())
+    assert captioners["hf"].image_token_id == hf_config["image_token_index"]
+    assert captioners["hf"].image_token_id == captioners["hf"].tokenizer.convert_tokens_to_ids("<image>")
+    vocab_size = json.loads((checkpoints.original / "config.json").read_text())["vocab_size"]
+    assert captioners["original"].image_token_id == vocab_size  # one past the original vocabulary
+    assert captioners["original"].fixed_generation_kwargs == {"suppress_tokens": [vocab_size]}
+
+
+def test_image_tag_inside_question():
+    _, after = llava.split_prompt("Describe the <image> in English in detail:")
+    assert after == "\nDescribe the image in English in detail: ASSISTANT:"
+    assert llava.split_prompt("<image>\nWhat is this?") == llava.split_prompt("What is this?")
+    assert llava.split_prompt("What is this? <image>") == llava.split_prompt("What is this?")
+
+
+def normalized(rgb):
+    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, CLIP_MEAN, CLIP_STD)])
+
+
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_non_square_images_are_padded_not_cropped(form, captioners):
+    # 3:1 image, red left edge, blue right edge: center-cropping would keep neither edge
+    wide = Image.new("RGB", (300, 100), (0, 255, 0))
+    wide.paste((255, 0, 0), (0, 0, 30, 100))
+    wide.paste((0, 0, 255), (270, 0, 300, 100))
+    pixels = captioners[form].prepare(wide)
+    assert pixels.shape == (3, 336, 336)
+    fill = normalized((122, 116, 104))  # int(mean * 255), LLaVA's expand2square colour
+    assert torch.allclose(pixels[:, 168, 5], normalized((255, 0, 0)), atol=0.05)
+    assert torch.allclose(pixels[:, 168, 330], normalized((0, 0, 255)), atol=0.05)
+    assert torch.allclose(pixels[:, 5, 168], fill, atol=0.01)
+    assert torch.allclose(pixels[:, 330, 168], fill, atol=0.01)
+    tall = wide.transpose(Image.Transpose.ROTATE_90)
+    pixels = captioners[form].prepare(tall)
+    assert torch.allclose(pixels[:, 168, 5], fill, atol=0.01)
+    assert torch.allclose(pixels[:, 5, 168], normalized((0, 0, 255)), atol=0.05)
+
+
+def test_prepare_converts_to_rgb_first(captioners, images):
+    prepare = captioners["hf"].prepare
+    for image in images:
+        assert torch.equal(prepare(image), prepare(image.convert("RGB")))
+
+
+def caption_one_by_one(captioner, images):
+    return [[captioner.caption([captioner.prepare(image)], [prompt])[0][0] for prompt in PROMPTS] for image in images]
+
+
+@pytest.fixture(scope="session")
+def one_by_one(captioners, images):
+    return {form: caption_one_by_one(captioner, images) for form, captioner in captioners.items()}
+
+
+def test_both_formats_give_identical_captions(one_by_one):
+    assert one_by_one["hf"] == one_by_one["original"]
+    captions = [c for per_image in one_by_one["hf"] for c in per_image]
+    assert len({c.text for c in captions}) >= 6, "random captions should depend on image and prompt"
+    assert {c.truncated for c in captions} == {True, False}, "some captions should stop at EOS, some not"
+
+
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_batched_equals_one_by_one(form, captioners, images, one_by_one):
+    captioner = captioners[form]
+    batched = captioner.caption([captioner.prepare(image) for image in images], PROMPTS)
+    assert batched == one_by_one[form]
+
+
+def test_left_padded_mixed_prompts_equal_one_by_one(captioners, images):
+    captioner = captioners["original"]
+    pixels = torch.stack([captioner.prepare(image) for image in images[:3]])
+    id_lists = [captioner.prompt_ids(p) for p in ["Describe the image.", "What?", PROMPTS[1]]]
+    assert len({len(ids) for ids in id_lists}) == 3
+    batched = captioner.generate(pixels, id_lists)
+    assert batched == [captioner.generate(pixels[i:i + 1], [ids])[0] for i, ids in enumerate(id_lists)]
+
+
+def test_default_decoding_samples_at_temperature_0_2(captioners):
+    captioner = captioners["hf"]
+    assert llava.LlavaCaptioner.defaults["temperature"] == 0.2
+    captioner.args.temperature = None
+    try:
+        kwargs = captioner.generation_kwargs()
+    finally:
+        captioner.args.temperature = 0.0
+    assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.2 and kwargs["num_beams"] == 1
+
+
+def test_user_errors_are_one_line(checkpoints, tmp_path):
+    cpu = torch.device("cpu")
+    with pytest.raises(llava.UsageError, match="not a folder"):
+        llava.LlavaCaptioner(make_args(tmp_path / "missing"), cpu)
+    with pytest.raises(llava.UsageError, match="no config.json"):
+        llava.LlavaCaptioner(make_args(tmp_path), cpu)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(llava.UsageError, match="neither"):
+        llava.LlavaCaptioner(make_args(tmp_path), cpu)
+    config = json.loads((checkpoints.original / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
+    with pytest.raises(llava.UsageError, match="mm_projector_type"):
+        llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
+    with pytest.raises(llava.UsageError, match="--vision-tower"):
+        llava.LlavaCaptioner(make_args(checkpoints.hf, checkpoints.vision_tower), cpu)
