@@ -8,7 +8,6 @@ filled with the image-processor mean colour, CLIP preprocessing, the llava_v1 co
 `tokenizer_image_token` (the prompt is split at the image and each piece tokenized on its own).
 """
 import functools
-import glob
 import json
 import os
 import re
@@ -87,14 +86,21 @@ def local_checkpoint(name_or_path, what):
 
 
 def read_weights(folder):
-    """All tensors of a checkpoint folder: *.safetensors, else *.bin (sharded or not)."""
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if files:
-        return {k: v for f in files for k, v in safetensors.torch.load_file(f).items()}
-    files = sorted(glob.glob(os.path.join(folder, "*.bin")))
-    if not files:
-        raise UsageError(f"no *.safetensors or *.bin weights in {folder}")
-    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items()}
+    """All tensors of a checkpoint folder, safetensors or PyTorch pickles, sharded or not."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(folder, single)):
+            files = [single]
+        else:
+            continue
+        paths = [os.path.join(folder, name) for name in files]
+        if single.endswith(".safetensors"):
+            return {k: v for path in paths for k, v in safetensors.torch.load_file(path).items()}
+        return {k: v for path in paths for k, v in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()}
+    raise UsageError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
 
 def is_original_format(config):
@@ -115,12 +121,15 @@ def convert_original(folder, config, vision_tower):
     if config.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
         raise UsageError(f"vision tower {vision_tower} has hidden size {vision_config.hidden_size}, "
                          f"the checkpoint expects mm_hidden_size {config['mm_hidden_size']}")
+    missing = [key for key in ("vocab_size", "hidden_size", "mm_vision_select_layer") if key not in config]
+    if missing:
+        raise UsageError(f"{folder}/config.json lacks {', '.join(missing)}")
     vocab_size = config["vocab_size"]
     text_config = LlamaConfig(**{**{k: config[k] for k in LLAMA_KEYS if k in config}, "vocab_size": vocab_size + 1})
     llava_config = LlavaConfig(
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), image_token_index=vocab_size,
         vision_feature_layer=config["mm_vision_select_layer"], projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if config["mm_vision_select_feature"] == "patch" else "full",
+        vision_feature_select_strategy="full" if config.get("mm_vision_select_feature") == "cls_patch" else "default",
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         pad_token_id=config.get("pad_token_id"))
 
@@ -177,10 +186,10 @@ class LlavaCaptioner:
             model, info = LlavaForConditionalGeneration.from_pretrained(
                 None, config=llava_config, state_dict=state, dtype=args.dtype, device_map=device,
                 output_loading_info=True)
-            problems = info["missing_keys"] | info["unexpected_keys"] if isinstance(info["missing_keys"], set) \
-                else set(info["missing_keys"]) | set(info["unexpected_keys"])
+            problems = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
             if problems:
-                raise UsageError(f"{folder}: weights do not match LLaVA-1.5: {sorted(problems)[:5]}")
+                raise UsageError(f"{folder}: weights do not match LLaVA-1.5 (missing, unexpected or mismatched: "
+                                 f"{', '.join(map(str, problems[:5]))})")
             processor_folder = vision_tower
             # the original vocabulary has no image token: never generate it
             self.fixed_generation_kwargs = {"suppress_tokens": [llava_config.image_token_id]}

@@ -166,5 +166,11 @@ def test_user_errors_are_one_line(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
     with pytest.raises(llava.UsageError, match="mm_projector_type"):
         llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = torch.load(checkpoints.original / "pytorch_model.bin", weights_only=True)
+    del state["model.mm_projector.2.bias"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(llava.UsageError, match="weights do not match"):
+        llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
     with pytest.raises(llava.UsageError, match="--vision-tower"):
         llava.LlavaCaptioner(make_args(checkpoints.hf, checkpoints.vision_tower), cpu)
