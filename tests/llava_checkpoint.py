@@ -2,7 +2,7 @@
 
 - `original/llava-v1.5-tiny`: the layout of liuhaotian/llava-v1.5-13b (config with
   `LlavaLlamaForCausalLM`, `mm_*` keys and model_type "llava"; Llama weights plus `model.mm_projector.*`
-  in pytorch_model.bin; a sentencepiece tokenizer.model without an `<image>` token).
+  in two pytorch_model-*.bin shards; a sentencepiece tokenizer.model without an `<image>` token).
 - `original/clip-vit-tiny-patch14-336`: the vision tower named by `mm_vision_tower`, a whole CLIP
   checkpoint (text and vision model) with its CLIP image processor, like openai/clip-vit-large-patch14-336.
 - `llava-1.5-tiny-hf`: what transformers' convert_llava_weights_to_hf.py makes of it (llava-hf layout):
@@ -123,7 +123,15 @@ def build_checkpoints(root, mm_vision_tower: str = "openai/clip-vit-large-patch1
     # original format: Llama keys as saved by LlavaLlamaForCausalLM, projector as model.mm_projector.{0,2}
     state = {key: value.half() for key, value in language_model.state_dict().items()}
     state.update({f"model.mm_projector.{key}": value.half() for key, value in projector.state_dict().items()})
-    torch.save(state, original / "pytorch_model.bin")
+    # two shards with an index, as the published pytorch_model-0000N-of-00003.bin
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, shard_keys in shards.items():
+        torch.save({key: state[key] for key in shard_keys}, original / name)
+    write_json(original / "pytorch_model.bin.index.json", {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+        "weight_map": {key: name for name, shard_keys in shards.items() for key in shard_keys}})
     write_json(original / "config.json", {
         "_name_or_path": "./checkpoints/vicuna-tiny", "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "hidden_act": "silu",

@@ -1,6 +1,7 @@
 """llava.py on tiny random-weight checkpoints in both formats (see tests/llava_checkpoint.py)."""
 import argparse
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -104,10 +105,12 @@ def test_non_square_images_are_padded_not_cropped(form, captioners):
     assert torch.allclose(pixels[:, 5, 168], normalized((0, 0, 255)), atol=0.05)
 
 
-def test_prepare_converts_to_rgb_first(captioners, images):
+def test_prepare_converts_to_rgb_first_and_pickles(captioners, images):
     prepare = captioners["hf"].prepare
+    in_worker = pickle.loads(pickle.dumps(prepare))  # DataLoader workers get it pickled
     for image in images:
         assert torch.equal(prepare(image), prepare(image.convert("RGB")))
+        assert torch.equal(in_worker(image), prepare(image))
 
 
 def caption_one_by_one(captioner, images):
@@ -167,7 +170,7 @@ def test_user_errors_are_one_line(checkpoints, tmp_path):
     with pytest.raises(llava.UsageError, match="mm_projector_type"):
         llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    state = torch.load(checkpoints.original / "pytorch_model.bin", weights_only=True)
+    state = {k: v for f in checkpoints.original.glob("pytorch_model-*.bin") for k, v in torch.load(f).items()}
     del state["model.mm_projector.2.bias"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(llava.UsageError, match="weights do not match"):
