@@ -82,7 +82,7 @@ def iter_json_array(path, allow_truncated=False):
                     if eof:
                         if allow_truncated:
                             return
-                        raise RecordError(f"{path}: not valid JSON at element {index}: {e.msg}") from None
+                        raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
                     fill()
             pos = end
             yield element
