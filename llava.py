@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer,
                           LlavaConfig, LlavaForConditionalGeneration)
 
-from utils.captioning import Caption
+from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit
 
 # The llava_v1 conversation of llava/conversation.py (sep " ", sep2 "</s>"), for one user turn that
 # starts with the image, as LLaVA-1.5's evaluation scripts build it: "<image>\n" + question.
@@ -37,10 +37,6 @@ LLAVA_15_SETTINGS = {"mm_projector_type": ("linear", ("mlp2x_gelu",)),
                      "mm_use_im_patch_token": (True, (False,)),
                      "mm_vision_select_feature": ("patch", ("patch", "cls_patch")),
                      "image_aspect_ratio": ("square", ("pad", "square"))}
-
-
-class UsageError(Exception):
-    pass
 
 
 def split_prompt(question):
@@ -81,7 +77,7 @@ def local_checkpoint(name_or_path, what):
         weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
         return huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", "tokenizer.model", weights])
     except Exception as error:
-        raise UsageError(f"{what} {name_or_path!r} is not a folder and could not be fetched from the hub: "
+        raise UserError(f"{what} {name_or_path!r} is not a folder and could not be fetched from the hub: "
                          f"{type(error).__name__}") from error
 
 
@@ -100,7 +96,7 @@ def read_weights(folder):
         if single.endswith(".safetensors"):
             return {k: v for path in paths for k, v in safetensors.torch.load_file(path).items()}
         return {k: v for path in paths for k, v in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()}
-    raise UsageError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
+    raise UserError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
 
 def is_original_format(config):
@@ -116,14 +112,14 @@ def convert_original(folder, config, vision_tower):
     features replace it) at id = the original vocabulary size. Its output row is never generated."""
     for key, (default, supported) in LLAVA_15_SETTINGS.items():
         if config.get(key, default) not in supported:
-            raise UsageError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 (expected one of {supported})")
+            raise UserError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 (expected one of {supported})")
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower)
     if config.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
-        raise UsageError(f"vision tower {vision_tower} has hidden size {vision_config.hidden_size}, "
+        raise UserError(f"vision tower {vision_tower} has hidden size {vision_config.hidden_size}, "
                          f"the checkpoint expects mm_hidden_size {config['mm_hidden_size']}")
     missing = [key for key in ("vocab_size", "hidden_size", "mm_vision_select_layer") if key not in config]
     if missing:
-        raise UsageError(f"{folder}/config.json lacks {', '.join(missing)}")
+        raise UserError(f"{folder}/config.json lacks {', '.join(missing)}")
     vocab_size = config["vocab_size"]
     text_config = LlamaConfig(**{**{k: config[k] for k in LLAMA_KEYS if k in config}, "vocab_size": vocab_size + 1})
     llava_config = LlavaConfig(
@@ -177,7 +173,7 @@ class LlavaCaptioner:
         folder = local_checkpoint(args.model, "checkpoint")
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
-            raise UsageError(f"no config.json in {folder}")
+            raise UserError(f"no config.json in {folder}")
         with open(config_path) as f:
             config = json.load(f)
         if is_original_format(config):
@@ -185,34 +181,35 @@ class LlavaCaptioner:
             llava_config, state = convert_original(folder, config, vision_tower)
             model, info = LlavaForConditionalGeneration.from_pretrained(
                 None, config=llava_config, state_dict=state, dtype=args.dtype, device_map=device,
-                output_loading_info=True)
+                attn_implementation=args.attn_implementation, output_loading_info=True)
             problems = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
             if problems:
-                raise UsageError(f"{folder}: weights do not match LLaVA-1.5 (missing, unexpected or mismatched: "
+                raise UserError(f"{folder}: weights do not match LLaVA-1.5 (missing, unexpected or mismatched: "
                                  f"{', '.join(map(str, problems[:5]))})")
             processor_folder = vision_tower
             # the original vocabulary has no image token: never generate it
-            self.fixed_generation_kwargs = {"suppress_tokens": [llava_config.image_token_id]}
+            fixed_generation_kwargs = {"suppress_tokens": [llava_config.image_token_id]}
             pad = config.get("image_aspect_ratio") == "pad"
             # the class the original loads; AutoTokenizer, misled by model_type "llava", builds a generic
             # tokenizer without sentencepiece's dummy prefix
             tokenizer = LlamaTokenizer.from_pretrained(folder)
         elif "LlavaForConditionalGeneration" in config.get("architectures", []):
             if args.vision_tower:
-                raise UsageError("--vision-tower is for original-format checkpoints; "
+                raise UserError("--vision-tower is for original-format checkpoints; "
                                  f"{folder} is a llava-hf checkpoint with its own vision tower")
-            model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=args.dtype, device_map=device)
+            model = LlavaForConditionalGeneration.from_pretrained(
+                folder, dtype=args.dtype, device_map=device, attn_implementation=args.attn_implementation)
             processor_folder = folder
-            self.fixed_generation_kwargs = {}
+            fixed_generation_kwargs = {}
             pad = True  # llava-hf's LLaVA-1.5 conversions were all trained with image_aspect_ratio "pad"
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
-            raise UsageError(f"{folder} is neither a llava-hf (LlavaForConditionalGeneration) nor an original "
+            raise UserError(f"{folder} is neither a llava-hf (LlavaForConditionalGeneration) nor an original "
                              "LLaVA-1.5 (mm_vision_tower in config.json) checkpoint")
         self.model = model.eval()
         self.device = device
-        self.args = args
         self.tokenizer = tokenizer
+        self.generation = generation_kwargs(args, **fixed_generation_kwargs)
         self.image_token_id = model.config.image_token_id
         vision = model.config.vision_config
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (
@@ -231,15 +228,6 @@ class LlavaCaptioner:
         return [self.tokenizer.bos_token_id, *encode(before), *[self.image_token_id] * self.num_image_tokens,
                 *encode(after)]
 
-    def generation_kwargs(self):
-        args = self.args
-        temperature = 0.2 if args.temperature is None else args.temperature
-        kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams or 1,
-                  "do_sample": temperature > 0}
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=args.top_p)
-        return {**kwargs, **self.fixed_generation_kwargs}
-
     @torch.inference_mode()
     def generate(self, pixel_values, id_lists):
         """Greedy or sampled captions for images with their prompt ids, in one left-padded batch."""
@@ -249,14 +237,11 @@ class LlavaCaptioner:
         output = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             pixel_values=pixel_values.to(self.device, self.model.dtype), pad_token_id=self.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, **self.generation_kwargs())
-        captions = []
-        for new_ids in output[:, length:].tolist():
-            ended = self.tokenizer.eos_token_id in new_ids
-            if ended:
-                new_ids = new_ids[:new_ids.index(self.tokenizer.eos_token_id)]
-            captions.append(Caption(self.tokenizer.decode(new_ids, skip_special_tokens=True).strip(), not ended))
-        return captions
+            eos_token_id=self.tokenizer.eos_token_id, **self.generation)
+        new_tokens = output[:, length:]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Caption(text.strip(), stopped_at_limit(row, {self.tokenizer.eos_token_id}))
+                for text, row in zip(texts, new_tokens)]
 
     def caption(self, images, prompts):
         pixel_values = torch.stack(images)
@@ -267,5 +252,4 @@ class LlavaCaptioner:
 
 
 if __name__ == "__main__":
-    from utils.captioning import run
     run(LlavaCaptioner)

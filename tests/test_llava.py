@@ -1,5 +1,4 @@
 """llava.py on tiny random-weight checkpoints in both formats (see tests/llava_checkpoint.py)."""
-import argparse
 import json
 import pickle
 
@@ -10,7 +9,9 @@ import torch
 from PIL import Image
 
 import llava
-from tests.llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
+from llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
+from utils.captioning import UserError, build_parser, generation_kwargs
+from utils.images import open_image
 
 LLAVA_V1_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{} ASSISTANT:")
@@ -23,10 +24,13 @@ def checkpoints(tmp_path_factory):
     return build_checkpoints(tmp_path_factory.mktemp("llava"))
 
 
-def make_args(model, vision_tower=None, **overrides):
-    args = dict(model=str(model), vision_tower=vision_tower and str(vision_tower), dtype=torch.float32,
-                max_new_tokens=20, temperature=0.0, top_p=None, num_beams=1, seed=0, batch_size=8)
-    return argparse.Namespace(**{**args, **overrides})
+def make_args(model, vision_tower=None, *flags):
+    """The script's own flags, greedy, float32 (the loop resolves --dtype before building the captioner)."""
+    args = build_parser(llava.LlavaCaptioner).parse_args(
+        ["--input-json", "in.json", "--model", str(model), "--temperature", "0", "--max-new-tokens", "20",
+         *(["--vision-tower", str(vision_tower)] if vision_tower else []), *flags])
+    args.dtype = torch.float32
+    return args
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +76,8 @@ def test_image_token_ids(captioners, checkpoints):
     assert captioners["hf"].image_token_id == captioners["hf"].tokenizer.convert_tokens_to_ids("<image>")
     vocab_size = json.loads((checkpoints.original / "config.json").read_text())["vocab_size"]
     assert captioners["original"].image_token_id == vocab_size  # one past the original vocabulary
-    assert captioners["original"].fixed_generation_kwargs == {"suppress_tokens": [vocab_size]}
+    assert captioners["original"].generation["suppress_tokens"] == [vocab_size]
+    assert "suppress_tokens" not in captioners["hf"].generation
 
 
 def test_image_tag_inside_question():
@@ -145,35 +150,93 @@ def test_left_padded_mixed_prompts_equal_one_by_one(captioners, images):
     assert batched == [captioner.generate(pixels[i:i + 1], [ids])[0] for i, ids in enumerate(id_lists)]
 
 
-def test_default_decoding_samples_at_temperature_0_2(captioners):
-    captioner = captioners["hf"]
-    assert llava.LlavaCaptioner.defaults["temperature"] == 0.2
-    captioner.args.temperature = None
-    try:
-        kwargs = captioner.generation_kwargs()
-    finally:
-        captioner.args.temperature = 0.0
+def test_default_decoding_is_the_seeds_sampling_at_temperature_0_2():
+    args = build_parser(llava.LlavaCaptioner).parse_args(["--input-json", "in.json"])
+    assert args.model == "liuhaotian/llava-v1.5-13b" and args.batch_size == 8
+    kwargs = generation_kwargs(args)
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.2 and kwargs["num_beams"] == 1
+    assert "top_p" not in kwargs and kwargs["max_new_tokens"] == 77
 
 
 def test_user_errors_are_one_line(checkpoints, tmp_path):
     cpu = torch.device("cpu")
-    with pytest.raises(llava.UsageError, match="not a folder"):
+    with pytest.raises(UserError, match="not a folder"):
         llava.LlavaCaptioner(make_args(tmp_path / "missing"), cpu)
-    with pytest.raises(llava.UsageError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         llava.LlavaCaptioner(make_args(tmp_path), cpu)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(llava.UsageError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         llava.LlavaCaptioner(make_args(tmp_path), cpu)
     config = json.loads((checkpoints.original / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
-    with pytest.raises(llava.UsageError, match="mm_projector_type"):
+    with pytest.raises(UserError, match="mm_projector_type"):
         llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
     (tmp_path / "config.json").write_text(json.dumps(config))
     state = {k: v for f in checkpoints.original.glob("pytorch_model-*.bin") for k, v in torch.load(f).items()}
     del state["model.mm_projector.2.bias"]
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(llava.UsageError, match="weights do not match"):
+    with pytest.raises(UserError, match="weights do not match"):
         llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
-    with pytest.raises(llava.UsageError, match="--vision-tower"):
+    with pytest.raises(UserError, match="--vision-tower"):
         llava.LlavaCaptioner(make_args(checkpoints.hf, checkpoints.vision_tower), cpu)
+
+
+def reference_caption(model, tokenizer, image_processor, pieces, image, question, max_new_tokens):
+    """One image as LLaVA-1.5's own inference runs it, written out here without llava.py: RGB, pad to
+    square with int(mean * 255), CLIP processor, llava_v1 prompt split at <image>, pieces tokenized apart."""
+    image = image.convert("RGB")
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    pixel_values = image_processor(images=square, return_tensors="pt")["pixel_values"]
+    before, after = LLAVA_V1_PROMPT.format(question).split("<image>")
+    ids = [tokenizer.bos_token_id, *pieces.encode(before), *[model.config.image_token_id] * 576, *pieces.encode(after)]
+    output = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixel_values, do_sample=False,
+                            max_new_tokens=max_new_tokens)
+    new_tokens = output[0, len(ids):]
+    return (tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            tokenizer.eos_token_id not in new_tokens.tolist())
+
+
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_generate_sh_end_to_end_equals_one_image_reference(form, checkpoints, image_folder, tmp_path):
+    from conftest import read_jsonl, run_command
+    from sample_images import write_input
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration
+
+    folder, good, broken = image_folder
+    input_file = write_input(folder / f"llava-{form}.json", good + broken[:2])
+    model = checkpoints.hf if form == "hf" else checkpoints.original
+    extra = ["--vision-tower", str(checkpoints.vision_tower)] if form == "original" else []
+    run_command(["bash", "generate.sh", str(input_file), "llava", "--model", str(model), "--temperature", "0",
+                 "--max-new-tokens", "12", "--prompt", "Describe the image.", "--output-dir", str(tmp_path / "out"),
+                 "--batch-size", "4", "--num-workers", "2", *extra])
+
+    # the reference runs the llava-hf checkpoint: an original checkpoint must give the same captions
+    reference_model = LlavaForConditionalGeneration.from_pretrained(checkpoints.hf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.hf)
+    image_processor = CLIPImageProcessorPil.from_pretrained(checkpoints.hf)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(checkpoints.original / "tokenizer.model"))
+    [prompt_dir] = (tmp_path / "out" / "llava" / model.name).glob("custom-*")
+    rows = read_jsonl(prompt_dir / "captions-00000-of-00001.jsonl")
+    assert sorted(row["image"] for row in rows) == sorted(good)
+    for row in rows:
+        image = open_image(str(folder / row["image"]))  # decoded as the loop decodes it
+        expected = reference_caption(reference_model, tokenizer, image_processor, pieces, image,
+                                     "Describe the image.", 12)
+        assert (row["caption"], row["truncated"]) == expected, row["image"]
+    errors = read_jsonl(tmp_path / "out" / "llava" / model.name / "errors-00000-of-00001.jsonl")
+    assert sorted(row["image"] for row in errors) == sorted(broken[:2])
+
+
+def test_user_error_is_one_line_from_the_script(tmp_path):
+    from conftest import run_command
+    from sample_images import write_input
+    input_file = write_input(tmp_path / "in.json", ["a.jpg"])
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "ckpt").mkdir()
+    result = run_command(["python", "llava.py", "--input-json", str(input_file), "--model", str(tmp_path / "ckpt"),
+                          "--output-dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"llava.py: error: no config.json in {tmp_path / 'ckpt'}"
+    assert "Traceback" not in result.stderr
