@@ -164,6 +164,16 @@ class LlavaCaptioner:
 
     @staticmethod
     def add_arguments(parser):
+        parser.epilog = (
+            "--model takes a llava-hf checkpoint (LlavaForConditionalGeneration, e.g. llava-hf/llava-1.5-13b-hf) "
+            "or an original LLaVA-1.5 one (LlavaLlamaForCausalLM with mm_* config keys, e.g. "
+            "liuhaotian/llava-v1.5-13b, converted while loading; its CLIP tower comes from mm_vision_tower or "
+            "--vision-tower). Every prompt becomes the user turn of LLaVA-1.5's llava_v1 conversation, after the "
+            "image: '<system> USER: <image>\\n<prompt> ASSISTANT:'. A '<image>' tag at the start or end of a prompt "
+            "is dropped; one inside it reads as the word 'image', so the default preset (the seed's 'Describe the "
+            "<image> in English in detail:') asks 'Describe the image in English in detail:'. Images are padded to "
+            "a square with the CLIP mean colour before the CLIP preprocessing, as LLaVA-1.5 does. Decoding "
+            "defaults to the seed's sampling at temperature 0.2; --temperature 0 is greedy.")
         parser.add_argument(
             "--vision-tower", default=None, metavar="DIR",
             help="original-format checkpoints only: the CLIP vision tower (folder or hub id) instead of the "
