@@ -158,7 +158,7 @@ class LlavaCaptioner:
     prompts = {"default": "Describe the <image> in English in detail:"}
     default_prompt = "default"
     # The seed sampled at temperature 0.2 (top_p None, one beam) with one image per call; 8 images per
-    # call fill a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image).
+    # call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image).
     defaults = {"batch_size": 8, "temperature": 0.2}
     default_dtype = "float16"
 
