@@ -72,13 +72,19 @@ def local_checkpoint(name_or_path, what):
     """A local folder for a folder path or a hub id (downloads configs, tokenizer and one weight format)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    patterns = ["*.json", "tokenizer.model"]
     try:
         files = huggingface_hub.list_repo_files(name_or_path)
-        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", "tokenizer.model", weights])
+        patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
+        offline = False
+    except Exception:  # no hub access: use what an earlier download left in the cache
+        patterns += ["*.safetensors", "*.bin"]
+        offline = True
+    try:
+        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=offline)
     except Exception as error:
         raise UserError(f"{what} {name_or_path!r} is not a folder and could not be fetched from the hub: "
-                         f"{type(error).__name__}") from error
+                        f"{type(error).__name__}") from error
 
 
 def read_weights(folder):
