@@ -101,7 +101,8 @@ def read_weights(folder):
         paths = [os.path.join(folder, name) for name in files]
         if single.endswith(".safetensors"):
             return {k: v for path in paths for k, v in safetensors.torch.load_file(path).items()}
-        return {k: v for path in paths for k, v in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()}
+        return {k: v for path in paths
+                for k, v in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()}
     raise UserError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
 
@@ -118,11 +119,12 @@ def convert_original(folder, config, vision_tower):
     features replace it) at id = the original vocabulary size. Its output row is never generated."""
     for key, (default, supported) in LLAVA_15_SETTINGS.items():
         if config.get(key, default) not in supported:
-            raise UserError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 (expected one of {supported})")
+            raise UserError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 "
+                            f"(expected one of {supported})")
     vision_config = CLIPVisionConfig.from_pretrained(vision_tower)
     if config.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
         raise UserError(f"vision tower {vision_tower} has hidden size {vision_config.hidden_size}, "
-                         f"the checkpoint expects mm_hidden_size {config['mm_hidden_size']}")
+                        f"the checkpoint expects mm_hidden_size {config['mm_hidden_size']}")
     missing = [key for key in ("vocab_size", "hidden_size", "mm_vision_select_layer") if key not in config]
     if missing:
         raise UserError(f"{folder}/config.json lacks {', '.join(missing)}")
@@ -149,7 +151,8 @@ def convert_original(folder, config, vision_tower):
         else:
             state[key] = value  # lm_head.weight
     embeddings = state["model.language_model.embed_tokens.weight"]
-    state["model.language_model.embed_tokens.weight"] = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
+    state["model.language_model.embed_tokens.weight"] = torch.cat(
+        [embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
     lm_head = state["lm_head.weight"]
     state["lm_head.weight"] = torch.cat([lm_head, lm_head.new_zeros(1, lm_head.shape[1])])
     for key, value in read_weights(vision_tower).items():
@@ -201,7 +204,7 @@ class LlavaCaptioner:
             problems = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
             if problems:
                 raise UserError(f"{folder}: weights do not match LLaVA-1.5 (missing, unexpected or mismatched: "
-                                 f"{', '.join(map(str, problems[:5]))})")
+                                f"{', '.join(map(str, problems[:5]))})")
             processor_folder = vision_tower
             # the original vocabulary has no image token: never generate it
             fixed_generation_kwargs = {"suppress_tokens": [llava_config.image_token_id]}
@@ -212,7 +215,7 @@ class LlavaCaptioner:
         elif "LlavaForConditionalGeneration" in config.get("architectures", []):
             if args.vision_tower:
                 raise UserError("--vision-tower is for original-format checkpoints; "
-                                 f"{folder} is a llava-hf checkpoint with its own vision tower")
+                                f"{folder} is a llava-hf checkpoint with its own vision tower")
             model = LlavaForConditionalGeneration.from_pretrained(
                 folder, dtype=args.dtype, device_map=device, attn_implementation=args.attn_implementation)
             processor_folder = folder
@@ -221,7 +224,7 @@ class LlavaCaptioner:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         else:
             raise UserError(f"{folder} is neither a llava-hf (LlavaForConditionalGeneration) nor an original "
-                             "LLaVA-1.5 (mm_vision_tower in config.json) checkpoint")
+                            "LLaVA-1.5 (mm_vision_tower in config.json) checkpoint")
         self.model = model.eval()
         self.device = device
         self.tokenizer = tokenizer
