@@ -32,7 +32,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from utils.captioning import build_parser, caption_shard  # noqa: E402
+from utils.captioning import build_parser, caption_shard, generation_kwargs  # noqa: E402
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
 IMAGE_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 576), (400, 600), (300, 300), (960, 640), (640, 427)]
@@ -157,6 +157,33 @@ MODELS = {
 }
 
 
+def prefill_and_decode(captioner, images, new_tokens, device):
+    """Seconds of prefill (generate with one new token) and per decode step, for one batch of prepared images."""
+    prompt = captioner.prompts[captioner.default_prompt]
+    saved = dict(captioner.generation)
+    timings = []
+    for tokens in (1, new_tokens):
+        captioner.generation.update(max_new_tokens=tokens, min_new_tokens=tokens)
+        sync(device)
+        start = time.perf_counter()
+        captioner.caption(images, [prompt])
+        sync(device)
+        timings.append(time.perf_counter() - start)
+    captioner.generation = saved
+    return timings[0], (timings[1] - timings[0]) / (new_tokens - 1)
+
+
+def profile_decode(captioner, images, device):
+    """The CUDA kernels that take the time of a few decode steps, as a printed table."""
+    from torch.profiler import ProfilerActivity, profile
+    prompt = captioner.prompts[captioner.default_prompt]
+    captioner.generation.update(max_new_tokens=9, min_new_tokens=9)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        captioner.caption(images, [prompt])
+    print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                    row_limit=25), flush=True)
+
+
 def run_model(name, spec, args, device, folder, names, peak):
     import importlib
 
@@ -185,16 +212,25 @@ def run_model(name, spec, args, device, folder, names, peak):
                                                         "--max-new-tokens", str(args.new_tokens), "--temperature", "0"])
     parsed.dtype = dtype
     captioner = captioner_class(parsed, device)
+    captioner.generation["min_new_tokens"] = args.new_tokens
     flops = spec["flops"](captioner.model, captioner.processor, paths[:len(IMAGE_SIZES)], args.new_tokens)
+    # Prefill/decode split of one batch: input order (as the seed pads) and sorted by length (as ours does).
+    batch = [captioner.prepare(Image.open(p)) for p in paths[:args.big_batch]]
+    captioner.caption(batch[:2], [captioner.prompts[captioner.default_prompt]])  # warm-up
+    split = {}
+    for order, images in (("input order", batch), ("sorted", sorted(batch, key=captioner.cost))):
+        prefill, step = prefill_and_decode(captioner, images[:args.big_batch // 2], args.new_tokens, device)
+        split[order] = dict(batch=len(images[:args.big_batch // 2]), prefill_s=round(prefill, 3),
+                            decode_step_ms=round(step * 1000, 2))
+        print(json.dumps({"model": name, "split": order, **split[order]}), flush=True)
+    if args.profile:
+        profile_decode(captioner, batch[:args.big_batch // 2], device)
+    captioner.generation = generation_kwargs(parsed)
     rows = []
     variants = [("seed", spec["seed_batch"], args.seed_images), ("seed", args.big_batch, args.images),
                 ("ours", args.big_batch, args.images)]
     for kind, batch_size, images in variants:
         images = min(images, len(paths))
-        # warm-up: one small batch, so kernels and allocator are ready
-        if kind == "seed":
-            qwen_warm = paths[:batch_size]
-            spec["seed_loop"](captioner.model, captioner.processor, qwen_warm[:min(batch_size, 4)], batch_size, 2)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -212,7 +248,7 @@ def run_model(name, spec, args, device, folder, names, peak):
                    mfu=round(flops * images / seconds / (peak * 1e12), 4) if peak == peak else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return rows, flops
+    return rows, flops, split
 
 
 def main():
@@ -224,6 +260,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=77)
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
+    parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of a few decode steps")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints on the CPU: checks the benchmark")
     parser.add_argument("--json", default="bench/out/throughput.json")
     args = parser.parse_args()
@@ -237,9 +274,10 @@ def main():
         folder = Path(tmp)
         names = make_images(folder, max(args.images, args.seed_images))
         for name in args.models.split(","):
-            rows, flops = run_model(name, MODELS[name], args, device, folder, names, peak)
+            rows, flops, split = run_model(name, MODELS[name], args, device, folder, names, peak)
             results["rows"] += rows
             results.setdefault("flops_per_caption", {})[name] = flops
+            results.setdefault("prefill_decode", {})[name] = split
     print(f"\n{'model':10} {'variant':10} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}")
     for r in results["rows"]:
         print(f"{r['model']:10} {r['variant']:10} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
