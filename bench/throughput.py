@@ -173,15 +173,25 @@ def prefill_and_decode(captioner, images, new_tokens, device):
     return timings[0], (timings[1] - timings[0]) / (new_tokens - 1)
 
 
-def profile_decode(captioner, images, device):
-    """The CUDA kernels that take the time of a few decode steps, as a printed table."""
+def profile_decode(captioner, images, new_tokens, device):
+    """GPU kernel time of decoding alone: a profile of generate() with `new_tokens` tokens minus one with 1."""
     from torch.profiler import ProfilerActivity, profile
     prompt = captioner.prompts[captioner.default_prompt]
-    captioner.generation.update(max_new_tokens=9, min_new_tokens=9)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        captioner.caption(images, [prompt])
-    print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
-                                    row_limit=25), flush=True)
+    saved = dict(captioner.generation)
+    totals = []
+    for tokens in (1, new_tokens):
+        captioner.generation.update(max_new_tokens=tokens, min_new_tokens=tokens)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            captioner.caption(images, [prompt])
+            sync(device)
+        totals.append({e.key: e.self_device_time_total for e in prof.key_averages()})
+    captioner.generation = saved
+    steps = new_tokens - 1
+    decode = sorted(((totals[1][k] - totals[0].get(k, 0)) / steps / 1000, k) for k in totals[1])[::-1]
+    print(f"decode, batch {len(images)}: GPU busy {sum(ms for ms, _ in decode):.2f} ms per step; top kernels (ms/step):")
+    for ms, key in decode[:15]:
+        print(f"  {ms:8.3f}  {key[:110]}")
+    return sum(ms for ms, _ in decode)
 
 
 def run_model(name, spec, args, device, folder, names, peak):
@@ -214,21 +224,23 @@ def run_model(name, spec, args, device, folder, names, peak):
     captioner = captioner_class(parsed, device)
     captioner.generation["min_new_tokens"] = args.new_tokens
     flops = spec["flops"](captioner.model, captioner.processor, paths[:len(IMAGE_SIZES)], args.new_tokens)
-    # Prefill/decode split of one batch: input order (as the seed pads) and sorted by length (as ours does).
-    batch = [captioner.prepare(Image.open(p)) for p in paths[:args.big_batch]]
+    batch = [captioner.prepare(Image.open(p)) for p in paths[:2]]
     captioner.caption(batch[:2], [captioner.prompts[captioner.default_prompt]])  # warm-up
     split = {}
-    for order, images in (("input order", batch), ("sorted", sorted(batch, key=captioner.cost))):
-        prefill, step = prefill_and_decode(captioner, images[:args.big_batch // 2], args.new_tokens, device)
-        split[order] = dict(batch=len(images[:args.big_batch // 2]), prefill_s=round(prefill, 3),
-                            decode_step_ms=round(step * 1000, 2))
-        print(json.dumps({"model": name, "split": order, **split[order]}), flush=True)
-    if args.profile:
-        profile_decode(captioner, batch[:args.big_batch // 2], device)
+    for size in args.split_batches:
+        # One batch as our loop forms it: the middle quarter of a read-ahead window of 4 batches sorted by length.
+        window = sorted([captioner.prepare(Image.open(p)) for p in paths[:4 * size]], key=captioner.cost)
+        images = window[len(window) * 3 // 8:][:size]
+        prefill, step = prefill_and_decode(captioner, images, args.new_tokens, device)
+        split[size] = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
+        if args.profile and device.type == "cuda":
+            split[size]["decode_gpu_busy_ms"] = round(profile_decode(captioner, images, 9, device), 2)
+        print(json.dumps({"model": name, "batch": size, **split[size]}), flush=True)
     captioner.generation = generation_kwargs(parsed)
     rows = []
-    variants = [("seed", spec["seed_batch"], args.seed_images), ("seed", args.big_batch, args.images),
-                ("ours", args.big_batch, args.images)]
+    variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images)
+                for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch]]
+    variants += [("ours", batch, args.images) for batch in args.ours_batches]
     for kind, batch_size, images in variants:
         images = min(images, len(paths))
         if device.type == "cuda":
@@ -255,10 +267,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--images", type=int, default=512, help="images for the batch-128 rows")
-    parser.add_argument("--seed-images", type=int, default=24, help="images for the seed's own batch size")
+    parser.add_argument("--seed-images", type=int, default=24, help="images for the seed's own batch size (0: skip)")
     parser.add_argument("--big-batch", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=77)
     parser.add_argument("--num-workers", type=int, default=8)
+    parser.add_argument("--ours-batches", type=lambda v: [int(b) for b in v.split(",")], default=[128],
+                        help="batch sizes for our rows, comma-separated")
+    parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",")], default=[64],
+                        help="batch sizes whose prefill/decode split is measured")
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
     parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of a few decode steps")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints on the CPU: checks the benchmark")
@@ -272,7 +288,7 @@ def main():
                    torch=torch.__version__, new_tokens=args.new_tokens, rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        names = make_images(folder, max(args.images, args.seed_images))
+        names = make_images(folder, max(args.images, args.seed_images, 4 * max(args.split_batches)))
         for name in args.models.split(","):
             rows, flops, split = run_model(name, MODELS[name], args, device, folder, names, peak)
             results["rows"] += rows

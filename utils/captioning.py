@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
 from utils.images import UnreadableImage, open_image
 from utils.records import RecordError, iter_records
 
@@ -95,8 +96,9 @@ def build_parser(captioner):
         "length, so that each batch pads less (1: input order)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help=f"weights and activations; auto: {captioner.default_dtype} on GPU, float32 on CPU")
-    add("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
-        help="attention kernel (flash_attention_2 needs the flash-attn package)")
+    add("--attn-implementation", default="sdpa_grouped", choices=["sdpa_grouped", "sdpa", "eager", "flash_attention_2"],
+        help="attention kernel: sdpa_grouped is PyTorch SDPA that decodes grouped-query heads without copying the "
+        "KV cache (utils/attention.py); flash_attention_2 needs the flash-attn package")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
         "number of processes (torchrun's WORLD_SIZE or SLURM_NTASKS)")
@@ -318,11 +320,26 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     args.dtype = getattr(torch, args.dtype)
     captioner = captioner_cls(args, device)
 
+    # Workers prepare small chunks in parallel, enough in flight to fill the next read-ahead window
+    # while the GPU works on this one; the main process gathers them into windows.
+    window_size = args.batch_size * args.sort_window
+    chunk_size = min(8, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(pending, image_root, captioner.prepare), batch_size=args.batch_size * args.sort_window,
+        ImageDataset(pending, image_root, captioner.prepare), batch_size=chunk_size,
         num_workers=args.num_workers, collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
-        prefetch_factor=2 if args.num_workers else None,
+        prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
+
+    def windows():
+        window = []
+        for chunk in loader:
+            window += chunk
+            if len(window) >= window_size:
+                yield window
+                window = []
+        if window:
+            yield window
+
     stop_signal = None
 
     def request_stop(signum, frame):
@@ -376,7 +393,7 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
 
     started = time.time()
     try:
-        for window in loader:
+        for window in windows():
             error_rows = [{"image": pending[index][0], "error": error} for index, _, error in window if error]
             if error_rows:
                 write_lines(errors, error_rows)
