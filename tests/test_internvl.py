@@ -1,0 +1,194 @@
+"""internvl.py on tiny random-weight checkpoints in the original InternVL2 format (tests/internvl_checkpoint.py).
+
+The expected values here are written out from the original algorithms (dynamic_preprocess, the conversation
+templates, the tokenizers the original loaded), not taken from internvl.py."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from tokenizers import Tokenizer
+from torchvision.transforms.functional import InterpolationMode
+
+import internvl
+from tests.internvl_checkpoint import build_checkpoint
+
+SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("internvl")
+    return {variant: build_checkpoint(str(root / variant), variant) for variant in
+            ("internlm2", "internlm2-vit6b", "qwen2")}
+
+
+def make_args(model, **overrides):
+    args = dict(model=model, dtype=torch.float32, max_new_tokens=8, temperature=0.0, top_p=None, num_beams=1,
+                seed=0, batch_size=3, max_tiles=6)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+@pytest.fixture(scope="session")
+def captioners(checkpoints):
+    return {variant: internvl.InternVLCaptioner(make_args(path), torch.device("cpu"))
+            for variant, path in checkpoints.items()}
+
+
+def noise_image(width, height, mode="RGB", seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+# (width, height, max_tiles) -> (columns, rows), worked out by hand from the original find_closest_aspect_ratio:
+# candidates (i, j) with i*j <= max_tiles in order of area; the first smallest |w/h - i/j| wins, and an equally
+# close later candidate replaces it when w*h > 0.5 * 448 * 448 * i * j.
+TILE_GRIDS = [
+    (448, 448, 6, (1, 1)),      # square: (2, 2) ties but the image is too small (200704 <= 401408)
+    (800, 800, 6, (2, 2)),      # square, big enough for the (2, 2) tie
+    (5000, 5000, 6, (2, 2)),    # huge square: (3, 3) is not allowed with 6 tiles
+    (1000, 1000, 12, (3, 3)),   # ... but is with 12 (1e6 > 903168)
+    (10, 10, 6, (1, 1)),        # tiny
+    (640, 480, 6, (3, 2)),      # 4:3 -> 1.5 is closest
+    (4000, 3000, 6, (3, 2)),    # huge 4:3
+    (300, 900, 6, (1, 3)),      # tall 1:3, exact
+    (600, 800, 6, (2, 3)),      # tall 3:4 -> 2/3
+    (20, 5, 6, (4, 1)),         # tiny and wide 4:1
+    (3000, 100, 6, (6, 1)),     # extremely wide
+    (500, 400, 6, (1, 1)),      # 1.25: (1,1), (2,2), (3,2) all 0.25 away; too small for either larger grid
+    (750, 600, 6, (2, 2)),      # 1.25, area 450000: (2,2) yes (> 401408), (3,2) no (<= 602112)
+    (1000, 800, 6, (3, 2)),     # 1.25, area 800000: both ties taken, the last one stays
+    (700, 400, 6, (2, 1)),      # 1.75: (2,1) and (3,2) both 0.25 away, too small for (3,2)
+    (1400, 800, 6, (3, 2)),     # 1.75, big enough for (3,2)
+    (1000, 400, 6, (3, 1)),     # 2.5: (2,1) and (3,1) both 0.5 away, 400000 > 301056 takes (3,1)
+    (900, 400, 6, (2, 1)),      # 2.25: (2,1) is closer
+    (1000, 1000, 1, (1, 1)),    # one tile at most
+]
+
+
+@pytest.mark.parametrize("width,height,max_tiles,expected", TILE_GRIDS)
+def test_tile_grid(width, height, max_tiles, expected):
+    assert internvl.tile_grid(width, height, max_tiles) == expected
+
+
+def original_pixels(image, columns, rows):
+    """The original load_image: convert('RGB'), PIL resize to the grid (bicubic default), row-major 448 crops,
+    thumbnail when more than one tile, torchvision Resize/ToTensor/Normalize."""
+    image = image.convert("RGB")
+    resized = image.resize((448 * columns, 448 * rows))
+    tiles = [resized.crop((c * 448, r * 448, (c + 1) * 448, (r + 1) * 448)) for r in range(rows) for c in range(columns)]
+    if len(tiles) > 1:
+        tiles.append(image.resize((448, 448)))
+    transform = T.Compose([T.Resize((448, 448), interpolation=InterpolationMode.BICUBIC), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return torch.stack([transform(tile) for tile in tiles])
+
+
+@pytest.mark.parametrize("width,height,mode,grid", [(640, 480, "RGB", (3, 2)), (300, 900, "L", (1, 3)),
+                                                    (200, 200, "RGBA", (1, 1)), (1000, 400, "P", (3, 1))])
+def test_prepare_image_is_pixel_identical(width, height, mode, grid):
+    image = noise_image(width, height, mode)
+    pixels = internvl.prepare_image(image, max_tiles=6)
+    expected = original_pixels(image, *grid)
+    assert pixels.shape == expected.shape
+    assert torch.equal(pixels, expected)
+
+
+def internlm2_query(question, tiles):
+    return ("<|im_start|>system\n" + SYSTEM + "<|im_end|><|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 * tiles
+            + "</img>\n" + question + "<|im_end|><|im_start|>assistant\n")
+
+
+def test_internlm2_prompt_ids(checkpoints, captioners):
+    folder = checkpoints["internlm2"]
+    sp = spm.SentencePieceProcessor(model_file=folder + "/tokenizer.model")
+    with open(folder + "/tokenizer_config.json") as f:
+        ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}
+    question = internvl.PROMPTS["noun"]
+    # transformers' slow tokenizer splits at the added tokens and sentencepiece encodes each piece; BOS first
+    expected = ([1, ids["<|im_start|>"]] + sp.encode("system\n" + SYSTEM) + [ids["<|im_end|>"], ids["<|im_start|>"]]
+                + sp.encode("user\n") + [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * 256 * 3 + [ids["</img>"]]
+                + sp.encode("\n" + question) + [ids["<|im_end|>"], ids["<|im_start|>"]] + sp.encode("assistant\n"))
+    captioner = captioners["internlm2"]
+    assert captioner.prompt_ids(question, 3) == expected
+    # the chat tokens are pieces of the sentencepiece vocabulary itself
+    assert sp.piece_to_id("<|im_end|>") == ids["<|im_end|>"] == captioner.end_token_id
+    assert captioner.image_token_id == ids["<IMG_CONTEXT>"] == captioner.model.config.image_token_id
+
+
+def test_qwen2_prompt_ids(checkpoints, captioners):
+    folder = checkpoints["qwen2"]
+    question = internvl.PROMPTS["main"]
+    query = internlm2_query(question, 2)  # Hermes-2 renders exactly like internlm2-chat
+    expected = Tokenizer.from_file(folder + "/tokenizer.json").encode(query).ids  # the original's fast tokenizer
+    captioner = captioners["qwen2"]
+    assert captioner.prompt_ids(question, 2) == expected
+    assert captioner.template["sep"] == "<|im_end|>"
+
+
+def test_internlm2_decode_matches_original_cleanup(checkpoints, captioners):
+    sp = spm.SentencePieceProcessor(model_file=checkpoints["internlm2"] + "/tokenizer.model")
+    tokenizer = captioners["internlm2"].tokenizer
+    ids = [1] + sp.encode("a cat , a dog") + [tokenizer.convert_tokens_to_ids("<img>")] + sp.encode("it's fine !")
+    # special tokens dropped, then transformers 4.x clean_up_tokenization that InternLM2Tokenizer always ran
+    # (expected texts as the original InternLM2Tokenizer on transformers 4.44 decodes these ids)
+    assert tokenizer.decode(ids) == "a cat, a dog it's fine!"
+    ids = sp.encode(" hello , world") + [2, tokenizer.convert_tokens_to_ids("<|im_end|>")] + sp.encode("you  re  ok ?")
+    assert tokenizer.decode(ids) == " hello, world you  re  ok?"
+
+
+IMAGE_SIZES = [(640, 480), (300, 900), (200, 200)]  # 7, 4 and 1 tiles
+
+
+@pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2"])
+def test_batched_prompts_match_one_by_one(variant, captioners):
+    captioner = captioners[variant]
+    images = [captioner.prepare(noise_image(w, h, seed=k)) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    assert [len(x) for x in images] == [7, 4, 1]
+    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun", "main")]
+    vision_calls = []
+    hook = captioner.model.model.vision_tower.register_forward_hook(
+        lambda module, args, kwargs, output: vision_calls.append(len(kwargs["pixel_values"])), with_kwargs=True)
+    try:
+        batched = captioner.caption(images, prompts)  # 9 (image, prompt) pairs in generation batches of 3
+    finally:
+        hook.remove()
+    assert vision_calls == [12]  # one vision pass over all 12 tiles, shared by the three prompts
+    assert len(batched) == 3 and all(len(row) == 3 for row in batched)
+    for i, image in enumerate(images):
+        for j, prompt in enumerate(prompts):
+            single = captioner.caption([image], [prompt])[0][0]
+            assert batched[i][j] == single, (i, j)
+    texts = {c.text for row in batched for c in row}
+    assert len(texts) > 1  # the images and prompts reach the output
+
+
+def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
+    out = internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "native"))
+    with open(out + "/config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == "internvl" and config["template"] == "Hermes-2"
+    assert config["tie_word_embeddings"] is False
+    native = internvl.InternVLCaptioner(make_args(out), torch.device("cpu"))
+    images = [native.prepare(noise_image(w, h, seed=k)) for k, (w, h) in enumerate(IMAGE_SIZES[1:])]
+    prompts = [internvl.PROMPTS["detail"]]
+    assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
+
+
+def test_user_errors(checkpoints, tmp_path):
+    with pytest.raises(internvl.UserError, match="not found"):
+        internvl.resolve_checkpoint(str(tmp_path / "missing"))
+    with open(checkpoints["internlm2"] + "/config.json") as f:
+        config = json.load(f)
+    with pytest.raises(internvl.UserError, match="ps_version"):
+        internvl.native_config({**config, "ps_version": "v1"})
+    with pytest.raises(internvl.UserError, match="unsupported language model"):
+        internvl.native_config({**config, "llm_config": {**config["llm_config"], "architectures": ["GPT2LMHeadModel"]}})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(internvl.UserError, match="not an InternVL2 checkpoint"):
+        internvl.load_model(str(tmp_path / "other"), torch.float32, "cpu", 0)
