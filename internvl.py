@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -323,25 +324,53 @@ def convert_state_dict(folder, config, architecture):
     return state_dict
 
 
-def load_model(folder, dtype, device):
+def load_model(folder, dtype, device, image_token_id):
     """InternVLForConditionalGeneration from an original or a native folder."""
     config = _read_json(os.path.join(folder, "config.json"))
     if config is None:
         raise UserError(f"{folder} has no config.json")
+    # On CPU (tests, checks against the original) eager attention gives the original's numbers most closely.
+    attention = "eager" if torch.device(device).type == "cpu" else "sdpa"
     model_type = config.get("model_type")
     if model_type == "internvl":
-        return InternVLForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device)
-    if model_type != "internvl_chat":
+        model = InternVLForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, device_map=device, attn_implementation=attention)
+    elif model_type == "internvl_chat":
+        native = native_config(config)
+        state_dict = convert_state_dict(folder, native, config["llm_config"]["architectures"][0])
+        model, info = InternVLForConditionalGeneration.from_pretrained(
+            None, config=native, state_dict=state_dict, dtype=dtype, device_map=device,
+            attn_implementation=attention, output_loading_info=True)
+        if info["missing_keys"] or info["unexpected_keys"]:
+            raise UserError(f"{folder}: weights do not match its config (missing "
+                            f"{sorted(info['missing_keys'])[:3]}, unexpected {sorted(info['unexpected_keys'])[:3]})")
+    else:
         raise UserError(f"{folder} is not an InternVL2 checkpoint (model_type {model_type!r}, "
                         "expected 'internvl_chat' or 'internvl')")
-    native = native_config(config)
-    state_dict = convert_state_dict(folder, native, config["llm_config"]["architectures"][0])
-    model, info = InternVLForConditionalGeneration.from_pretrained(
-        None, config=native, state_dict=state_dict, dtype=dtype, device_map=device, output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"]:
-        raise UserError(f"{folder}: weights do not match the config (missing {sorted(info['missing_keys'])[:5]}, "
-                        f"unexpected {sorted(info['unexpected_keys'])[:5]})")
-    return model
+    model.config.image_token_id = image_token_id  # the class default is another model's
+    return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def convert_checkpoint(folder, out_dir):
+    """Write an original InternVL2 checkpoint in the native format (weights in the checkpoint's dtype, the
+    original tokenizer files, the chat template name kept in config.json)."""
+    config = _read_json(os.path.join(folder, "config.json"), {})
+    if config.get("model_type") != "internvl_chat":
+        raise UserError(f"{folder} is not an original InternVL2 checkpoint (model_type internvl_chat)")
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        raise UserError(f"{out_dir} already holds a checkpoint")
+    tokenizer = load_tokenizer(folder)
+    dtype = getattr(torch, config.get("torch_dtype") or "bfloat16")
+    model = load_model(folder, dtype, "cpu", tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
+    model.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy(os.path.join(folder, name), out_dir)
+    return out_dir
 
 
 def resolve_checkpoint(name):
@@ -407,13 +436,11 @@ class InternVLCaptioner:
     def __init__(self, args, device):
         folder = resolve_checkpoint(args.model)
         config = _read_json(os.path.join(folder, "config.json"), {})
-        self.model = load_model(folder, args.dtype, device).eval()
         self.tokenizer = load_tokenizer(folder)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.model = load_model(folder, args.dtype, device, self.image_token_id)
         self.system_message, self.template = chat_format(folder, config)
         self.end_token_id = self.tokenizer.convert_tokens_to_ids(self.template["sep"].strip())
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-        if self.image_token_id != self.model.config.image_token_id:
-            self.model.config.image_token_id = self.image_token_id  # the class default belongs to InternVL3
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.device = device
         self.batch_size = args.batch_size

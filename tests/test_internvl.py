@@ -141,14 +141,14 @@ def test_internlm2_decode_matches_original_cleanup(checkpoints, captioners):
     assert tokenizer.decode(ids) == " hello, world you  re  ok?"
 
 
-IMAGE_SIZES = [(640, 480), (300, 900), (200, 200)]  # 7, 4 and 1 tiles
+IMAGE_SIZES = [(900, 450), (300, 600), (200, 200)]  # with at most 2 tiles: 2+1, 2+1 and 1 tiles
 
 
 @pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2"])
 def test_batched_prompts_match_one_by_one(variant, captioners):
     captioner = captioners[variant]
-    images = [captioner.prepare(noise_image(w, h, seed=k)) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    assert [len(x) for x in images] == [7, 4, 1]
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    assert [len(x) for x in images] == [3, 3, 1]
     prompts = [internvl.PROMPTS[k] for k in ("detail", "noun", "main")]
     vision_calls = []
     hook = captioner.model.model.vision_tower.register_forward_hook(
@@ -157,7 +157,7 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
         batched = captioner.caption(images, prompts)  # 9 (image, prompt) pairs in generation batches of 3
     finally:
         hook.remove()
-    assert vision_calls == [12]  # one vision pass over all 12 tiles, shared by the three prompts
+    assert vision_calls == [7]  # one vision pass over all 7 tiles, shared by the three prompts
     assert len(batched) == 3 and all(len(row) == 3 for row in batched)
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
@@ -174,7 +174,7 @@ def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
     assert config["model_type"] == "internvl" and config["template"] == "Hermes-2"
     assert config["tie_word_embeddings"] is False
     native = internvl.InternVLCaptioner(make_args(out), torch.device("cpu"))
-    images = [native.prepare(noise_image(w, h, seed=k)) for k, (w, h) in enumerate(IMAGE_SIZES[1:])]
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
     prompts = [internvl.PROMPTS["detail"]]
     assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
 
