@@ -192,3 +192,42 @@ def test_user_errors(checkpoints, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(internvl.UserError, match="not an InternVL2 checkpoint"):
         internvl.load_model(str(tmp_path / "other"), torch.float32, "cpu", 0)
+
+
+# llm_config of InternVL2-4B (Phi-3-mini-128k, LongRoPE under its old name "su") and of InternVL2-40B/76B
+# (Llama family), shrunk to the tiny sizes.
+PHI3_LLM = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "attn_implementation": "flash_attention_2",
+            "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "sliding_window": 262144, "bos_token_id": 1, "eos_token_id": 32000,
+            "pad_token_id": 32000, "vocab_size": 32020,
+            "rope_scaling": {"type": "su", "long_factor": [1.0 + k for k in range(8)],
+                             "short_factor": [1.0 + k / 10 for k in range(8)]}}
+LLAMA_LLM = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attn_implementation": "flash_attention_2",
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": None,
+             "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 96}  # (ids shrunk with the vocabulary)
+
+
+@pytest.mark.parametrize("llm_config,rope_type", [(PHI3_LLM, "longrope"), (LLAMA_LLM, "default")])
+def test_other_language_models_convert(tmp_path, llm_config, rope_type):
+    """Phi-3 and Llama checkpoints keep transformers' own key names under language_model.: the converted model's
+    text path must give the logits of the plain causal LM with those weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.internvl_checkpoint import TINY_LLM, build_config, random_state_dict
+
+    config = build_config("qwen2", vocab_size=llm_config["vocab_size"], token_ids={})
+    config["llm_config"] = {**llm_config, **TINY_LLM, "tie_word_embeddings": False}
+    native = internvl.native_config(config)
+    assert native.text_config.rope_parameters["rope_type"] == rope_type
+    assert native.text_config.rope_parameters["rope_theta"] == llm_config["rope_theta"]
+    torch.manual_seed(0)
+    text_model = AutoModelForCausalLM.from_config(native.text_config, attn_implementation="eager").eval()
+    weights = {k: v for k, v in random_state_dict(config).items() if not k.startswith("language_model.")}
+    weights.update({"language_model." + k: v.clone() for k, v in text_model.state_dict().items()})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    model = internvl.load_model(str(tmp_path), torch.float32, "cpu", image_token_id=llm_config["vocab_size"] - 1)
+    input_ids = torch.tensor([[1, 5, 9, 33, 2, 70, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, text_model(input_ids=input_ids).logits)
