@@ -390,25 +390,29 @@ def resolve_checkpoint(name):
 # Prompt
 
 def chat_format(folder, config):
-    """(system message, template dict) of a checkpoint: the template its config names (the converted folders
-    keep it), the system message the config may override."""
+    """(template dict, system message) of a checkpoint: the template its config names (folders written by
+    --convert-to keep the name), the system message the config may override. (None, None) for native folders
+    from elsewhere (OpenGVLab's *-hf): they are prompted with their tokenizer's own chat template."""
     name = config.get("template")
-    if name is None:
-        raise UserError(f"{folder}: config.json names no conversation template; native folders must be written "
-                        "by --convert-to from an original InternVL2 checkpoint")
+    if name is None and config.get("model_type") == "internvl":
+        return None, None
     if name not in TEMPLATES:
         raise UserError(f"{folder}: unknown conversation template {name!r}; known: {', '.join(TEMPLATES)}")
     template = TEMPLATES[name]
-    return config.get("system_message", template["system_message"]), template
+    return template, config.get("system_message", template["system_message"])
 
 
-def render_prompt(question, tiles, template, system_message, image_tokens_per_tile):
+def render_prompt(question, tiles, image_tokens_per_tile, template, system_message, tokenizer):
     """The query string the original chat() tokenizes for one image and one question."""
     if "<image>" not in question:
         question = "<image>\n" + question
-    sep = template["sep"]
-    query = (template["system"].format(system_message) + sep + template["user"] + question + sep
-             + template["assistant"])
+    if template is None:
+        query = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              tokenize=False)
+    else:
+        sep = template["sep"]
+        query = (template["system"].format(system_message) + sep + template["user"] + question + sep
+                 + template["assistant"])
     return query.replace("<image>", IMG_START + IMG_CONTEXT * image_tokens_per_tile * tiles + IMG_END, 1)
 
 
@@ -439,8 +443,12 @@ class InternVLCaptioner:
         self.tokenizer = load_tokenizer(folder)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.model = load_model(folder, args.dtype, device, self.image_token_id)
-        self.system_message, self.template = chat_format(folder, config)
-        self.end_token_id = self.tokenizer.convert_tokens_to_ids(self.template["sep"].strip())
+        self.template, self.system_message = chat_format(folder, config)
+        if self.template is None:  # a native folder's own end of turn
+            eos = self.model.generation_config.eos_token_id
+            self.end_token_ids = eos if isinstance(eos, list) else [eos]
+        else:
+            self.end_token_ids = [self.tokenizer.convert_tokens_to_ids(self.template["sep"].strip())]
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.device = device
         self.batch_size = args.batch_size
@@ -448,19 +456,21 @@ class InternVLCaptioner:
         self.prepare = functools.partial(prepare_image, max_tiles=args.max_tiles)
 
     def prompt_ids(self, question, tiles):
-        query = render_prompt(question, tiles, self.template, self.system_message,
-                              self.model.config.image_seq_length)
+        query = render_prompt(question, tiles, self.model.config.image_seq_length, self.template,
+                              self.system_message, self.tokenizer)
         return self.tokenizer.encode(query)
 
     def decode(self, new_tokens):
         """Answer text as the original: up to the end token, special tokens dropped, cut at the end token's
         text, stripped. truncated: no end token within max_new_tokens."""
         new_tokens = new_tokens.tolist()
-        truncated = self.end_token_id not in new_tokens
-        if not truncated:
-            new_tokens = new_tokens[:new_tokens.index(self.end_token_id)]
+        ends = [k for k, token in enumerate(new_tokens) if token in self.end_token_ids]
+        if ends:
+            new_tokens = new_tokens[:ends[0]]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        return Caption(text.split(self.template["sep"].strip())[0].strip(), truncated)
+        if self.template is not None:
+            text = text.split(self.template["sep"].strip())[0]
+        return Caption(text.strip(), truncated=not ends)
 
     @torch.inference_mode()
     def caption(self, images, prompts):
@@ -482,7 +492,7 @@ class InternVLCaptioner:
             for row, (i, _) in enumerate(batch):
                 embeds[row, input_ids[row] == self.image_token_id] = features_per_image[i].flatten(0, 1).to(embeds.dtype)
             output = self.model.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=self.end_token_id,
+                inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=self.end_token_ids,
                 pad_token_id=self.pad_token_id, **self.generation_kwargs)
             for (i, j), new_tokens in zip(batch, output):
                 results[i][j] = self.decode(new_tokens)

@@ -116,7 +116,8 @@ def test_internlm2_prompt_ids(checkpoints, captioners):
     captioner = captioners["internlm2"]
     assert captioner.prompt_ids(question, 3) == expected
     # the chat tokens are pieces of the sentencepiece vocabulary itself
-    assert sp.piece_to_id("<|im_end|>") == ids["<|im_end|>"] == captioner.end_token_id
+    assert sp.piece_to_id("<|im_end|>") == ids["<|im_end|>"] 
+    assert captioner.end_token_ids == [ids["<|im_end|>"]]
     assert captioner.image_token_id == ids["<IMG_CONTEXT>"] == captioner.model.config.image_token_id
 
 
@@ -177,6 +178,31 @@ def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
     prompts = [internvl.PROMPTS["detail"]]
     assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
+
+
+HF_CHAT_TEMPLATE = (  # the chat template of OpenGVLab's *-hf folders (transformers' InternVL conversion)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{{ message['content'] }}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_native_folder_without_template_uses_its_chat_template(checkpoints, tmp_path):
+    out = internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del config["template"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": HF_CHAT_TEMPLATE}))
+    tokenizer = Tokenizer.from_file(out + "/tokenizer.json")
+    end = tokenizer.token_to_id("<|im_end|>")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": end}))
+    captioner = internvl.InternVLCaptioner(make_args(out), torch.device("cpu"))
+    question = internvl.PROMPTS["short"]
+    query = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\n" + question + "<|im_end|>\n"
+             "<|im_start|>assistant\n")
+    assert captioner.prompt_ids(question, 1) == tokenizer.encode(query).ids
+    assert captioner.end_token_ids == [end]
+    [[caption]] = captioner.caption([internvl.prepare_image(noise_image(200, 200), max_tiles=2)], [question])
+    assert caption.text
 
 
 def test_user_errors(checkpoints, tmp_path):
