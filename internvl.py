@@ -13,6 +13,7 @@ tokens per tile, stopping at the template's end token, decoding and stripping of
     python internvl.py --input-json in.json --model OpenGVLab/InternVL2-8B --prompts detail,noun,main
     python internvl.py --convert-to InternVL2-8B-native --model OpenGVLab/InternVL2-8B
 """
+import argparse
 import functools
 import glob
 import json
@@ -29,13 +30,7 @@ from safetensors import safe_open
 from transformers import (AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                           LlamaConfig, Phi3Config, Qwen2Config)
 
-from utils.captioning import Caption
-
-try:  # TEMPORARY until the shared loop lands on main
-    from utils.captioning import generation_kwargs
-except ImportError:
-    def generation_kwargs(args):
-        return dict(max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=1)
+from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit
 
 TILE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,10 +60,6 @@ TEMPLATES = {
     "internvl2_5": dict(CHATML, sep="<|im_end|>\n", system_message=(
         "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")),
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user gave us (path, format, flag): reported in one line, no traceback."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,13 +315,11 @@ def convert_state_dict(folder, config, architecture):
     return state_dict
 
 
-def load_model(folder, dtype, device, image_token_id):
+def load_model(folder, dtype, device, image_token_id, attention="sdpa"):
     """InternVLForConditionalGeneration from an original or a native folder."""
     config = _read_json(os.path.join(folder, "config.json"))
     if config is None:
         raise UserError(f"{folder} has no config.json")
-    # On CPU (tests, checks against the original) eager attention gives the original's numbers most closely.
-    attention = "eager" if torch.device(device).type == "cpu" else "sdpa"
     model_type = config.get("model_type")
     if model_type == "internvl":
         model = InternVLForConditionalGeneration.from_pretrained(
@@ -424,25 +413,29 @@ class InternVLCaptioner:
     default_model = "OpenGVLab/InternVL2-8B"
     prompts = PROMPTS
     default_prompt = "detail"
-    defaults = {"batch_size": 20, "temperature": 0.0, "max_new_tokens": 77}
+    defaults = {"batch_size": 20}  # the seed's
     default_dtype = "bfloat16"
 
     @staticmethod
     def add_arguments(parser):
         parser.add_argument("--max-tiles", type=int, default=6,
-                            help="most 448 px tiles per image (a thumbnail is added when there are several); "
-                                 "6 as in the original recaptioning script, the checkpoints' own maximum "
-                                 "(max_dynamic_patch in config.json) is 12")
+                            help="most 448 px tiles per image, plus a thumbnail when there are several; 6 as in "
+                                 "the original recaptioning script (the checkpoints' own maximum, "
+                                 "max_dynamic_patch in config.json, is 12)")
+        # handled in main() before the captioning command line; listed here for --help
         parser.add_argument("--convert-to", metavar="DIR",
-                            help="convert the --model checkpoint once into the native transformers format in DIR "
-                                 "(later runs load it with plain from_pretrained) and exit")
+                            help="only convert the --model checkpoint into the native transformers format in DIR, "
+                                 "then exit (no --input-json needed); later runs load DIR with plain "
+                                 "from_pretrained")
 
     def __init__(self, args, device):
+        if args.max_tiles < 1:
+            raise UserError("--max-tiles must be at least 1")
         folder = resolve_checkpoint(args.model)
         config = _read_json(os.path.join(folder, "config.json"), {})
         self.tokenizer = load_tokenizer(folder)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-        self.model = load_model(folder, args.dtype, device, self.image_token_id)
+        self.model = load_model(folder, args.dtype, device, self.image_token_id, args.attn_implementation)
         self.template, self.system_message = chat_format(folder, config)
         if self.template is None:  # a native folder's own end of turn
             eos = self.model.generation_config.eos_token_id
@@ -450,10 +443,11 @@ class InternVLCaptioner:
         else:
             self.end_token_ids = [self.tokenizer.convert_tokens_to_ids(self.template["sep"].strip())]
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.device = device
-        self.batch_size = args.batch_size
-        self.generation_kwargs = generation_kwargs(args)
+        self.generation = generation_kwargs(args, temperature=0.0)  # the seed: greedy, one beam
         self.prepare = functools.partial(prepare_image, max_tiles=args.max_tiles)
+
+    def cost(self, tiles):
+        return len(tiles)  # the prompt length grows with the number of tiles
 
     def prompt_ids(self, question, tiles):
         query = render_prompt(question, tiles, self.model.config.image_seq_length, self.template,
@@ -461,39 +455,58 @@ class InternVLCaptioner:
         return self.tokenizer.encode(query)
 
     def decode(self, new_tokens):
-        """Answer text as the original: up to the end token, special tokens dropped, cut at the end token's
-        text, stripped. truncated: no end token within max_new_tokens."""
+        """The answer as the original gives it: special tokens dropped, cut at the end token (and at its text),
+        stripped."""
         new_tokens = new_tokens.tolist()
-        ends = [k for k, token in enumerate(new_tokens) if token in self.end_token_ids]
-        if ends:
-            new_tokens = new_tokens[:ends[0]]
+        truncated = stopped_at_limit(new_tokens, self.end_token_ids)
+        if not truncated:
+            new_tokens = new_tokens[:min(new_tokens.index(end) for end in self.end_token_ids if end in new_tokens)]
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
         if self.template is not None:
             text = text.split(self.template["sep"].strip())[0]
-        return Caption(text.strip(), truncated=not ends)
+        return Caption(text.strip(), truncated)
 
     @torch.inference_mode()
     def caption(self, images, prompts):
-        # The vision tower runs once per image; its features are reused for every prompt.
-        pixel_values = torch.cat(images).to(self.device, self.model.dtype)
+        # The vision tower runs once per image; its features fill the image tokens of every prompt.
+        device = self.model.device
         features = self.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=self.model.config.vision_feature_layer,
+            pixel_values=torch.cat(images).to(device, self.model.dtype),
+            vision_feature_layer=self.model.config.vision_feature_layer,
             vision_feature_select_strategy="default").pooler_output
         features_per_image = features.split([len(tiles) for tiles in images])
         pairs = [(i, j) for i in range(len(images)) for j in range(len(prompts))]
-        results = [[None] * len(prompts) for _ in images]
-        for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start:start + self.batch_size]
-            ids = [self.prompt_ids(prompts[j], len(images[i])) for i, j in batch]
-            length = max(map(len, ids))
-            input_ids = torch.tensor([[self.pad_token_id] * (length - len(x)) + x for x in ids], device=self.device)
-            attention_mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids], device=self.device)
-            embeds = self.model.get_input_embeddings()(input_ids)
-            for row, (i, _) in enumerate(batch):
-                embeds[row, input_ids[row] == self.image_token_id] = features_per_image[i].flatten(0, 1).to(embeds.dtype)
-            output = self.model.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=self.end_token_ids,
-                pad_token_id=self.pad_token_id, **self.generation_kwargs)
-            for (i, j), new_tokens in zip(batch, output):
-                results[i][j] = self.decode(new_tokens)
-        return results
+        ids = [self.prompt_ids(prompts[j], len(images[i])) for i, j in pairs]
+        length = max(map(len, ids))
+        input_ids = torch.tensor([[self.pad_token_id] * (length - len(x)) + x for x in ids], device=device)
+        attention_mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids], device=device)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        for row, (i, _) in enumerate(pairs):
+            embeds[row, input_ids[row] == self.image_token_id] = features_per_image[i].flatten(0, 1).to(embeds.dtype)
+        output = self.model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     eos_token_id=self.end_token_ids, pad_token_id=self.pad_token_id,
+                                     **self.generation)
+        captions = [self.decode(row) for row in output]  # generate() returns only the new tokens here
+        return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
+
+
+def convert_command():
+    """python internvl.py --convert-to DIR --model CKPT"""
+    parser = argparse.ArgumentParser(prog="internvl.py --convert-to",
+                                     description="Convert an original InternVL2 checkpoint into the native format.")
+    parser.add_argument("--convert-to", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--model", default=InternVLCaptioner.default_model, help="original checkpoint: hub id or folder")
+    args = parser.parse_args()
+    try:
+        convert_checkpoint(resolve_checkpoint(args.model), args.convert_to)
+    except UserError as e:
+        print(f"internvl.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.convert_to}; caption with --model {args.convert_to}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if "--convert-to" in sys.argv[1:]:
+        convert_command()
+    else:
+        run(InternVLCaptioner)

@@ -4,6 +4,7 @@ The expected values here are written out from the original algorithms (dynamic_p
 templates, the tokenizers the original loaded), not taken from internvl.py."""
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torchvision.transforms.functional import InterpolationMode
 
-import internvl
-from tests.internvl_checkpoint import build_checkpoint
+from conftest import REPO, read_jsonl, run_command
+from internvl_checkpoint import build_checkpoint
+
+sys.path.insert(0, str(REPO))
+import internvl  # noqa: E402
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
@@ -28,8 +32,8 @@ def checkpoints(tmp_path_factory):
 
 
 def make_args(model, **overrides):
-    args = dict(model=model, dtype=torch.float32, max_new_tokens=8, temperature=0.0, top_p=None, num_beams=1,
-                seed=0, batch_size=3, max_tiles=6)
+    args = dict(model=model, dtype=torch.float32, max_new_tokens=8, min_new_tokens=None, temperature=None,
+                top_p=None, num_beams=1, max_tiles=6, attn_implementation="eager")
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -155,7 +159,7 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
     hook = captioner.model.model.vision_tower.register_forward_hook(
         lambda module, args, kwargs, output: vision_calls.append(len(kwargs["pixel_values"])), with_kwargs=True)
     try:
-        batched = captioner.caption(images, prompts)  # 9 (image, prompt) pairs in generation batches of 3
+        batched = captioner.caption(images, prompts)  # 9 (image, prompt) pairs, left-padded, in one generate()
     finally:
         hook.remove()
     assert vision_calls == [7]  # one vision pass over all 7 tiles, shared by the three prompts
@@ -240,7 +244,7 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from tests.internvl_checkpoint import TINY_LLM, build_config, random_state_dict
+    from internvl_checkpoint import TINY_LLM, build_config, random_state_dict
 
     config = build_config("qwen2", vocab_size=llm_config["vocab_size"], token_ids={})
     config["llm_config"] = {**llm_config, **TINY_LLM, "tie_word_embeddings": False}
@@ -253,7 +257,7 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
     weights.update({"language_model." + k: v.clone() for k, v in text_model.state_dict().items()})
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_file(weights, str(tmp_path / "model.safetensors"))
-    model = internvl.load_model(str(tmp_path), torch.float32, "cpu", image_token_id=llm_config["vocab_size"] - 1)
+    model = internvl.load_model(str(tmp_path), torch.float32, "cpu", llm_config["vocab_size"] - 1, "eager")
     input_ids = torch.tensor([[1, 5, 9, 33, 2, 70, 8]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, text_model(input_ids=input_ids).logits)
