@@ -25,9 +25,10 @@ import sys
 import numpy as np
 import sentencepiece as spm
 import torch
+import transformers
 from PIL import Image
 from safetensors import safe_open
-from transformers import (AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
+from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                           LlamaConfig, Phi3Config, Qwen2Config)
 
 from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit
@@ -160,14 +161,18 @@ class InternLM2Tokenizer:
 
 
 def load_tokenizer(folder):
-    with open(os.path.join(folder, "tokenizer_config.json")) as f:
-        tokenizer_class = json.load(f).get("tokenizer_class")
+    """The checkpoint's tokenizer by the class its tokenizer_config.json names: our InternLM2Tokenizer for
+    InternLM2's remote class, transformers' own class otherwise (by name, so that nothing looks at the
+    checkpoint's remote-code entries)."""
+    config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    if config is None:
+        raise UserError(f"{folder} has no tokenizer_config.json")
+    tokenizer_class = config.get("tokenizer_class")
     if tokenizer_class == "InternLM2Tokenizer":
         return InternLM2Tokenizer(folder)
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (ValueError, OSError) as e:
-        raise UserError(f"cannot load the tokenizer ({tokenizer_class}) of {folder}: {e}") from None
+    if not hasattr(transformers, tokenizer_class or ""):
+        raise UserError(f"{folder}: unknown tokenizer class {tokenizer_class!r}")
+    return getattr(transformers, tokenizer_class).from_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -260,8 +260,21 @@ def random_state_dict(config, seed=0):
     return sd
 
 
-def build_checkpoint(out_dir, variant="internlm2", seed=0):
-    """Write a tiny original-format InternVL2 checkpoint folder and return its path."""
+# A piece the seed-0 tiny models of these variants emit often (found by running them).
+FREQUENT_PIECE = {"internlm2": "联", "qwen2": "\x1a"}
+
+
+def make_end_token_likely(state_dict, variant, token_ids_of):
+    """Give the end token (<|im_end|>) the output row of a frequent piece, slightly larger: wherever that piece
+    would win, the answer ends instead, so that some answers end before max_new_tokens."""
+    key = "language_model.output.weight" if variant.startswith("internlm2") else "language_model.lm_head.weight"
+    frequent, end = token_ids_of(FREQUENT_PIECE[variant]), token_ids_of("<|im_end|>")
+    state_dict[key][end] = 1.1 * state_dict[key][frequent]
+
+
+def build_checkpoint(out_dir, variant="internlm2", seed=0, early_end=False):
+    """Write a tiny original-format InternVL2 checkpoint folder and return its path. early_end: answers end
+    early at times (see make_end_token_likely; internlm2 and qwen2 only)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
     os.makedirs(out_dir, exist_ok=True)
@@ -275,7 +288,15 @@ def build_checkpoint(out_dir, variant="internlm2", seed=0):
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"_from_model_config": True, "transformers_version": "4.37.2"}, f)
     # bfloat16 on disk as published; the tests load in float32 (exact upcast)
-    state_dict = {k: t.to(torch.bfloat16).contiguous() for k, t in random_state_dict(config, seed).items()}
+    state_dict = random_state_dict(config, seed)
+    if early_end:
+        if variant.startswith("internlm2"):
+            sp = spm.SentencePieceProcessor(model_file=os.path.join(out_dir, "tokenizer.model"))
+            make_end_token_likely(state_dict, variant, sp.piece_to_id)
+        else:
+            tokenizer = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+            make_end_token_likely(state_dict, variant, lambda piece: tokenizer.encode(piece).ids[0])
+    state_dict = {k: t.to(torch.bfloat16).contiguous() for k, t in state_dict.items()}
     save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     return out_dir
 
@@ -285,5 +306,6 @@ if __name__ == "__main__":
     parser.add_argument("out_dir", help="folder to write the checkpoint into")
     parser.add_argument("--variant", choices=VARIANTS, default="internlm2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--early-end", action="store_true", help="make the end token likely (internlm2, qwen2)")
     args = parser.parse_args()
-    print(build_checkpoint(args.out_dir, args.variant, args.seed))
+    print(build_checkpoint(args.out_dir, args.variant, args.seed, args.early_end))

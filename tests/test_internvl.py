@@ -38,6 +38,13 @@ def make_args(model, **overrides):
 
 
 @pytest.fixture(scope="session")
+def early_end_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("internvl-early-end")
+    return {variant: build_checkpoint(str(root / f"{variant}-early-end"), variant, early_end=True)
+            for variant in ("internlm2", "qwen2")}
+
+
+@pytest.fixture(scope="session")
 def captioners(checkpoints):
     return {variant: internvl.InternVLCaptioner(make_args(path), torch.device("cpu"))
             for variant, path in checkpoints.items()}
@@ -172,6 +179,20 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
     assert len(texts) > 1  # the images and prompts reach the output
 
 
+@pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
+def test_answers_end_at_the_end_token(variant, early_end_checkpoints):
+    """Rows that finish early (then padded by generate) decode as one-by-one; truncated only without an end."""
+    captioner = internvl.InternVLCaptioner(make_args(early_end_checkpoints[variant], max_new_tokens=8),
+                                           torch.device("cpu"))
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun")]
+    batched = captioner.caption(images, prompts)
+    assert {c.truncated for row in batched for c in row} == {True, False}
+    for i, image in enumerate(images):
+        for j, prompt in enumerate(prompts):
+            assert batched[i][j] == captioner.caption([image], [prompt])[0][0], (i, j)
+
+
 def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
     out = internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "native"))
     with open(out + "/config.json") as f:
@@ -261,3 +282,39 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
     input_ids = torch.tensor([[1, 5, 9, 33, 2, 70, 8]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, text_model(input_ids=input_ids).logits)
+
+
+def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path):
+    """The real script through generate.sh: every image and prompt gets the one-by-one caption, broken
+    entries go to the errors file."""
+    folder, good, broken = image_folder
+    images = [name for name in good if name in ("square.jpg", "wide.png", "rgba.png", "gray16.png", "strip.png")]
+    entries = images + broken[:2]
+    input_file = tmp_path / "input.json"
+    input_file.write_text(json.dumps([{"image": name, "id": k} for k, name in enumerate(entries)]))
+    out = tmp_path / "out"
+    run_command(["bash", "generate.sh", str(input_file), "internvl", "--model", checkpoints["internlm2"],
+                 "--image-root", str(folder), "--output-dir", str(out), "--prompts", "detail,noun",
+                 "--temperature", "0", "--max-new-tokens", "8", "--attn-implementation", "eager",
+                 "--batch-size", "3", "--num-workers", "1", "--max-tiles", "2"])
+    model_dir = out / "internvl" / "internlm2"
+    captioner = captioners["internlm2"]
+    for key in ("detail", "noun"):
+        rows = read_jsonl(model_dir / key / "captions-00000-of-00001.jsonl")
+        assert sorted(row["image"] for row in rows) == sorted(images)
+        for row in rows:
+            tiles = internvl.prepare_image(Image.open(folder / row["image"]), max_tiles=2)
+            expected = captioner.caption([tiles], [internvl.PROMPTS[key]])[0][0]
+            assert (row["caption"], row["truncated"]) == (expected.text, expected.truncated), row
+            assert row["prompt"] == key and row["id"] == entries.index(row["image"])
+    errors = read_jsonl(model_dir / "errors-00000-of-00001.jsonl")
+    assert sorted(row["image"] for row in errors) == sorted(broken[:2])
+
+
+def test_convert_to_command(checkpoints, tmp_path):
+    out = tmp_path / "native"
+    run_command(["python", "internvl.py", "--convert-to", str(out), "--model", checkpoints["qwen2"]])
+    assert json.loads((out / "config.json").read_text())["model_type"] == "internvl"
+    failed = run_command(["python", "internvl.py", "--convert-to", str(tmp_path / "x"), "--model",
+                          str(tmp_path / "missing")], check=False)
+    assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0 and "not found" in failed.stderr
