@@ -123,10 +123,12 @@ class InternLM2Tokenizer:
         for token, i in _read_json(os.path.join(folder, "added_tokens.json"), {}).items():
             self.added.setdefault(token, (i, {"content": token}))
         self.add_bos = config.get("add_bos_token", True)
-        special = {config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        special.update(config.get("additional_special_tokens", []))
-        special = {t["content"] if isinstance(t, dict) else t for t in special if t}
+        special = [config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        special = [t["content"] if isinstance(t, dict) else t
+                   for t in special + config.get("additional_special_tokens", []) if t]
         self.special_ids = {self.convert_tokens_to_ids(t) for t in special}
+        # added tokens that are not special stay in the text, as separate words
+        self.plain_added = {i: token for token, (i, _) in self.added.items() if token not in special}
         self.pad_token_id = self.convert_tokens_to_ids(config.get("pad_token") or "</s>")
         # longest first, so that a token that is a prefix of another cannot split it
         tokens = sorted(self.added, key=len, reverse=True)
@@ -149,11 +151,28 @@ class InternLM2Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens=True):
-        """As the original with skip_special_tokens=True: the pieces left decoded by sentencepiece, then the
-        transformers 4.x clean-up (" ," -> "," and so on) that InternLM2Tokenizer always applied."""
+        """As the original with skip_special_tokens=True (transformers 4.x): special tokens dropped, runs of
+        pieces decoded by sentencepiece and cleaned up (" ," -> "," and so on, which InternLM2Tokenizer always
+        did), non-special added tokens kept as words, all joined by spaces."""
         if not skip_special_tokens:
             raise ValueError("only skip_special_tokens=True is supported")
-        text = self.sp.decode([i for i in ids if i not in self.special_ids])
+        texts, pieces = [], []
+        for i in ids:
+            if i in self.special_ids:
+                continue
+            if i in self.plain_added:
+                if pieces and self._decode_pieces(pieces):
+                    texts.append(self._decode_pieces(pieces))
+                texts.append(self.plain_added[i])
+                pieces = []
+            else:
+                pieces.append(i)
+        if pieces:
+            texts.append(self._decode_pieces(pieces))
+        return " ".join(texts)
+
+    def _decode_pieces(self, ids):
+        text = self.sp.decode(ids)
         for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                               (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
             text = text.replace(before, after)
@@ -437,7 +456,9 @@ class InternVLCaptioner:
         if args.max_tiles < 1:
             raise UserError("--max-tiles must be at least 1")
         folder = resolve_checkpoint(args.model)
-        config = _read_json(os.path.join(folder, "config.json"), {})
+        config = _read_json(os.path.join(folder, "config.json"))
+        if config is None:
+            raise UserError(f"{folder} is not a checkpoint folder (no config.json)")
         self.tokenizer = load_tokenizer(folder)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         self.model = load_model(folder, args.dtype, device, self.image_token_id, args.attn_implementation)

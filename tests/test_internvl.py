@@ -142,15 +142,28 @@ def test_qwen2_prompt_ids(checkpoints, captioners):
     assert captioner.template["sep"] == "<|im_end|>"
 
 
-def test_internlm2_decode_matches_original_cleanup(checkpoints, captioners):
-    sp = spm.SentencePieceProcessor(model_file=checkpoints["internlm2"] + "/tokenizer.model")
+def test_internlm2_decode_matches_original(checkpoints, captioners, tmp_path):
+    """Expected texts: what the original InternLM2Tokenizer (transformers 4.44) decodes these ids to."""
+    folder = checkpoints["internlm2"]
+    sp = spm.SentencePieceProcessor(model_file=folder + "/tokenizer.model")
     tokenizer = captioners["internlm2"].tokenizer
     ids = [1] + sp.encode("a cat , a dog") + [tokenizer.convert_tokens_to_ids("<img>")] + sp.encode("it's fine !")
-    # special tokens dropped, then transformers 4.x clean_up_tokenization that InternLM2Tokenizer always ran
-    # (expected texts as the original InternLM2Tokenizer on transformers 4.44 decodes these ids)
+    # special tokens dropped, then the clean-up of transformers 4.x that InternLM2Tokenizer always ran
     assert tokenizer.decode(ids) == "a cat, a dog it's fine!"
     ids = sp.encode(" hello , world") + [2, tokenizer.convert_tokens_to_ids("<|im_end|>")] + sp.encode("you  re  ok ?")
     assert tokenizer.decode(ids) == " hello, world you  re  ok?"
+    # added tokens that are not listed as special stay in the text as separate words
+    for name in ("tokenizer.model", "added_tokens.json"):
+        (tmp_path / name).write_bytes(open(f"{folder}/{name}", "rb").read())
+    config = json.loads(open(folder + "/tokenizer_config.json").read())
+    config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = internvl.InternLM2Tokenizer(str(tmp_path))
+    n = sp.get_piece_size()
+    ids = [1] + sp.encode("a cat , a dog") + [n] + sp.encode("it's fine !") + [n + 1, n + 2, 3, 4] + sp.encode("x")
+    assert tokenizer.decode(ids) == "a cat, a dog <img> it's fine! </img> <|plugin|> <|interpreter|> x"
+    ids = [n, n + 1] + sp.encode(" hello") + [8, 7, 5] + sp.encode("you  re  ok ?") + [n + 3]
+    assert tokenizer.decode(ids) == "<img> </img>  hello <|action_end|> you  re  ok? <quad>"
 
 
 IMAGE_SIZES = [(900, 450), (300, 600), (200, 200)]  # with at most 2 tiles: 2+1, 2+1 and 1 tiles
@@ -161,16 +174,16 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
     captioner = captioners[variant]
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
     assert [len(x) for x in images] == [3, 3, 1]
-    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun", "main")]
+    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun")]
     vision_calls = []
     hook = captioner.model.model.vision_tower.register_forward_hook(
         lambda module, args, kwargs, output: vision_calls.append(len(kwargs["pixel_values"])), with_kwargs=True)
     try:
-        batched = captioner.caption(images, prompts)  # 9 (image, prompt) pairs, left-padded, in one generate()
+        batched = captioner.caption(images, prompts)  # 6 (image, prompt) pairs, left-padded, in one generate()
     finally:
         hook.remove()
-    assert vision_calls == [7]  # one vision pass over all 7 tiles, shared by the three prompts
-    assert len(batched) == 3 and all(len(row) == 3 for row in batched)
+    assert vision_calls == [7]  # one vision pass over all 7 tiles, shared by both prompts
+    assert len(batched) == 3 and all(len(row) == 2 for row in batched)
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             single = captioner.caption([image], [prompt])[0][0]
@@ -288,7 +301,7 @@ def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path)
     """The real script through generate.sh: every image and prompt gets the one-by-one caption, broken
     entries go to the errors file."""
     folder, good, broken = image_folder
-    images = [name for name in good if name in ("square.jpg", "wide.png", "rgba.png", "gray16.png", "strip.png")]
+    images = [name for name in good if name in ("wide.png", "rgba.png", "gray16.png")]
     entries = images + broken[:2]
     input_file = tmp_path / "input.json"
     input_file.write_text(json.dumps([{"image": name, "id": k} for k, name in enumerate(entries)]))
