@@ -26,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from PIL import Image
 from safetensors import safe_open
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
@@ -61,6 +62,13 @@ TEMPLATES = {
     "internvl2_5": dict(CHATML, sep="<|im_end|>\n", system_message=(
         "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。")),
 }
+
+
+def read_json(path, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ class InternLM2Tokenizer:
         with open(os.path.join(folder, "tokenizer_config.json")) as f:
             config = json.load(f)
         self.added = {token["content"]: (int(i), token) for i, token in config.get("added_tokens_decoder", {}).items()}
-        for token, i in _read_json(os.path.join(folder, "added_tokens.json"), {}).items():
+        for token, i in read_json(os.path.join(folder, "added_tokens.json"), {}).items():
             self.added.setdefault(token, (i, {"content": token}))
         self.add_bos = config.get("add_bos_token", True)
         special = [config.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")]
@@ -183,7 +191,7 @@ def load_tokenizer(folder):
     """The checkpoint's tokenizer by the class its tokenizer_config.json names: our InternLM2Tokenizer for
     InternLM2's remote class, transformers' own class otherwise (by name, so that nothing looks at the
     checkpoint's remote-code entries)."""
-    config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    config = read_json(os.path.join(folder, "tokenizer_config.json"))
     if config is None:
         raise UserError(f"{folder} has no tokenizer_config.json")
     tokenizer_class = config.get("tokenizer_class")
@@ -208,14 +216,9 @@ TEXT_CONFIG_CLASSES = {"InternLM2ForCausalLM": LlamaConfig, "LlamaForCausalLM": 
                        "Qwen2ForCausalLM": Qwen2Config, "Phi3ForCausalLM": Phi3Config}
 
 
-def _read_json(path, default=None):
-    if not os.path.isfile(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
 def rope_parameters(llm_config):
+    """transformers 5's rope_parameters from the 4.x rope_theta and rope_scaling ({"type": ...} or
+    {"rope_type": ...})."""
     scaling = dict(llm_config.get("rope_scaling") or {})
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
@@ -341,7 +344,7 @@ def convert_state_dict(folder, config, architecture):
 
 def load_model(folder, dtype, device, image_token_id, attention="sdpa"):
     """InternVLForConditionalGeneration from an original or a native folder."""
-    config = _read_json(os.path.join(folder, "config.json"))
+    config = read_json(os.path.join(folder, "config.json"))
     if config is None:
         raise UserError(f"{folder} has no config.json")
     model_type = config.get("model_type")
@@ -371,7 +374,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def convert_checkpoint(folder, out_dir):
     """Write an original InternVL2 checkpoint in the native format (weights in the checkpoint's dtype, the
     original tokenizer files, the chat template name kept in config.json)."""
-    config = _read_json(os.path.join(folder, "config.json"), {})
+    config = read_json(os.path.join(folder, "config.json"), {})
     if config.get("model_type") != "internvl_chat":
         raise UserError(f"{folder} is not an original InternVL2 checkpoint (model_type internvl_chat)")
     if os.path.exists(os.path.join(out_dir, "config.json")):
@@ -392,7 +395,6 @@ def resolve_checkpoint(name):
         return name
     if os.path.exists(name) or name.startswith((".", "/")):
         raise UserError(f"checkpoint folder {name} not found")
-    from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
     except Exception as e:
@@ -456,7 +458,7 @@ class InternVLCaptioner:
         if args.max_tiles < 1:
             raise UserError("--max-tiles must be at least 1")
         folder = resolve_checkpoint(args.model)
-        config = _read_json(os.path.join(folder, "config.json"))
+        config = read_json(os.path.join(folder, "config.json"))
         if config is None:
             raise UserError(f"{folder} is not a checkpoint folder (no config.json)")
         self.tokenizer = load_tokenizer(folder)
