@@ -11,7 +11,9 @@ Rows:
   seed bN   the seed's loop: images opened and preprocessed synchronously in the loop, one generate()
             per batch of N in input order.
   ours bN   the real script's loop (utils/captioning.py): worker processes, batches sorted by length,
-            out-of-memory backoff, lines written to disk.
+            out-of-memory backoff, sdpa_grouped attention, lines written to disk.
+  ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
+            images/s counts images, each with K captions.
 Columns: images/s, prefill and decode time of one batch, peak GPU memory, and model FLOPs utilisation
 (model FLOPs per caption x images/s / measured bf16 matmul peak).
 
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from utils.captioning import build_parser, caption_shard, generation_kwargs  # noqa: E402
+from utils.images import open_image  # noqa: E402
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
 IMAGE_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 576), (400, 600), (300, 300), (960, 640), (640, 427)]
@@ -117,44 +120,73 @@ def qwen_checkpoint(folder, tiny):
     return path
 
 
-def qwen_seed_loop(model, processor, paths, batch_size, new_tokens):
-    """The seed's qwen.py loop (process_vision_info and the processor inside the loop), greedy."""
-    from qwen_vl_utils import process_vision_info
-    prompt = "Describe the image in detail:"
-    for start in range(0, len(paths), batch_size):
-        messages = [[{"role": "user", "content": [{"type": "image", "image": str(p)}, {"type": "text", "text": prompt}]}]
-                    for p in paths[start:start + batch_size]]
-        texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-        image_inputs, _ = process_vision_info(messages)
-        inputs = processor(text=texts, images=image_inputs, padding=True, padding_side="left",
-                           return_tensors="pt").to(model.device)
-        output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+def qwen_sizes(captioner, prepared):
+    """(prompt tokens, vision-tower patches) of one prepared image."""
+    return captioner.cost(prepared) + 30, prepared.width * prepared.height // 14 ** 2
 
 
-def qwen_flops(model, processor, paths, new_tokens):
+# ----------------------------------------------------------------------------------------------- InternVL2
+
+INTERNVL2_8B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                           qkv_bias=True, qk_normalization=False, norm_type="layer_norm")
+INTERNVL2_8B_LLM = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                        num_hidden_layers=32, vocab_size=92553, max_position_embeddings=32768, rope_theta=1000000,
+                        rope_scaling={"type": "dynamic", "factor": 2.0})
+
+
+def internvl_checkpoint(folder, tiny):
+    """A native InternVL2 folder: the tests' tiny original checkpoint converted, then (not tiny) given the
+    InternVL2-8B architecture (InternViT-300M + InternLM2.5-7B)."""
+    from internvl import native_config
+    from internvl_checkpoint import build_checkpoint
+    from internvl import convert_checkpoint
+    original = Path(build_checkpoint(str(folder / "internvl-original")))
+    native = Path(convert_checkpoint(str(original), str(folder / "internvl")))
+    if not tiny:
+        config = json.loads((original / "config.json").read_text())
+        config["vision_config"].update(INTERNVL2_8B_VISION)
+        config["llm_config"].update(INTERNVL2_8B_LLM)
+        native_config(config).save_pretrained(native)
+    return native
+
+
+def internvl_sizes(captioner, prepared):
+    tiles = len(prepared)
+    return tiles * captioner.model.config.image_seq_length + 60, tiles * (448 // 14) ** 2
+
+
+def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
     """Model FLOPs per caption: 2 x parameters x tokens for the language model and the vision tower, plus
-    attention (4 x layers x hidden x context per token)."""
-    from qwen_vl_utils import fetch_image
-    size = processor.image_processor.size
-    text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if "visual" in n)
-    cfg = model.config.text_config
+    attention (4 x layers x hidden size x context, per token)."""
+    model = captioner.model
+    vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in vision_names))
+    embeddings = model.get_input_embeddings().weight.numel()
+    text = sum(p.numel() for p in model.parameters()) - vision - embeddings
+    config = model.config.text_config
     total = 0
-    for path in paths:
-        image = fetch_image({"image": str(path), "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]})
-        patches = image.width * image.height // 14 ** 2
-        prompt = patches // 4 + 30
+    for prepared in prepared_images:
+        prompt, patches = sizes(captioner, prepared)
         tokens = prompt + new_tokens
-        attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * (tokens * tokens / 2)
-        vision_attention = 4 * model.config.vision_config.depth * model.config.vision_config.embed_dim * patches ** 2
-        total += 2 * text_params * tokens + 2 * vision_params * patches + attention + vision_attention
-    return total / len(paths)
+        attention = 4 * config.num_hidden_layers * config.hidden_size * tokens * tokens / 2
+        total += 2 * text * tokens + 2 * vision * patches + attention
+    return total / len(prepared_images)
+
+
+def seed_loop(captioner, paths, batch_size, new_tokens):
+    """The seed's loop: each image opened and preprocessed in the loop itself, one generate() per batch, in
+    input order, one prompt."""
+    prompt = captioner.prompts[captioner.default_prompt]
+    for start in range(0, len(paths), batch_size):
+        captioner.caption([captioner.prepare(open_image(p)) for p in paths[start:start + batch_size]], [prompt])
 
 
 MODELS = {
     "qwen": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2VLForConditionalGeneration",
-                 checkpoint=qwen_checkpoint, seed_loop=qwen_seed_loop, flops=qwen_flops, seed_batch=3),
+                 checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3),
+    "internvl": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
+                     checkpoint=internvl_checkpoint, sizes=internvl_sizes,
+                     vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
+                     multi_prompts="detail,noun,background,main,style"),
 }
 
 
@@ -207,15 +239,14 @@ def run_model(name, spec, args, device, folder, names, peak):
     model_class.from_pretrained = random_weights_loader(model_class, device, dtype)
     paths = [folder / n for n in names]
 
-    def ours(batch_size, images):
+    def ours(batch_size, images, prompts):
         cli = ["--input-json", str(folder / "input.json"), "--model", str(checkpoint), "--output-dir",
                str(folder / f"out-{name}-{batch_size}-{time.time()}"), "--batch-size", str(batch_size),
                "--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
                "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
                "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
         parsed = build_parser(captioner_class).parse_args(cli)
-        prompts = {captioner_class.default_prompt: captioner_class.prompts[captioner_class.default_prompt]}
-        status = caption_shard(captioner_class, parsed, prompts, 0, 1, 0)
+        status = caption_shard(captioner_class, parsed, {key: captioner_class.prompts[key] for key in prompts}, 0, 1, 0)
         assert status == 0
 
     # One captioner for the processor and the model (built once, shared by every row).
@@ -224,13 +255,14 @@ def run_model(name, spec, args, device, folder, names, peak):
     parsed.dtype = dtype
     captioner = captioner_class(parsed, device)
     captioner.generation["min_new_tokens"] = args.new_tokens
-    flops = spec["flops"](captioner.model, captioner.processor, paths[:len(IMAGE_SIZES)], args.new_tokens)
-    batch = [captioner.prepare(Image.open(p)) for p in paths[:2]]
+    flops = model_flops(captioner, [captioner.prepare(open_image(p)) for p in paths[:len(IMAGE_SIZES)]],
+                        spec["sizes"], spec["vision_names"], args.new_tokens)
+    batch = [captioner.prepare(open_image(p)) for p in paths[:2]]
     captioner.caption(batch[:2], [captioner.prompts[captioner.default_prompt]])  # warm-up
     split = {}
     for size in args.split_batches:
         # One batch as our loop forms it: the middle quarter of a read-ahead window of 4 batches sorted by length.
-        window = sorted([captioner.prepare(Image.open(p)) for p in paths[:4 * size]], key=captioner.cost)
+        window = sorted([captioner.prepare(open_image(p)) for p in paths[:4 * size]], key=captioner.cost)
         images = window[len(window) * 3 // 8:][:size]
         prefill, step = prefill_and_decode(captioner, images, args.new_tokens, device)
         split[size] = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
@@ -239,10 +271,13 @@ def run_model(name, spec, args, device, folder, names, peak):
         print(json.dumps({"model": name, "batch": size, **split[size]}), flush=True)
     captioner.generation = generation_kwargs(parsed)
     rows = []
-    variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images)
+    default = [captioner_class.default_prompt]
+    variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images, default)
                 for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch]]
-    variants += [("ours", batch, args.images) for batch in args.ours_batches]
-    for kind, batch_size, images in variants:
+    variants += [("ours", batch, args.images, default) for batch in args.ours_batches]
+    if "multi_prompts" in spec and args.multi_batch:
+        variants.append(("ours", args.multi_batch, args.images, spec["multi_prompts"].split(",")))
+    for kind, batch_size, images, prompts in variants:
         images = min(images, len(paths))
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,16 +286,16 @@ def run_model(name, spec, args, device, folder, names, peak):
         start = time.perf_counter()
         if kind == "seed":  # the seed ran transformers' plain sdpa
             captioner.model.set_attn_implementation("sdpa")
-            spec["seed_loop"](captioner.model, captioner.processor, paths[:images], batch_size, args.new_tokens)
+            seed_loop(captioner, paths[:images], batch_size, args.new_tokens)
             captioner.model.set_attn_implementation(parsed.attn_implementation)
         else:
-            ours(batch_size, images)
+            ours(batch_size, images, prompts)
         sync(device)
         seconds = time.perf_counter() - start
-        row = dict(model=name, variant=f"{kind} b{batch_size}", images=images, seconds=round(seconds, 2),
-                   images_per_s=round(images / seconds, 3),
+        row = dict(model=name, variant=f"{kind} b{batch_size}" + (f" x{len(prompts)} prompts" if len(prompts) > 1 else ""),
+                   images=images, prompts=len(prompts), seconds=round(seconds, 2), images_per_s=round(images / seconds, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
-                   mfu=round(flops * images / seconds / (peak * 1e12), 4) if peak == peak else None)
+                   mfu=round(flops * images * len(prompts) / seconds / (peak * 1e12), 4) if peak == peak else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows, flops, split
@@ -276,6 +311,8 @@ def main():
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--ours-batches", type=lambda v: [int(b) for b in v.split(",")], default=[128],
                         help="batch sizes for our rows, comma-separated")
+    parser.add_argument("--multi-batch", type=int, default=32,
+                        help="batch size of the several-prompts row (InternVL2's five merge prompts; 0: skip)")
     parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",")], default=[64],
                         help="batch sizes whose prefill/decode split is measured")
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
@@ -297,9 +334,9 @@ def main():
             results["rows"] += rows
             results.setdefault("flops_per_caption", {})[name] = flops
             results.setdefault("prefill_decode", {})[name] = split
-    print(f"\n{'model':10} {'variant':10} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}")
+    print(f"\n{'model':10} {'variant':22} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}")
     for r in results["rows"]:
-        print(f"{r['model']:10} {r['variant']:10} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
+        print(f"{r['model']:10} {r['variant']:22} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
               f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}%")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
