@@ -277,6 +277,8 @@ def run_model(name, spec, args, device, folder, names, peak):
     variants += [("ours", batch, args.images, default) for batch in args.ours_batches]
     if "multi_prompts" in spec and args.multi_batch:
         variants.append(("ours", args.multi_batch, args.images, spec["multi_prompts"].split(",")))
+    if args.oom_batch and device.type == "cuda":
+        variants.append(("oom", args.oom_batch, args.oom_batch, default))
     for kind, batch_size, images, prompts in variants:
         images = min(images, len(paths))
         if device.type == "cuda":
@@ -288,11 +290,17 @@ def run_model(name, spec, args, device, folder, names, peak):
             captioner.model.set_attn_implementation("sdpa")
             seed_loop(captioner, paths[:images], batch_size, args.new_tokens)
             captioner.model.set_attn_implementation(parsed.attn_implementation)
-        else:
+        elif kind == "ours":
             ours(batch_size, images, prompts)
+        else:  # a batch that does not fit: the loop must halve it, and caption every image
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.oom_gib * 2 ** 30 / total)
+            ours(batch_size, images, prompts)
+            torch.cuda.set_per_process_memory_fraction(1.0)
         sync(device)
         seconds = time.perf_counter() - start
-        row = dict(model=name, variant=f"{kind} b{batch_size}" + (f" x{len(prompts)} prompts" if len(prompts) > 1 else ""),
+        label = f"ours b{batch_size} in {args.oom_gib:g} GiB" if kind == "oom" else f"{kind} b{batch_size}"
+        row = dict(model=name, variant=label + (f" x{len(prompts)} prompts" if len(prompts) > 1 else ""),
                    images=images, prompts=len(prompts), seconds=round(seconds, 2), images_per_s=round(images / seconds, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
                    mfu=round(flops * images * len(prompts) / seconds / (peak * 1e12), 4) if peak == peak else None)
@@ -313,6 +321,10 @@ def main():
                         help="batch sizes for our rows, comma-separated")
     parser.add_argument("--multi-batch", type=int, default=32,
                         help="batch size of the several-prompts row (InternVL2's five merge prompts; 0: skip)")
+    parser.add_argument("--oom-batch", type=int, default=0,
+                        help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
+                        "out-of-memory backoff (0: skip)")
+    parser.add_argument("--oom-gib", type=float, default=40)
     parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",")], default=[64],
                         help="batch sizes whose prefill/decode split is measured")
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
