@@ -240,14 +240,16 @@ def run_model(name, spec, args, device, folder, names, peak):
     paths = [folder / n for n in names]
 
     def ours(batch_size, images, prompts):
+        out = folder / f"out-{name}-{batch_size}-{time.time()}"
         cli = ["--input-json", str(folder / "input.json"), "--model", str(checkpoint), "--output-dir",
-               str(folder / f"out-{name}-{batch_size}-{time.time()}"), "--batch-size", str(batch_size),
+               str(out), "--batch-size", str(batch_size),
                "--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
                "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
                "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
         parsed = build_parser(captioner_class).parse_args(cli)
         status = caption_shard(captioner_class, parsed, {key: captioner_class.prompts[key] for key in prompts}, 0, 1, 0)
-        assert status == 0
+        lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))
+        assert status == 0 and lines == images * len(prompts), (status, lines)
 
     # One captioner for the processor and the model (built once, shared by every row).
     parsed = build_parser(captioner_class).parse_args(["--input-json", "x", "--model", str(checkpoint),
