@@ -21,6 +21,7 @@ CLI: python tests/minigpt4_checkpoint.py OUT_DIR
 import io
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -209,7 +210,7 @@ def save_blip2_hf(folder, eva, blip2):
     for key, value in blip2.items():
         if key.startswith("Qformer.bert.encoder."):
             key = key.replace("Qformer.bert.", "qformer.").replace("attention.self.", "attention.attention.")
-            if ".intermediate." not in key and ".output." not in key:  # transformers drops the text feed-forward
+            if not re.search(r"\.layer\.\d+\.(intermediate|output)\.", key):  # transformers lacks the text feed-forward
                 state[key] = value
     state["qformer.layernorm.weight"] = blip2["Qformer.bert.embeddings.LayerNorm.weight"]
     state["qformer.layernorm.bias"] = blip2["Qformer.bert.embeddings.LayerNorm.bias"]

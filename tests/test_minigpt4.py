@@ -1,0 +1,177 @@
+"""minigpt4.py on tiny random-weight files in the original MiniGPT-4 formats (see minigpt4_checkpoint.py)."""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import minigpt4
+from minigpt4 import MiniGPT4Captioner
+from minigpt4_checkpoint import DIMS, build
+
+PROMPT = MiniGPT4Captioner.prompts["default"]
+LLM = {"vicuna0": "vicuna", "llama2": "llama2"}
+CKPT = {"vicuna0": "pretrained_minigpt4.pth", "llama2": "pretrained_minigpt4_llama2_7b.pth"}
+EVAL_CONFIG = {"vicuna0": "minigpt4_eval.yaml", "llama2": "minigpt4_llama2_eval.yaml"}
+
+
+def make_args(**flags):
+    args = dict(cfg_path=None, model_type=None, vit=None, qformer=None, blip2=None, minigpt4_ckpt=None, llm=None,
+                dtype=torch.float32, max_new_tokens=12, temperature=0.0, top_p=None, num_beams=None)
+    return argparse.Namespace(**{**args, **flags})
+
+
+def flag_args(root, model_type, **flags):
+    files = dict(vit=f"{root}/eva_vit_g.pth", qformer=f"{root}/blip2_pretrained_flant5xxl.pth",
+                 minigpt4_ckpt=f"{root}/{CKPT[model_type]}", llm=f"{root}/{LLM[model_type]}")
+    return make_args(model_type=model_type, **{**files, **flags})
+
+
+def yaml_captioner(root, model_type, **flags):
+    """From the eval config alone; the ViT and Q-Former files are found in the download cache, as the original does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", f"{root}/torch_home")
+        return MiniGPT4Captioner(make_args(cfg_path=f"{root}/repo/eval_configs/{EVAL_CONFIG[model_type]}", **flags), "cpu")
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("minigpt4")))
+
+
+@pytest.fixture(scope="session")
+def captioners(root):
+    return {model_type: MiniGPT4Captioner(flag_args(root, model_type), "cpu") for model_type in LLM}
+
+
+@pytest.fixture(scope="session")
+def images():
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (320, 96), dtype=np.uint8)),  # grayscale, tall
+        Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA"),
+        Image.new("RGB", (500, 375), (30, 120, 200)),
+    ]
+
+
+def same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
+def test_batched_equals_one_image_at_a_time(captioners, images, model_type):
+    captioner = captioners[model_type]
+    prepared = [captioner.prepare(image) for image in images]
+    prompts = [PROMPT, "What is in the picture?"]
+    batched = captioner.caption(prepared, prompts)
+    single = [[captioner.caption([image], [prompt])[0][0] for prompt in prompts] for image in prepared]
+    assert batched == single
+    assert len({caption.text for row in batched for caption in row}) > 1  # the captions depend on the inputs
+
+
+@pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
+def test_config_and_flags_load_the_same_model(root, captioners, images, model_type):
+    from_config = yaml_captioner(root, model_type)
+    assert from_config.model_type == model_type
+    assert same_weights(from_config.model, captioners[model_type].model)
+    prepared = [from_config.prepare(image) for image in images[:2]]
+    assert from_config.caption(prepared, [PROMPT]) == captioners[model_type].caption(prepared, [PROMPT])
+
+
+def test_blip2_folder_gives_the_lavis_model(root, captioners):
+    captioner = MiniGPT4Captioner(flag_args(root, "vicuna0", vit=None, qformer=None, blip2=f"{root}/blip2-hf"), "cpu")
+    assert same_weights(captioner.model, captioners["vicuna0"].model)
+
+
+def test_architecture_as_the_original(captioners):
+    vicuna, llama2 = captioners["vicuna0"].model, captioners["llama2"].model
+    assert len(vicuna.vision_model.encoder.layers) == DIMS["vit_blocks_in_file"] - 1  # the last EVA block is dropped
+    assert vicuna.ln_vision.eps == 1e-5
+    pixels = torch.zeros(1, 3, 224, 224)
+    assert vicuna.encode_images(pixels).shape == (1, DIMS["num_query_tokens"], DIMS["llm_width"])
+    patches = (224 // DIMS["patch_size"]) ** 2
+    assert llama2.qformer is None and llama2.encode_images(pixels).shape == (1, patches // 4, DIMS["llm_width"])
+    # the Llama-2 variant never loads the Q-Former file: its ln_vision is an untrained LayerNorm
+    assert torch.equal(llama2.ln_vision.weight, torch.ones(DIMS["vit_width"]))
+    assert torch.equal(llama2.ln_vision.bias, torch.zeros(DIMS["vit_width"]))
+
+
+def test_eva_qkv_bias_is_q_zero_v(root, captioners):
+    eva = torch.load(f"{root}/eva_vit_g.pth", weights_only=True)
+    bias = captioners["vicuna0"].model.vision_model.encoder.layers[1].self_attn.qkv.bias
+    width = DIMS["vit_width"]
+    assert torch.equal(bias[:width], eva["blocks.1.attn.q_bias"])
+    assert not bias[width:2 * width].any()
+    assert torch.equal(bias[2 * width:], eva["blocks.1.attn.v_bias"])
+
+
+def test_prompt_segments_as_the_original(captioners):
+    system = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide "
+              "it to you. Please answer my questions.")
+    assert minigpt4.TEMPLATES["vicuna0"].format(PROMPT).split("<ImageHere>") == [
+        system + "###Human: <Img>", "</Img> Describe image content in English in detail:###Assistant: "]
+    assert minigpt4.TEMPLATES["llama2"].format(PROMPT).split("<ImageHere>") == [
+        system + "<s>[INST] <Img>", "</Img> Describe image content in English in detail: [/INST] "]
+    tokenizer = captioners["llama2"].tokenizer
+    sp = tokenizer.sp
+    first = tokenizer.encode(system + "<s>[INST] <Img>", bos=True)
+    # BOS in front; the '<s>' in the text is the BOS id; each side is encoded on its own, with a dummy prefix
+    assert first == [sp.bos_id()] + sp.encode(system) + [sp.bos_id()] + sp.encode("[INST] <Img>")
+    assert tokenizer.encode("</Img> Describe", bos=False) == sp.encode("</Img> Describe")
+    assert sp.id_to_piece(sp.encode("</Img> Describe")[0]).startswith("▁")
+
+
+def test_answer_cleaning_and_stops(captioners):
+    captioner = captioners["vicuna0"]
+    tokenizer = captioner.tokenizer
+
+    def answer(text, eos=False):
+        return captioner.answer(tokenizer.encode(text, bos=False) + ([tokenizer.eos_id, tokenizer.eos_id] if eos else []))
+
+    assert answer(" A dog runs. ###Human: what") == ("A dog runs.", False)
+    assert answer("The image shows Assistant: a cat ") == ("a cat", True)
+    assert answer(" A dog runs.", eos=True) == ("A dog runs.", False)
+    stop = minigpt4.StopOnText(tokenizer, "###")
+    rows = torch.tensor([tokenizer.encode("a ###", bos=False)[-2:], tokenizer.encode("a dog", bos=False)[-2:]])
+    assert stop(rows, None).tolist() == [True, False]
+
+
+def test_repetition_penalty_includes_bos(captioners):
+    bos = captioners["vicuna0"].tokenizer.bos_id
+    scores = torch.tensor([[2.0, 2.0, 2.0, -2.0], [2.0, 2.0, 2.0, -2.0]])
+    penalised = minigpt4.RepetitionPenaltyWithBos(1.05, bos)(torch.tensor([[3], [0]]), scores.clone())
+    expected = scores.clone()
+    expected[:, bos] /= 1.05
+    expected[0, 3] *= 1.05
+    expected[1, 0] /= 1.05
+    assert torch.allclose(penalised, expected)
+
+
+def test_preprocess_as_blip2_image_eval():
+    pixels = minigpt4.preprocess(Image.new("RGBA", (50, 30), (255, 0, 128, 7)), size=224)
+    assert pixels.shape == (3, 224, 224)
+    color = torch.tensor([255, 0, 128]) / 255
+    expected = (color - torch.tensor(minigpt4.CLIP_MEAN)) / torch.tensor(minigpt4.CLIP_STD)
+    assert torch.allclose(pixels[:, 100, 100], expected, atol=1e-6)
+
+
+def test_decoding_defaults():
+    assert MiniGPT4Captioner.defaults["temperature"] == 0.5
+    assert MiniGPT4Captioner.defaults["batch_size"] == 3
+
+
+def test_user_errors_are_one_line(root):
+    with pytest.raises(SystemExit, match="MiniGPT-4 checkpoint not found"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", minigpt4_ckpt=f"{root}/missing.pth"), "cpu")
+    with pytest.raises(SystemExit, match="does model type vicuna0 match the checkpoint"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", minigpt4_ckpt=f"{root}/{CKPT['llama2']}"), "cpu")
+    with pytest.raises(SystemExit, match="not an EVA ViT-g state dict"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", vit=f"{root}/{CKPT['vicuna0']}"), "cpu")
+    with pytest.raises(SystemExit, match="no LLM folder"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", llm=None), "cpu")
+    with pytest.raises(SystemExit, match="config not found"):
+        MiniGPT4Captioner(make_args(cfg_path=os.path.join(root, "nope.yaml")), "cpu")
