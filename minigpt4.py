@@ -312,35 +312,36 @@ def load_model(files, dtype, device, attn_implementation):
     language_model = LlamaForCausalLM.from_pretrained(
         files["llm"], dtype=dtype, device_map=device, attn_implementation=attn_implementation
     )
-    # the original's load order: eva_vit_g.pth, then the Q-Former checkpoint over the whole model, then the
-    # MiniGPT-4 checkpoint; later files win, names the model lacks are ignored
+    # the original's load order: eva_vit_g.pth, then (with a Q-Former) the Q-Former checkpoint over the whole
+    # model, then the MiniGPT-4 checkpoint; later files win, names the model lacks are ignored
+    has_qformer = files["has_qformer"]
     if files["blip2"]:
         vision_config, qformer_config, num_query_tokens, state = read_blip2_folder(files["blip2"], attn_implementation)
         if vision_config.image_size != files["image_size"]:
             fail(f"the BLIP-2 ViT takes {vision_config.image_size} px images, the config asks for {files['image_size']}")
+        if not has_qformer:  # its post_layernorm is BLIP-2's ln_vision, from the file the Llama-2 variant never loads
+            state = {key: value for key, value in state.items() if not key.startswith("ln_vision.")}
     else:
         eva = load_pth(files["vit"], "EVA ViT-g file")
         vision_config = eva_vision_config(eva, files["image_size"], attn_implementation)
         state = lavis_to_transformers({f"visual_encoder.{key}": value for key, value in eva.items()})
-        qformer_config = num_query_tokens = None
-        if files["has_qformer"]:
+        if has_qformer:
             blip2 = load_pth(files["qformer"], "Q-Former file").get("model", {})
             qformer_config = lavis_qformer_config(blip2, vision_config.hidden_size, attn_implementation)
             num_query_tokens = blip2["query_tokens"].shape[1]
             state.update(lavis_to_transformers(blip2))
-    if not files["has_qformer"]:
+    if not has_qformer:
         qformer_config = num_query_tokens = None
     ckpt = load_pth(files["ckpt"], "MiniGPT-4 checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         fail(f"{files['ckpt']} is not a MiniGPT-4 checkpoint (a dict with 'model')")
     state.update(lavis_to_transformers(ckpt["model"]))
+    # where no file holds ln_vision (always so for Llama-2), the original keeps LayerNorm's initial values
+    state.setdefault("ln_vision.weight", torch.ones(vision_config.hidden_size))
+    state.setdefault("ln_vision.bias", torch.zeros(vision_config.hidden_size))
 
     with torch.device("meta"):  # the weights come from the files
         model = MiniGPT4(vision_config, qformer_config, num_query_tokens, language_model)
-    if not files["has_qformer"]:
-        # the Llama-2 variant never loads the Q-Former file, so its ln_vision keeps LayerNorm's initial values
-        state.setdefault("ln_vision.weight", torch.ones(vision_config.hidden_size))
-        state.setdefault("ln_vision.bias", torch.zeros(vision_config.hidden_size))
     expected = {key: param.shape for key, param in model.state_dict().items() if not key.startswith("language_model")}
     missing = sorted(set(expected) - set(state))
     if missing:

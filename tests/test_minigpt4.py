@@ -82,9 +82,10 @@ def test_config_and_flags_load_the_same_model(root, captioners, images, model_ty
     assert from_config.caption(prepared, [PROMPT]) == captioners[model_type].caption(prepared, [PROMPT])
 
 
-def test_blip2_folder_gives_the_lavis_model(root, captioners):
-    captioner = MiniGPT4Captioner(flag_args(root, "vicuna0", vit=None, qformer=None, blip2=f"{root}/blip2-hf"), "cpu")
-    assert same_weights(captioner.model, captioners["vicuna0"].model)
+@pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
+def test_blip2_folder_gives_the_lavis_model(root, captioners, model_type):
+    captioner = MiniGPT4Captioner(flag_args(root, model_type, vit=None, qformer=None, blip2=f"{root}/blip2-hf"), "cpu")
+    assert same_weights(captioner.model, captioners[model_type].model)
 
 
 def test_architecture_as_the_original(captioners):
