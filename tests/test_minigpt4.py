@@ -176,3 +176,18 @@ def test_user_errors_are_one_line(root):
         MiniGPT4Captioner(flag_args(root, "vicuna0", llm=None), "cpu")
     with pytest.raises(SystemExit, match="config not found"):
         MiniGPT4Captioner(make_args(cfg_path=os.path.join(root, "nope.yaml")), "cpu")
+
+
+def test_answer_can_end_at_the_first_token(root, images):
+    """The original's min_length=1 counts the BOS placeholder of transformers 4.30, so EOS may come first."""
+    captioner = MiniGPT4Captioner(flag_args(root, "vicuna0", max_new_tokens=1), "cpu")
+    image = captioner.prepare(images[0])
+    generated = []
+    answer = captioner.answer
+    captioner.answer = lambda ids: generated.append(ids) or answer(ids)
+    captioner.caption([image], [PROMPT])
+    lm_head = captioner.model.language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        lm_head[captioner.tokenizer.eos_id] = 2 * lm_head[generated[0][0]]
+    captioner.max_new_tokens = 12
+    assert captioner.caption([image], [PROMPT]) == [[("", False)]]
