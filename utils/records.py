@@ -1,0 +1,123 @@
+"""Streaming readers for the JSON formats this project meets.
+
+Inputs and outputs can hold tens of millions of rows, so nothing here loads a whole file: a JSON
+array (the seed's input format and the original scripts' per-rank outputs) is decoded one element
+at a time, a JSONL file one line at a time.
+"""
+import json
+
+_CHUNK = 1 << 20
+_WHITESPACE = " \t\r\n"
+_decoder = json.JSONDecoder()
+
+
+class RecordError(ValueError):
+    """A file that is not in the expected format; the message names the file and the problem."""
+
+
+def detect_format(path):
+    """'array' for a JSON array, 'lines' for JSONL, from the first non-blank character."""
+    with open(path, encoding="utf-8") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                raise RecordError(f"{path}: the file is empty")
+            stripped = chunk.lstrip(_WHITESPACE + "\ufeff")
+            if stripped:
+                break
+    if stripped[0] == "[":
+        return "array"
+    if stripped[0] == "{":
+        return "lines"
+    raise RecordError(f"{path}: not JSON or JSONL (starts with {stripped[:20]!r})")
+
+
+def iter_json_array(path, allow_truncated=False):
+    """Yield the elements of a JSON array one by one.
+
+    allow_truncated: an unfinished array (the original scripts leave one when killed: no closing
+    bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
+    """
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def fill():
+            nonlocal buf, pos, eof
+            chunk = f.read(_CHUNK)
+            eof = not chunk
+            buf = buf[pos:] + chunk
+            pos = 0
+
+        def skip_blank():
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in _WHITESPACE + "\ufeff":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        def truncated(what):
+            if allow_truncated:
+                return
+            raise RecordError(f"{path}: the JSON array is cut off ({what})")
+
+        fill()
+        skip_blank()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise RecordError(f"{path}: expected a JSON array (a list of objects)")
+        pos += 1
+        index = 0
+        while True:
+            skip_blank()
+            if pos >= len(buf):
+                return truncated(f"after {index} elements")
+            if buf[pos] == "]":
+                return
+            while True:
+                try:
+                    element, end = _decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        if allow_truncated:
+                            return
+                        raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
+                    fill()
+            pos = end
+            yield element
+            index += 1
+            skip_blank()
+            if pos >= len(buf):
+                return truncated(f"after {index} elements")
+            if buf[pos] == ",":
+                pos += 1
+            elif buf[pos] != "]":
+                raise RecordError(f"{path}: not valid JSON after element {index - 1}: expected ',' or ']'")
+
+
+def iter_json_lines(path, allow_partial_last=False):
+    """Yield (line number, object) for each non-blank line of a JSONL file.
+
+    allow_partial_last: a last line without its newline that does not parse (a writer killed
+    mid-line) is skipped instead of raising.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                if allow_partial_last and not line.endswith("\n"):
+                    return
+                raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+
+
+def iter_records(path, allow_truncated=False):
+    """Yield the objects of a JSON array or a JSONL file, whichever the file is."""
+    if detect_format(path) == "array":
+        yield from iter_json_array(path, allow_truncated=allow_truncated)
+    else:
+        for _, record in iter_json_lines(path, allow_partial_last=allow_truncated):
+            yield record
