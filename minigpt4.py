@@ -39,7 +39,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from utils.captioning import Caption
+from utils.captioning import Caption, UserError, generation_kwargs, run
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,9 +55,9 @@ TEMPLATES = {
     "llama2": SYSTEM + "<s>[INST] <Img><ImageHere></Img> {} [/INST] ",  # CONV_VISION_LLama2
 }
 STOP = "###"  # the original stops on the ids of '###' and cuts the answer there
-# Chat.answer's fixed generation arguments; it always samples, at temperature 1.0 unless told otherwise.
-# Its repetition_penalty of 1.05 is applied by RepetitionPenaltyWithBos below.
-CHAT_GENERATION = {"num_beams": 1, "min_length": 1, "top_p": 0.9, "length_penalty": 1.0}
+# Chat.answer's generation arguments (num_beams 1 is the loop's default), the seed's temperature 0.5;
+# its repetition_penalty of 1.05 is applied by RepetitionPenaltyWithBos below.
+CHAT_GENERATION = {"temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0}
 REPETITION_PENALTY = 1.05
 MAX_LENGTH = 2000  # Chat.answer keeps the last MAX_LENGTH - max_new_tokens context embeddings
 
@@ -80,10 +80,6 @@ LAVIS_TO_TRANSFORMERS = [
     ("Qformer.bert.", "qformer."),
     ("attention.self.", "attention.attention."),  # also crossattention.self.
 ]
-
-
-def fail(message):
-    raise SystemExit(f"minigpt4.py: {message}")
 
 
 def preprocess(image, size):
@@ -170,12 +166,10 @@ class MiniGPT4(nn.Module):
 
 
 def load_pth(path, what):
-    if not os.path.isfile(path):
-        fail(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        fail(f"cannot read {what} {path}: {error}")
+        raise UserError(f"cannot read {what} {path}: {error}")
 
 
 def lavis_to_transformers(state):
@@ -197,13 +191,13 @@ def eva_vision_config(state, image_size, attn_implementation):
     """EVA ViT-g as create_eva_vit_g builds it: head width 88, MLP ratio 4.3637, eps 1e-6, one block fewer
     than the file holds (BLIP-2 and MiniGPT-4 use the second-to-last layer)."""
     if "cls_token" not in state or "blocks.0.attn.qkv.weight" not in state:
-        fail("the ViT file is not an EVA ViT-g state dict (eva_vit_g.pth, LAVIS names)")
+        raise UserError("the ViT file is not an EVA ViT-g state dict (eva_vit_g.pth, LAVIS names)")
     width = state["cls_token"].shape[-1]
     blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
     patch_size = state["patch_embed.proj.weight"].shape[-1]
     positions = state["pos_embed"].shape[1]
     if positions != (image_size // patch_size) ** 2 + 1:
-        fail(f"the ViT has {positions} positions, image size {image_size} with patch {patch_size} needs "
+        raise UserError(f"the ViT has {positions} positions, image size {image_size} with patch {patch_size} needs "
              f"{(image_size // patch_size) ** 2 + 1}")
     return Blip2VisionConfig(
         hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
@@ -216,7 +210,7 @@ def lavis_qformer_config(state, vision_width, attn_implementation):
     """The Q-Former as init_Qformer builds it: BERT-base layout (head width 64, eps 1e-12), cross-attention
     every 2nd layer."""
     if "query_tokens" not in state:
-        fail("the Q-Former file has no query_tokens (expected blip2_pretrained_flant5xxl.pth, LAVIS names)")
+        raise UserError("the Q-Former file has no query_tokens (expected blip2_pretrained_flant5xxl.pth, LAVIS names)")
     width = state["query_tokens"].shape[-1]
     layers = {int(key.split(".")[4]) for key in state if key.startswith("Qformer.bert.encoder.layer.")}
     return Blip2QFormerConfig(
@@ -230,9 +224,6 @@ def lavis_qformer_config(state, vision_width, attn_implementation):
 def read_blip2_folder(folder, attn_implementation):
     """ViT, Q-Former and query tokens from a BLIP-2 folder in transformers format (its vision config already
     lacks the last EVA block); post_layernorm is LAVIS' ln_vision."""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        fail(f"not a BLIP-2 folder in transformers format (no config.json): {folder}")
     config = Blip2Config.from_pretrained(folder)
     config.vision_config._attn_implementation = attn_implementation
     config.qformer_config._attn_implementation = attn_implementation
@@ -246,7 +237,7 @@ def read_blip2_folder(folder, attn_implementation):
     for shard in shards:
         path = os.path.join(folder, shard)
         if not os.path.isfile(path):
-            fail(f"missing {path} (BLIP-2 folders are read from safetensors)")
+            raise UserError(f"missing {path} (BLIP-2 folders are read from safetensors)")
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 if key.startswith(("vision_model.", "qformer.", "query_tokens")):
@@ -258,13 +249,13 @@ def read_eval_config(path):
     """The model section of an original eval config merged over its model_type's default model config, as
     the original's Config does, plus the eval image size."""
     if not os.path.isfile(path):
-        fail(f"config not found: {path}")
+        raise UserError(f"config not found: {path}")
     with open(path) as f:
         config = yaml.safe_load(f) or {}
     model = config.get("model") or {}
     model_type = str(model.get("model_type", "")).removeprefix("pretrain_")
     if model_type not in MODEL_CONFIGS:
-        fail(f"{path}: model_type must be pretrain_vicuna0 or pretrain_llama2, not {model.get('model_type')!r}")
+        raise UserError(f"{path}: model_type must be pretrain_vicuna0 or pretrain_llama2, not {model.get('model_type')!r}")
     # the original finds the model config inside its package: <repo>/minigpt4/configs/models/
     repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     defaults_path = os.path.join(repo, "minigpt4", "configs", "models", MODEL_CONFIGS[model_type])
@@ -296,19 +287,29 @@ def resolve_files(args):
         "blip2": args.blip2,
         "vit": args.vit or os.path.join(cache, EVA_FILE),
         "qformer": args.qformer or qformer,
-        "ckpt": args.minigpt4_ckpt or given(config.get("ckpt")),
+        "ckpt": args.model if args.model != MiniGPT4Captioner.default_model else given(config.get("ckpt")),
         "llm": args.llm or given(config.get("llama_model")),
     }
     if not files["ckpt"]:
-        fail("no MiniGPT-4 checkpoint: pass --minigpt4-ckpt or set model.ckpt in the --cfg-path config")
+        raise UserError("no MiniGPT-4 checkpoint: pass --model (pretrained_minigpt4*.pth) or --cfg-path with its ckpt set")
     if not files["llm"]:
-        fail("no LLM folder: pass --llm or set llama_model in the config")
+        raise UserError("no LLM folder: pass --llm or set llama_model in the config")
+    # every file is checked before the first is loaded
+    needed = [(files["ckpt"], "MiniGPT-4 checkpoint"), (os.path.join(files["llm"], "config.json"), "LLM config"),
+              (os.path.join(files["llm"], "tokenizer.model"), "LLM tokenizer")]
+    if files["blip2"]:
+        needed.append((os.path.join(files["blip2"], "config.json"), "BLIP-2 folder config"))
+    else:
+        needed.append((files["vit"], "EVA ViT-g file"))
+        if files["has_qformer"]:
+            needed.append((files["qformer"], "Q-Former file"))
+    for path, what in needed:
+        if not os.path.isfile(path):
+            raise UserError(f"{what} not found: {path}")
     return files
 
 
 def load_model(files, dtype, device, attn_implementation):
-    if not os.path.isfile(os.path.join(files["llm"], "config.json")):
-        fail(f"not an LLM folder in HF format (no config.json): {files['llm']}")
     language_model = LlamaForCausalLM.from_pretrained(
         files["llm"], dtype=dtype, device_map=device, attn_implementation=attn_implementation
     )
@@ -318,7 +319,7 @@ def load_model(files, dtype, device, attn_implementation):
     if files["blip2"]:
         vision_config, qformer_config, num_query_tokens, state = read_blip2_folder(files["blip2"], attn_implementation)
         if vision_config.image_size != files["image_size"]:
-            fail(f"the BLIP-2 ViT takes {vision_config.image_size} px images, the config asks for {files['image_size']}")
+            raise UserError(f"the BLIP-2 ViT takes {vision_config.image_size} px images, the config asks for {files['image_size']}")
         if not has_qformer:  # its post_layernorm is BLIP-2's ln_vision, from the file the Llama-2 variant never loads
             state = {key: value for key, value in state.items() if not key.startswith("ln_vision.")}
     else:
@@ -334,7 +335,7 @@ def load_model(files, dtype, device, attn_implementation):
         qformer_config = num_query_tokens = None
     ckpt = load_pth(files["ckpt"], "MiniGPT-4 checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        fail(f"{files['ckpt']} is not a MiniGPT-4 checkpoint (a dict with 'model')")
+        raise UserError(f"{files['ckpt']} is not a MiniGPT-4 checkpoint (a dict with 'model')")
     state.update(lavis_to_transformers(ckpt["model"]))
     # where no file holds ln_vision (always so for Llama-2), the original keeps LayerNorm's initial values
     state.setdefault("ln_vision.weight", torch.ones(vision_config.hidden_size))
@@ -345,10 +346,10 @@ def load_model(files, dtype, device, attn_implementation):
     expected = {key: param.shape for key, param in model.state_dict().items() if not key.startswith("language_model")}
     missing = sorted(set(expected) - set(state))
     if missing:
-        fail(f"the files lack {len(missing)} weights, e.g. {missing[:3]}")
+        raise UserError(f"the files lack {len(missing)} weights, e.g. {missing[:3]}")
     for key, shape in expected.items():
         if state[key].shape != shape:
-            fail(f"{key} has shape {tuple(state[key].shape)} in the files, the model needs {tuple(shape)} "
+            raise UserError(f"{key} has shape {tuple(state[key].shape)} in the files, the model needs {tuple(shape)} "
                  f"(does model type {files['model_type']} match the checkpoint?)")
     model.load_state_dict({key: state[key] for key in expected}, strict=False, assign=True)
     return model.to(device=device, dtype=dtype).eval()
@@ -356,10 +357,10 @@ def load_model(files, dtype, device, attn_implementation):
 
 class MiniGPT4Captioner:
     name = "minigpt4"
-    default_model = "minigpt4"
+    default_model = "minigpt4"  # the output folder name when the checkpoint comes from --cfg-path
     prompts = {"default": "Describe image content in English in detail:"}
     default_prompt = "default"
-    defaults = {"batch_size": 3, "temperature": 0.5, "max_new_tokens": 77}
+    defaults = {"batch_size": 3}  # the seed's; its max_new_tokens 77 is the loop's default
     default_dtype = "float16"  # the original runs the ViT (vit_precision fp16) and the LLM in float16
 
     @staticmethod
@@ -377,8 +378,9 @@ class MiniGPT4Captioner:
                            "the config's q_former_model, else the download cache; unused by llama2")
         group.add_argument("--blip2", help="a BLIP-2 folder in transformers format (e.g. a download of "
                            "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
-        group.add_argument("--minigpt4-ckpt", help="MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4.pth, "
-                           "pretrained_minigpt4_llama2_7b.pth); default: the config's ckpt")
+        group.add_argument("--minigpt4-ckpt", dest="model", help="the same as --model: the MiniGPT-4 checkpoint "
+                           "with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth), whose file "
+                           "name names the output folder; default: the --cfg-path config's ckpt")
         group.add_argument("--llm", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
                            "default: the config's llama_model")
 
@@ -386,34 +388,22 @@ class MiniGPT4Captioner:
         files = resolve_files(args)
         self.model_type = files["model_type"]
         self.device, self.dtype = device, args.dtype
-        # eager attention on CPU as the original computes; sdpa on GPU
-        attn_implementation = "eager" if torch.device(device).type == "cpu" else "sdpa"
-        self.model = load_model(files, args.dtype, device, attn_implementation)
-        tokenizer_path = os.path.join(files["llm"], "tokenizer.model")
-        if not os.path.isfile(tokenizer_path):
-            fail(f"the LLM folder has no tokenizer.model: {files['llm']}")
-        self.tokenizer = LlamaTokenizer(tokenizer_path)
+        self.model = load_model(files, args.dtype, device, args.attn_implementation)
+        self.tokenizer = LlamaTokenizer(os.path.join(files["llm"], "tokenizer.model"))
         self.prepare = functools.partial(preprocess, size=files["image_size"])
-        self.max_new_tokens = args.max_new_tokens
-        temperature = 0.5 if args.temperature is None else args.temperature
-        self.generation = {**CHAT_GENERATION, "do_sample": temperature > 0}
-        if temperature > 0:
-            self.generation["temperature"] = temperature
-        if args.top_p is not None:
-            self.generation["top_p"] = args.top_p
-        if args.num_beams is not None:
-            self.generation["num_beams"] = args.num_beams
+        self.generation = generation_kwargs(args, **CHAT_GENERATION)
 
     def context(self, image_embeds, prompt):
         """The original's get_context_emb: text before the image with BOS, the image embeddings, text after it
         without BOS, each text segment tokenized on its own."""
         segments = TEMPLATES[self.model_type].format(prompt).split("<ImageHere>")
         if len(segments) != 2:
-            fail("a prompt must not contain <ImageHere>")
+            raise UserError("a prompt must not contain <ImageHere>")
         embed = self.model.language_model.get_input_embeddings()
         before, after = (torch.tensor(self.tokenizer.encode(text, bos=i == 0), device=self.device)
                          for i, text in enumerate(segments))
-        return torch.cat([embed(before), image_embeds, embed(after)])[-(MAX_LENGTH - self.max_new_tokens):]
+        context = torch.cat([embed(before), image_embeds, embed(after)])
+        return context[-(MAX_LENGTH - self.generation["max_new_tokens"]):]
 
     @torch.inference_mode()
     def caption(self, images, prompts):
@@ -429,7 +419,7 @@ class MiniGPT4Captioner:
             mask[row, length - len(context):] = 1
         eos = self.tokenizer.eos_id
         outputs = self.model.language_model.generate(
-            inputs_embeds=inputs, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+            inputs_embeds=inputs, attention_mask=mask,
             stopping_criteria=StoppingCriteriaList([StopOnText(self.tokenizer, STOP)]),
             logits_processor=LogitsProcessorList([RepetitionPenaltyWithBos(REPETITION_PENALTY, self.tokenizer.bos_id)]),
             bos_token_id=self.tokenizer.bos_id, eos_token_id=eos, pad_token_id=eos, **self.generation,
@@ -446,3 +436,7 @@ class MiniGPT4Captioner:
         text = self.tokenizer.decode(ids)
         ended = ended or STOP in text
         return Caption(text.split(STOP)[0].split("Assistant:")[-1].strip(), truncated=not ended)
+
+
+if __name__ == "__main__":
+    run(MiniGPT4Captioner)

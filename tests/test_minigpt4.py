@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 import minigpt4
+from conftest import read_jsonl, run_command
 from minigpt4 import MiniGPT4Captioner
 from minigpt4_checkpoint import DIMS, build
+from sample_images import write_input
+from utils.captioning import UserError, build_parser
 
 PROMPT = MiniGPT4Captioner.prompts["default"]
 LLM = {"vicuna0": "vicuna", "llama2": "llama2"}
@@ -17,23 +20,27 @@ CKPT = {"vicuna0": "pretrained_minigpt4.pth", "llama2": "pretrained_minigpt4_lla
 EVAL_CONFIG = {"vicuna0": "minigpt4_eval.yaml", "llama2": "minigpt4_llama2_eval.yaml"}
 
 
-def make_args(**flags):
-    args = dict(cfg_path=None, model_type=None, vit=None, qformer=None, blip2=None, minigpt4_ckpt=None, llm=None,
-                dtype=torch.float32, max_new_tokens=12, temperature=0.0, top_p=None, num_beams=None)
-    return argparse.Namespace(**{**args, **flags})
+def make_args(*argv):
+    """The script's own command line, as the loop parses it, in float32 with eager attention."""
+    args = build_parser(MiniGPT4Captioner).parse_args(
+        ["--input-json", "unused.json", "--temperature", "0", "--max-new-tokens", "12",
+         "--attn-implementation", "eager", *argv])
+    args.dtype = torch.float32
+    return args
 
 
-def flag_args(root, model_type, **flags):
-    files = dict(vit=f"{root}/eva_vit_g.pth", qformer=f"{root}/blip2_pretrained_flant5xxl.pth",
-                 minigpt4_ckpt=f"{root}/{CKPT[model_type]}", llm=f"{root}/{LLM[model_type]}")
-    return make_args(model_type=model_type, **{**files, **flags})
+def flag_args(root, model_type, *argv):
+    return make_args("--model-type", model_type, "--vit", f"{root}/eva_vit_g.pth",
+                     "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth", "--minigpt4-ckpt", f"{root}/{CKPT[model_type]}",
+                     "--llm", f"{root}/{LLM[model_type]}", *argv)
 
 
-def yaml_captioner(root, model_type, **flags):
+def yaml_captioner(root, model_type, *argv):
     """From the eval config alone; the ViT and Q-Former files are found in the download cache, as the original does."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", f"{root}/torch_home")
-        return MiniGPT4Captioner(make_args(cfg_path=f"{root}/repo/eval_configs/{EVAL_CONFIG[model_type]}", **flags), "cpu")
+        return MiniGPT4Captioner(make_args("--cfg-path", f"{root}/repo/eval_configs/{EVAL_CONFIG[model_type]}", *argv),
+                                 "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +91,9 @@ def test_config_and_flags_load_the_same_model(root, captioners, images, model_ty
 
 @pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
 def test_blip2_folder_gives_the_lavis_model(root, captioners, model_type):
-    captioner = MiniGPT4Captioner(flag_args(root, model_type, vit=None, qformer=None, blip2=f"{root}/blip2-hf"), "cpu")
+    captioner = MiniGPT4Captioner(make_args("--model-type", model_type, "--blip2", f"{root}/blip2-hf",
+                                            "--model", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}"),
+                                  "cpu")
     assert same_weights(captioner.model, captioners[model_type].model)
 
 
@@ -160,27 +169,29 @@ def test_preprocess_as_blip2_image_eval():
     assert torch.allclose(pixels[:, 100, 100], expected, atol=1e-6)
 
 
-def test_decoding_defaults():
-    assert MiniGPT4Captioner.defaults["temperature"] == 0.5
-    assert MiniGPT4Captioner.defaults["batch_size"] == 3
+def test_decoding_defaults_as_the_seed_and_chat_answer():
+    args = build_parser(MiniGPT4Captioner).parse_args(["--input-json", "unused.json"])
+    assert (args.batch_size, args.max_new_tokens, args.temperature) == (3, 77, None)
+    assert minigpt4.generation_kwargs(args, **minigpt4.CHAT_GENERATION) == {"temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0,
+                            "max_new_tokens": 77, "num_beams": 1, "do_sample": True}
 
 
 def test_user_errors_are_one_line(root):
-    with pytest.raises(SystemExit, match="MiniGPT-4 checkpoint not found"):
-        MiniGPT4Captioner(flag_args(root, "vicuna0", minigpt4_ckpt=f"{root}/missing.pth"), "cpu")
-    with pytest.raises(SystemExit, match="does model type vicuna0 match the checkpoint"):
-        MiniGPT4Captioner(flag_args(root, "vicuna0", minigpt4_ckpt=f"{root}/{CKPT['llama2']}"), "cpu")
-    with pytest.raises(SystemExit, match="not an EVA ViT-g state dict"):
-        MiniGPT4Captioner(flag_args(root, "vicuna0", vit=f"{root}/{CKPT['vicuna0']}"), "cpu")
-    with pytest.raises(SystemExit, match="no LLM folder"):
-        MiniGPT4Captioner(flag_args(root, "vicuna0", llm=None), "cpu")
-    with pytest.raises(SystemExit, match="config not found"):
-        MiniGPT4Captioner(make_args(cfg_path=os.path.join(root, "nope.yaml")), "cpu")
+    with pytest.raises(UserError, match="MiniGPT-4 checkpoint not found"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", "--model", f"{root}/missing.pth"), "cpu")
+    with pytest.raises(UserError, match="does model type vicuna0 match the checkpoint"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", "--model", f"{root}/{CKPT['llama2']}"), "cpu")
+    with pytest.raises(UserError, match="not an EVA ViT-g state dict"):
+        MiniGPT4Captioner(flag_args(root, "vicuna0", "--vit", f"{root}/{CKPT['vicuna0']}"), "cpu")
+    with pytest.raises(UserError, match="no LLM folder"):
+        MiniGPT4Captioner(make_args("--model", f"{root}/{CKPT['vicuna0']}"), "cpu")
+    with pytest.raises(UserError, match="config not found"):
+        MiniGPT4Captioner(make_args("--cfg-path", os.path.join(root, "nope.yaml")), "cpu")
 
 
 def test_answer_can_end_at_the_first_token(root, images):
     """The original's min_length=1 counts the BOS placeholder of transformers 4.30, so EOS may come first."""
-    captioner = MiniGPT4Captioner(flag_args(root, "vicuna0", max_new_tokens=1), "cpu")
+    captioner = MiniGPT4Captioner(flag_args(root, "vicuna0", "--max-new-tokens", "1"), "cpu")
     image = captioner.prepare(images[0])
     generated = []
     answer = captioner.answer
@@ -189,5 +200,42 @@ def test_answer_can_end_at_the_first_token(root, images):
     lm_head = captioner.model.language_model.get_output_embeddings().weight
     with torch.no_grad():
         lm_head[captioner.tokenizer.eos_id] = 2 * lm_head[generated[0][0]]
-    captioner.max_new_tokens = 12
+    captioner.generation["max_new_tokens"] = 12
     assert captioner.caption([image], [PROMPT]) == [[("", False)]]
+
+
+def test_end_to_end_through_the_script(root, captioners, image_folder, tmp_path):
+    """generate.sh with the seed's --cfg-path (Vicuna v0), python minigpt4.py with flags (Llama-2): every
+    caption equals the one-image reference, unreadable images are recorded."""
+    from utils.images import open_image
+
+    folder, good, broken = image_folder
+    entries = good[:5] + broken[:2]
+    input_file = write_input(tmp_path / "input.json", entries)
+    common = ["--image-root", str(folder), "--output-dir", str(tmp_path / "out"), "--temperature", "0", "--max-new-tokens", "12",
+              "--attn-implementation", "eager", "--num-workers", "2"]
+    run_command(["bash", "generate.sh", str(input_file), "minigpt4", "--cfg-path",
+                 f"{root}/repo/eval_configs/{EVAL_CONFIG['vicuna0']}", *common], env={"TORCH_HOME": f"{root}/torch_home"})
+    run_command(["python", "minigpt4.py", "--input-json", str(input_file), "--model-type", "llama2",
+                 "--vit", f"{root}/eva_vit_g.pth", "--model", f"{root}/{CKPT['llama2']}", "--llm", f"{root}/llama2",
+                 "--batch-size", "2", *common])
+    for model_type, model_dir in [("vicuna0", "minigpt4"), ("llama2", CKPT["llama2"])]:
+        out = tmp_path / "out" / "minigpt4" / model_dir
+        rows = read_jsonl(out / "default" / "captions-00000-of-00001.jsonl")
+        assert sorted(row["image"] for row in rows) == sorted(good[:5])
+        captioner = captioners[model_type]
+        for row in rows:
+            expected = captioner.caption([captioner.prepare(open_image(folder / row["image"]))], [PROMPT])[0][0]
+            assert (row["caption"], row["truncated"]) == expected, (model_type, row["image"])
+        assert sorted(row["image"] for row in read_jsonl(out / "errors-00000-of-00001.jsonl")) == sorted(broken[:2])
+
+
+def test_script_reports_a_missing_file_in_one_line(root, tmp_path):
+    input_file = write_input(tmp_path / "input.json", ["a.jpg"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    result = run_command(["python", "minigpt4.py", "--input-json", str(input_file), "--output-dir", str(tmp_path),
+                          "--vit", f"{root}/eva_vit_g.pth", "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth",
+                          "--model", f"{root}/nope.pth", "--llm", f"{root}/vicuna"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"minigpt4.py: error: MiniGPT-4 checkpoint not found: {root}/nope.pth"
+    assert "Traceback" not in result.stderr
