@@ -14,6 +14,7 @@ LlamaForCausalLM; the weights come from the files MiniGPT-4 users have:
 found through the original eval config (--cfg-path) or given by flags. Prompts, image processing, decoding
 and answer cleaning follow the original's Chat (minigpt4/conversation/conversation.py).
 """
+import argparse
 import functools
 import json
 import os
@@ -366,22 +367,22 @@ class MiniGPT4Captioner:
     @staticmethod
     def add_arguments(parser):
         group = parser.add_argument_group("MiniGPT-4 files (flags win over --cfg-path)")
-        group.add_argument("--cfg-path", help="the original eval config, e.g. eval_configs/minigpt4_eval.yaml; "
+        group.add_argument("--cfg-path", metavar="FILE", help="the original eval config, e.g. eval_configs/minigpt4_eval.yaml; "
                            "its model_type, ckpt and llama_model (merged over <repo>/minigpt4/configs/models/"
                            "minigpt4_<type>.yaml as the original does), q_former_model and image size are used")
         group.add_argument("--model-type", choices=sorted(MODEL_CONFIGS),
                            help="vicuna0 (Q-Former, '###Human:' template) or llama2 (no Q-Former, '[INST]' "
                            "template); default: the config's, else vicuna0")
-        group.add_argument("--vit", help=f"EVA ViT-g weights ({EVA_FILE}); default: the original's download "
+        group.add_argument("--vit", metavar="FILE", help=f"EVA ViT-g weights ({EVA_FILE}); default: the original's download "
                            f"cache, $TORCH_HOME/hub/checkpoints/{EVA_FILE}")
-        group.add_argument("--qformer", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth); default: "
+        group.add_argument("--qformer", metavar="FILE", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth); default: "
                            "the config's q_former_model, else the download cache; unused by llama2")
-        group.add_argument("--blip2", help="a BLIP-2 folder in transformers format (e.g. a download of "
+        group.add_argument("--blip2", metavar="FOLDER", help="a BLIP-2 folder in transformers format (e.g. a download of "
                            "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
-        group.add_argument("--minigpt4-ckpt", dest="model", help="the same as --model: the MiniGPT-4 checkpoint "
+        group.add_argument("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: the MiniGPT-4 checkpoint "
                            "with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth), whose file "
                            "name names the output folder; default: the --cfg-path config's ckpt")
-        group.add_argument("--llm", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
+        group.add_argument("--llm", metavar="FOLDER", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
                            "default: the config's llama_model")
 
     def __init__(self, args, device):
