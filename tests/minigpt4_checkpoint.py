@@ -160,11 +160,14 @@ def save_llama(folder, tokenizer_files):
         for name, param in model.named_parameters():
             param.copy_(randn(*param.shape, mean=1.0) if "norm" in name else randn(*param.shape, std=0.3))
     model.save_pretrained(folder)
-    if tokenizer_files:
-        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if tokenizer_files:  # special tokens as AddedToken dicts, as Llama-2-7b-chat-hf has them; legacy as in 4.30
+        special = {name: {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False}
+                   for name, content in [("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")]}
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                       "clean_up_tokenization_spaces": False, "legacy": True, **special}, f, indent=2)
+                       "clean_up_tokenization_spaces": False, "legacy": True, "pad_token": None,
+                       **{name: {"__type": "AddedToken", **token} for name, token in special.items()}}, f, indent=2)
         with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
             json.dump(special, f, indent=2)
 
