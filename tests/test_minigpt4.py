@@ -205,29 +205,24 @@ def test_answer_can_end_at_the_first_token(root, images):
 
 
 def test_end_to_end_through_the_script(root, captioners, image_folder, tmp_path):
-    """generate.sh with the seed's --cfg-path (Vicuna v0), python minigpt4.py with flags (Llama-2): every
-    caption equals the one-image reference, unreadable images are recorded."""
+    """generate.sh with the seed's --cfg-path: every caption equals the one-image reference, unreadable images
+    are recorded."""
     from utils.images import open_image
 
     folder, good, broken = image_folder
-    entries = good[:5] + broken[:2]
-    input_file = write_input(tmp_path / "input.json", entries)
-    common = ["--image-root", str(folder), "--output-dir", str(tmp_path / "out"), "--temperature", "0", "--max-new-tokens", "12",
-              "--attn-implementation", "eager", "--num-workers", "2"]
+    input_file = write_input(tmp_path / "input.json", good[:5] + broken[:2])
     run_command(["bash", "generate.sh", str(input_file), "minigpt4", "--cfg-path",
-                 f"{root}/repo/eval_configs/{EVAL_CONFIG['vicuna0']}", *common], env={"TORCH_HOME": f"{root}/torch_home"})
-    run_command(["python", "minigpt4.py", "--input-json", str(input_file), "--model-type", "llama2",
-                 "--vit", f"{root}/eva_vit_g.pth", "--model", f"{root}/{CKPT['llama2']}", "--llm", f"{root}/llama2",
-                 "--batch-size", "2", *common])
-    for model_type, model_dir in [("vicuna0", "minigpt4"), ("llama2", CKPT["llama2"])]:
-        out = tmp_path / "out" / "minigpt4" / model_dir
-        rows = read_jsonl(out / "default" / "captions-00000-of-00001.jsonl")
-        assert sorted(row["image"] for row in rows) == sorted(good[:5])
-        captioner = captioners[model_type]
-        for row in rows:
-            expected = captioner.caption([captioner.prepare(open_image(folder / row["image"]))], [PROMPT])[0][0]
-            assert (row["caption"], row["truncated"]) == expected, (model_type, row["image"])
-        assert sorted(row["image"] for row in read_jsonl(out / "errors-00000-of-00001.jsonl")) == sorted(broken[:2])
+                 f"{root}/repo/eval_configs/{EVAL_CONFIG['vicuna0']}", "--image-root", str(folder),
+                 "--output-dir", str(tmp_path / "out"), "--temperature", "0", "--max-new-tokens", "12",
+                 "--attn-implementation", "eager", "--num-workers", "2"], env={"TORCH_HOME": f"{root}/torch_home"})
+    out = tmp_path / "out" / "minigpt4" / MiniGPT4Captioner.default_model
+    rows = read_jsonl(out / "default" / "captions-00000-of-00001.jsonl")
+    assert sorted(row["image"] for row in rows) == sorted(good[:5])
+    captioner = captioners["vicuna0"]
+    for row in rows:
+        expected = captioner.caption([captioner.prepare(open_image(folder / row["image"]))], [PROMPT])[0][0]
+        assert (row["caption"], row["truncated"]) == expected, row["image"]
+    assert sorted(row["image"] for row in read_jsonl(out / "errors-00000-of-00001.jsonl")) == sorted(broken[:2])
 
 
 def test_script_reports_a_missing_file_in_one_line(root, tmp_path):
