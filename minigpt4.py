@@ -63,7 +63,8 @@ REPETITION_PENALTY = 1.05
 MAX_LENGTH = 2000  # Chat.answer keeps the last MAX_LENGTH - max_new_tokens context embeddings
 
 EVA_FILE = "eva_vit_g.pth"
-QFORMER_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained_flant5xxl.pth"
+QFORMER_URL = ("https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
+               "blip2_pretrained_flant5xxl.pth")
 MODEL_CONFIGS = {"vicuna0": "minigpt4_vicuna0.yaml", "llama2": "minigpt4_llama2.yaml"}
 PLACEHOLDER = "please set this value"  # what the original configs hold until the user edits them
 
@@ -89,10 +90,11 @@ def preprocess(image, size):
     return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
 
 
-class LlamaTokenizer:
-    """The original's tokenizer (transformers 4.30's slow LlamaTokenizer) on sentencepiece itself: the special
+class SlowLlamaTokenizer:
+    """The original's tokenizer, transformers 4.30's slow LlamaTokenizer, on sentencepiece itself: the special
     token strings in the text become their ids and every other piece of text is encoded on its own, with
-    sentencepiece's dummy-prefix space."""
+    sentencepiece's dummy-prefix space. (Special tokens are taken to be AddedTokens without lstrip/rstrip,
+    as Vicuna and Llama-2 folders declare them.)"""
 
     def __init__(self, path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -103,7 +105,10 @@ class LlamaTokenizer:
     def encode(self, text, bos):
         ids = [self.bos_id] if bos else []
         for part in self.special_split.split(text):
-            ids.extend([self.special[part]] if part in self.special else self.sp.encode(part) if part else [])
+            if part in self.special:
+                ids.append(self.special[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
         return ids
 
     def decode(self, ids):
@@ -198,8 +203,8 @@ def eva_vision_config(state, image_size, attn_implementation):
     patch_size = state["patch_embed.proj.weight"].shape[-1]
     positions = state["pos_embed"].shape[1]
     if positions != (image_size // patch_size) ** 2 + 1:
-        raise UserError(f"the ViT has {positions} positions, image size {image_size} with patch {patch_size} needs "
-             f"{(image_size // patch_size) ** 2 + 1}")
+        raise UserError(f"the ViT has {positions} positions, image size {image_size} with patch {patch_size} "
+                        f"needs {(image_size // patch_size) ** 2 + 1}")
     return Blip2VisionConfig(
         hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=len(blocks) - 1, num_attention_heads=width // 88, image_size=image_size,
@@ -211,7 +216,7 @@ def lavis_qformer_config(state, vision_width, attn_implementation):
     """The Q-Former as init_Qformer builds it: BERT-base layout (head width 64, eps 1e-12), cross-attention
     every 2nd layer."""
     if "query_tokens" not in state:
-        raise UserError("the Q-Former file has no query_tokens (expected blip2_pretrained_flant5xxl.pth, LAVIS names)")
+        raise UserError("the Q-Former file has no query_tokens (blip2_pretrained_flant5xxl.pth, LAVIS names)")
     width = state["query_tokens"].shape[-1]
     layers = {int(key.split(".")[4]) for key in state if key.startswith("Qformer.bert.encoder.layer.")}
     return Blip2QFormerConfig(
@@ -256,7 +261,8 @@ def read_eval_config(path):
     model = config.get("model") or {}
     model_type = str(model.get("model_type", "")).removeprefix("pretrain_")
     if model_type not in MODEL_CONFIGS:
-        raise UserError(f"{path}: model_type must be pretrain_vicuna0 or pretrain_llama2, not {model.get('model_type')!r}")
+        raise UserError(f"{path}: model_type must be pretrain_vicuna0 or pretrain_llama2, "
+                        f"not {model.get('model_type')!r}")
     # the original finds the model config inside its package: <repo>/minigpt4/configs/models/
     repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     defaults_path = os.path.join(repo, "minigpt4", "configs", "models", MODEL_CONFIGS[model_type])
@@ -292,7 +298,8 @@ def resolve_files(args):
         "llm": args.llm or given(config.get("llama_model")),
     }
     if not files["ckpt"]:
-        raise UserError("no MiniGPT-4 checkpoint: pass --model (pretrained_minigpt4*.pth) or --cfg-path with its ckpt set")
+        raise UserError("no MiniGPT-4 checkpoint: pass --model (pretrained_minigpt4*.pth) or a --cfg-path "
+                        "config with its ckpt set")
     if not files["llm"]:
         raise UserError("no LLM folder: pass --llm or set llama_model in the config")
     # every file is checked before the first is loaded
@@ -318,9 +325,11 @@ def load_model(files, dtype, device, attn_implementation):
     # model, then the MiniGPT-4 checkpoint; later files win, names the model lacks are ignored
     has_qformer = files["has_qformer"]
     if files["blip2"]:
-        vision_config, qformer_config, num_query_tokens, state = read_blip2_folder(files["blip2"], attn_implementation)
+        vision_config, qformer_config, num_query_tokens, state = read_blip2_folder(files["blip2"],
+                                                                                   attn_implementation)
         if vision_config.image_size != files["image_size"]:
-            raise UserError(f"the BLIP-2 ViT takes {vision_config.image_size} px images, the config asks for {files['image_size']}")
+            raise UserError(f"the BLIP-2 ViT takes {vision_config.image_size} px images, the config asks for "
+                            f"{files['image_size']}")
         if not has_qformer:  # its post_layernorm is BLIP-2's ln_vision, from the file the Llama-2 variant never loads
             state = {key: value for key, value in state.items() if not key.startswith("ln_vision.")}
     else:
@@ -328,7 +337,8 @@ def load_model(files, dtype, device, attn_implementation):
         vision_config = eva_vision_config(eva, files["image_size"], attn_implementation)
         state = lavis_to_transformers({f"visual_encoder.{key}": value for key, value in eva.items()})
         if has_qformer:
-            blip2 = load_pth(files["qformer"], "Q-Former file").get("model", {})
+            blip2 = load_pth(files["qformer"], "Q-Former file")
+            blip2 = blip2.get("model", {}) if isinstance(blip2, dict) else {}
             qformer_config = lavis_qformer_config(blip2, vision_config.hidden_size, attn_implementation)
             num_query_tokens = blip2["query_tokens"].shape[1]
             state.update(lavis_to_transformers(blip2))
@@ -350,8 +360,8 @@ def load_model(files, dtype, device, attn_implementation):
         raise UserError(f"the files lack {len(missing)} weights, e.g. {missing[:3]}")
     for key, shape in expected.items():
         if state[key].shape != shape:
-            raise UserError(f"{key} has shape {tuple(state[key].shape)} in the files, the model needs {tuple(shape)} "
-                 f"(does model type {files['model_type']} match the checkpoint?)")
+            raise UserError(f"{key} has shape {tuple(state[key].shape)} in the files, the model needs "
+                            f"{tuple(shape)} (does model type {files['model_type']} match the checkpoint?)")
     model.load_state_dict({key: state[key] for key in expected}, strict=False, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -367,30 +377,30 @@ class MiniGPT4Captioner:
     @staticmethod
     def add_arguments(parser):
         group = parser.add_argument_group("MiniGPT-4 files (flags win over --cfg-path)")
-        group.add_argument("--cfg-path", metavar="FILE", help="the original eval config, e.g. eval_configs/minigpt4_eval.yaml; "
-                           "its model_type, ckpt and llama_model (merged over <repo>/minigpt4/configs/models/"
-                           "minigpt4_<type>.yaml as the original does), q_former_model and image size are used")
-        group.add_argument("--model-type", choices=sorted(MODEL_CONFIGS),
-                           help="vicuna0 (Q-Former, '###Human:' template) or llama2 (no Q-Former, '[INST]' "
-                           "template); default: the config's, else vicuna0")
-        group.add_argument("--vit", metavar="FILE", help=f"EVA ViT-g weights ({EVA_FILE}); default: the original's download "
-                           f"cache, $TORCH_HOME/hub/checkpoints/{EVA_FILE}")
-        group.add_argument("--qformer", metavar="FILE", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth); default: "
-                           "the config's q_former_model, else the download cache; unused by llama2")
-        group.add_argument("--blip2", metavar="FOLDER", help="a BLIP-2 folder in transformers format (e.g. a download of "
-                           "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
-        group.add_argument("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: the MiniGPT-4 checkpoint "
-                           "with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth), whose file "
-                           "name names the output folder; default: the --cfg-path config's ckpt")
-        group.add_argument("--llm", metavar="FOLDER", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
-                           "default: the config's llama_model")
+        add = group.add_argument
+        add("--cfg-path", metavar="FILE", help="the original eval config, e.g. eval_configs/minigpt4_eval.yaml: its "
+            "model_type, ckpt and llama_model (merged over <repo>/minigpt4/configs/models/minigpt4_<type>.yaml as "
+            "the original does), q_former_model and image size are used")
+        add("--model-type", choices=sorted(MODEL_CONFIGS), help="vicuna0 (Q-Former, '###Human:' template) or llama2 "
+            "(no Q-Former, '[INST]' template); default: the config's, else vicuna0")
+        add("--vit", metavar="FILE", help=f"EVA ViT-g weights ({EVA_FILE}); default: the original's download cache, "
+            f"$TORCH_HOME/hub/checkpoints/{EVA_FILE}")
+        add("--qformer", metavar="FILE", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth); default: "
+            "the config's q_former_model, else the download cache; unused by llama2")
+        add("--blip2", metavar="FOLDER", help="a BLIP-2 folder in transformers format (e.g. a download of "
+            "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
+        add("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: "
+            "the MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth), "
+            "whose file name names the output folder; default: the --cfg-path config's ckpt")
+        add("--llm", metavar="FOLDER", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
+            "default: the config's llama_model")
 
     def __init__(self, args, device):
         files = resolve_files(args)
         self.model_type = files["model_type"]
         self.device, self.dtype = device, args.dtype
         self.model = load_model(files, args.dtype, device, args.attn_implementation)
-        self.tokenizer = LlamaTokenizer(os.path.join(files["llm"], "tokenizer.model"))
+        self.tokenizer = SlowLlamaTokenizer(os.path.join(files["llm"], "tokenizer.model"))
         self.prepare = functools.partial(preprocess, size=files["image_size"])
         self.generation = generation_kwargs(args, **CHAT_GENERATION)
 

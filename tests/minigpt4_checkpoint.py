@@ -236,7 +236,8 @@ def write_configs(root):
                    {"has_qformer": False}),
     }
     for model_type, (eval_name, end_sym, template, ckpt, extra) in variants.items():
-        model = {**common, **extra, "llama_model": os.path.join(root, model_type if model_type == "llama2" else "vicuna")}
+        llm = os.path.join(root, "llama2" if model_type == "llama2" else "vicuna")
+        model = {**common, **extra, "llama_model": llm}
         with open(os.path.join(models, f"minigpt4_{model_type}.yaml"), "w") as f:
             yaml.safe_dump({"model": model, "preprocess": {"vis_processor": {"eval": processor}}}, f, sort_keys=False)
         evaluation = {

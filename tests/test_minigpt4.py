@@ -1,5 +1,4 @@
 """minigpt4.py on tiny random-weight files in the original MiniGPT-4 formats (see minigpt4_checkpoint.py)."""
-import argparse
 import os
 
 import numpy as np
@@ -31,8 +30,8 @@ def make_args(*argv):
 
 def flag_args(root, model_type, *argv):
     return make_args("--model-type", model_type, "--vit", f"{root}/eva_vit_g.pth",
-                     "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth", "--minigpt4-ckpt", f"{root}/{CKPT[model_type]}",
-                     "--llm", f"{root}/{LLM[model_type]}", *argv)
+                     "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth",
+                     "--minigpt4-ckpt", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}", *argv)
 
 
 def yaml_captioner(root, model_type, *argv):
@@ -91,9 +90,9 @@ def test_config_and_flags_load_the_same_model(root, captioners, images, model_ty
 
 @pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
 def test_blip2_folder_gives_the_lavis_model(root, captioners, model_type):
-    captioner = MiniGPT4Captioner(make_args("--model-type", model_type, "--blip2", f"{root}/blip2-hf",
-                                            "--model", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}"),
-                                  "cpu")
+    args = make_args("--model-type", model_type, "--blip2", f"{root}/blip2-hf",
+                     "--model", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}")
+    captioner = MiniGPT4Captioner(args, "cpu")
     assert same_weights(captioner.model, captioners[model_type].model)
 
 
@@ -140,7 +139,8 @@ def test_answer_cleaning_and_stops(captioners):
     tokenizer = captioner.tokenizer
 
     def answer(text, eos=False):
-        return captioner.answer(tokenizer.encode(text, bos=False) + ([tokenizer.eos_id, tokenizer.eos_id] if eos else []))
+        ends = [tokenizer.eos_id, tokenizer.eos_id] if eos else []
+        return captioner.answer(tokenizer.encode(text, bos=False) + ends)
 
     assert answer(" A dog runs. ###Human: what") == ("A dog runs.", False)
     assert answer("The image shows Assistant: a cat ") == ("a cat", True)
@@ -172,8 +172,9 @@ def test_preprocess_as_blip2_image_eval():
 def test_decoding_defaults_as_the_seed_and_chat_answer():
     args = build_parser(MiniGPT4Captioner).parse_args(["--input-json", "unused.json"])
     assert (args.batch_size, args.max_new_tokens, args.temperature) == (3, 77, None)
-    assert minigpt4.generation_kwargs(args, **minigpt4.CHAT_GENERATION) == {"temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0,
-                            "max_new_tokens": 77, "num_beams": 1, "do_sample": True}
+    assert minigpt4.generation_kwargs(args, **minigpt4.CHAT_GENERATION) == {
+        "temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0, "max_new_tokens": 77,
+        "num_beams": 1, "do_sample": True}
 
 
 def test_user_errors_are_one_line(root):
@@ -232,5 +233,6 @@ def test_script_reports_a_missing_file_in_one_line(root, tmp_path):
                           "--vit", f"{root}/eva_vit_g.pth", "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth",
                           "--model", f"{root}/nope.pth", "--llm", f"{root}/vicuna"], check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"minigpt4.py: error: MiniGPT-4 checkpoint not found: {root}/nope.pth"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"minigpt4.py: error: MiniGPT-4 checkpoint not found: {root}/nope.pth"
     assert "Traceback" not in result.stderr
