@@ -86,6 +86,7 @@ def random_weights_loader(model_class, device, dtype):
             config._attn_implementation = kwargs.get("attn_implementation", "sdpa")
             with torch.device(device):
                 built[path] = model_class._from_config(config, dtype=dtype).eval()
+        built[path].set_attn_implementation(kwargs.get("attn_implementation", "sdpa"))
         return built[path]
 
     return from_pretrained
@@ -248,8 +249,10 @@ def run_model(name, spec, args, device, folder, names, peak):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        if kind == "seed":
+        if kind == "seed":  # the seed ran transformers' plain sdpa
+            captioner.model.set_attn_implementation("sdpa")
             spec["seed_loop"](captioner.model, captioner.processor, paths[:images], batch_size, args.new_tokens)
+            captioner.model.set_attn_implementation(parsed.attn_implementation)
         else:
             ours(batch_size, images)
         sync(device)
