@@ -143,6 +143,11 @@ def internvl_checkpoint(folder, tiny):
     original = Path(build_checkpoint(str(folder / "internvl-original")))
     native = Path(convert_checkpoint(str(original), str(folder / "internvl")))
     if not tiny:
+        # Random weights emit ids past the tiny tokenizer's vocabulary: decode those as <unk> (id 0).
+        import internvl
+        decode = internvl.InternLM2Tokenizer.decode
+        size = internvl.load_tokenizer(str(native)).sp.get_piece_size()
+        internvl.InternLM2Tokenizer.decode = lambda self, ids, **kw: decode(self, [i if i < size else 0 for i in ids], **kw)
         config = json.loads((original / "config.json").read_text())
         config["vision_config"].update(INTERNVL2_8B_VISION)
         config["llm_config"].update(INTERNVL2_8B_LLM)
@@ -275,8 +280,8 @@ def run_model(name, spec, args, device, folder, names, peak):
     rows = []
     default = [captioner_class.default_prompt]
     variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images, default)
-                for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch]]
-    variants += [("ours", batch, args.images, default) for batch in args.ours_batches]
+                for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch] * (args.big_batch > 0)]
+    variants += [("ours", batch, args.images, default) for batch in args.ours_batches if batch]
     if "multi_prompts" in spec and args.multi_batch:
         variants.append(("ours", args.multi_batch, args.images, spec["multi_prompts"].split(",")))
     if args.oom_batch and device.type == "cuda":
@@ -316,7 +321,7 @@ def main():
     parser.add_argument("--models", default="qwen", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--images", type=int, default=512, help="images for the batch-128 rows")
     parser.add_argument("--seed-images", type=int, default=24, help="images for the seed's own batch size (0: skip)")
-    parser.add_argument("--big-batch", type=int, default=128)
+    parser.add_argument("--big-batch", type=int, default=128, help="batch size of the seed's second row (0: skip)")
     parser.add_argument("--new-tokens", type=int, default=77)
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--ours-batches", type=lambda v: [int(b) for b in v.split(",")], default=[128],

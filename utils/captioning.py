@@ -366,6 +366,8 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
         try:
             results = captioner.caption([prepared for _, prepared in items], [prompts[key] for key in wanted])
         except torch.cuda.OutOfMemoryError:
+            results = None  # retried below, outside the handler, whose traceback still holds the failed batch
+        if results is None:
             torch.cuda.empty_cache()
             if len(items) == 1:
                 write_lines(errors, [{"image": pending[items[0][0]][0], "error": "CUDA out of memory, even alone"}])
