@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import re
+from pathlib import Path
 
 import sentencepiece
 import torch
@@ -368,7 +369,7 @@ def load_model(files, dtype, device, attn_implementation):
 
 class MiniGPT4Captioner:
     name = "minigpt4"
-    default_model = "minigpt4"  # the output folder name when the checkpoint comes from --cfg-path
+    default_model = "minigpt4"  # placeholder: the checkpoint comes from --cfg-path unless --model names it
     prompts = {"default": "Describe image content in English in detail:"}
     default_prompt = "default"
     defaults = {"batch_size": 3}  # the seed's; its max_new_tokens 77 is the loop's default
@@ -390,10 +391,16 @@ class MiniGPT4Captioner:
         add("--blip2", metavar="FOLDER", help="a BLIP-2 folder in transformers format (e.g. a download of "
             "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
         add("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: "
-            "the MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth), "
-            "whose file name names the output folder; default: the --cfg-path config's ckpt")
+            "the MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth); "
+            "its file name (from here or from --cfg-path) names the output folder; default: the --cfg-path config's ckpt")
         add("--llm", metavar="FOLDER", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
             "default: the config's llama_model")
+
+    @staticmethod
+    def checkpoint_name(args):
+        """Output folder: the MiniGPT-4 checkpoint's file name, also when it comes from --cfg-path, so that two
+        variants in one --output-dir never share (and skip) each other's captions."""
+        return Path(resolve_files(args)["ckpt"]).stem
 
     def __init__(self, args, device):
         files = resolve_files(args)

@@ -216,7 +216,7 @@ def test_end_to_end_through_the_script(root, captioners, image_folder, tmp_path)
                  f"{root}/repo/eval_configs/{EVAL_CONFIG['vicuna0']}", "--image-root", str(folder),
                  "--output-dir", str(tmp_path / "out"), "--temperature", "0", "--max-new-tokens", "12",
                  "--attn-implementation", "eager", "--num-workers", "2"], env={"TORCH_HOME": f"{root}/torch_home"})
-    out = tmp_path / "out" / "minigpt4" / MiniGPT4Captioner.default_model
+    out = tmp_path / "out" / "minigpt4" / "pretrained_minigpt4"  # named after the config's checkpoint file
     rows = read_jsonl(out / "default" / "captions-00000-of-00001.jsonl")
     assert sorted(row["image"] for row in rows) == sorted(good[:5])
     captioner = captioners["vicuna0"]

@@ -29,6 +29,9 @@ The contract a captioner class fulfils:
                            truncated) where truncated means generation stopped at
                            --max-new-tokens without reaching the end token. A batch that
                            runs out of CUDA memory is split in halves and retried by the loop.
+    checkpoint_name(args) -> str
+                           optional static method: the output folder name of the checkpoint
+                           (default: the last part of --model)
     cost(self, prepared) -> number
                            optional: the prompt length an image gives, roughly; the loop sorts
                            --sort-window batches by it so that batches pad less.
@@ -283,7 +286,9 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     tag = f"[{captioner_cls.name} rank {rank}/{world}]"
     shard, total = read_shard(args.input_json, rank, world, args.limit)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.input_json))
-    model_dir = Path(args.output_dir) / captioner_cls.name / model_tag(args.model)
+    checkpoint = (captioner_cls.checkpoint_name(args) if hasattr(captioner_cls, "checkpoint_name")
+                  else model_tag(args.model))
+    model_dir = Path(args.output_dir) / captioner_cls.name / checkpoint
     suffix = f"{rank:05d}-of-{world:05d}.jsonl"
     caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
     error_file = model_dir / f"errors-{suffix}"
