@@ -32,11 +32,12 @@ def detect_format(path):
     raise RecordError(f"{path}: not JSON or JSONL (starts with {stripped[:20]!r})")
 
 
-def iter_json_array(path, allow_truncated=False):
+def iter_json_array(path, allow_truncated=False, on_partial=None):
     """Yield the elements of a JSON array one by one.
 
     allow_truncated: an unfinished array (the original scripts leave one when killed: no closing
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
+    on_partial: called with a description when that happens, so callers can report it.
     """
     with open(path, encoding="utf-8") as f:
         buf, pos, eof = "", 0, False
@@ -59,6 +60,8 @@ def iter_json_array(path, allow_truncated=False):
 
         def truncated(what):
             if allow_truncated:
+                if on_partial:
+                    on_partial(what)
                 return
             raise RecordError(f"{path}: the JSON array is cut off ({what})")
 
@@ -81,7 +84,7 @@ def iter_json_array(path, allow_truncated=False):
                 except json.JSONDecodeError as e:
                     if eof:
                         if allow_truncated:
-                            return
+                            return truncated(f"half-written element {index}")
                         raise RecordError(f"{path}: not valid JSON at element {index}: {e.msg}") from None
                     fill()
             pos = end
@@ -96,11 +99,11 @@ def iter_json_array(path, allow_truncated=False):
                 raise RecordError(f"{path}: not valid JSON after element {index - 1}: expected ',' or ']'")
 
 
-def iter_json_lines(path, allow_partial_last=False):
+def iter_json_lines(path, allow_partial_last=False, on_partial=None):
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
     allow_partial_last: a last line without its newline that does not parse (a writer killed
-    mid-line) is skipped instead of raising.
+    mid-line) is skipped instead of raising; on_partial, if given, is called with its line number.
     """
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -110,6 +113,8 @@ def iter_json_lines(path, allow_partial_last=False):
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 if allow_partial_last and not line.endswith("\n"):
+                    if on_partial:
+                        on_partial(number)
                     return
                 raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
 
@@ -121,3 +126,75 @@ def iter_records(path, allow_truncated=False):
     else:
         for _, record in iter_json_lines(path, allow_partial_last=allow_truncated):
             yield record
+
+
+def iter_json_object(path):
+    """Yield (key, value) for each member of one JSON object, e.g. the seed's composed_index.json
+    ({image: caption}), without holding the whole object in memory."""
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def fill():
+            nonlocal buf, pos, eof
+            chunk = f.read(_CHUNK)
+            eof = not chunk
+            buf = buf[pos:] + chunk
+            pos = 0
+
+        def skip_blank():
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in _WHITESPACE + "\ufeff":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                fill()
+
+        def expect(chars, what):
+            nonlocal pos
+            skip_blank()
+            if pos >= len(buf):
+                raise RecordError(f"{path}: the JSON object is cut off after {count} members")
+            if buf[pos] not in chars:
+                raise RecordError(f"{path}: not valid JSON after {count} members: expected {what}")
+            pos += 1
+            return buf[pos - 1]
+
+        def decode(member):
+            # A value that ends exactly at the end of the buffer may continue in the next chunk
+            # (a number), so decode again once more text is in.
+            nonlocal pos
+            while True:
+                try:
+                    value, end = _decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:
+                        pos = end
+                        return value
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise RecordError(f"{path}: not valid JSON in member {member}: {e.msg}") from None
+                fill()
+
+        count = 0
+        fill()
+        expect("{", "a JSON object")
+        skip_blank()
+        if pos < len(buf) and buf[pos] == "}":
+            return
+        while True:
+            skip_blank()
+            if pos >= len(buf):
+                raise RecordError(f"{path}: the JSON object is cut off after {count} members")
+            if buf[pos] != '"':
+                raise RecordError(f"{path}: not valid JSON in member {count}: expected a key string")
+            key = decode(count)
+            expect(":", "':'")
+            skip_blank()
+            value = decode(count)
+            yield key, value
+            count += 1
+            if expect(",}", "',' or '}'") == "}":
+                break
+        skip_blank()
+        if pos < len(buf):
+            raise RecordError(f"{path}: unexpected text after the JSON object")
