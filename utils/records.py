@@ -5,6 +5,7 @@ array (the seed's input format and the original scripts' per-rank outputs) is de
 at a time, a JSONL file one line at a time.
 """
 import json
+from json.decoder import scanstring
 
 _CHUNK = 1 << 20
 _WHITESPACE = " \t\r\n"
@@ -198,3 +199,24 @@ def iter_json_object(path):
         skip_blank()
         if pos < len(buf):
             raise RecordError(f"{path}: unexpected text after the JSON object")
+
+
+def index_format(path):
+    """'lines' for JSONL ({"image", "caption"} per line), 'object' for one {image: caption} object.
+
+    Both start with '{'; a JSONL record's first key is "image" or "caption", an index's is a path.
+    """
+    if path.endswith(".jsonl"):
+        return "lines"
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip(" \t\r\n\ufeff")
+    if not head.startswith("{"):
+        raise RecordError(f"{path}: expected a composed_index.json object or {{\"image\", \"caption\"}} lines")
+    rest = head[1:].lstrip(" \t\r\n")
+    if rest.startswith('"'):
+        try:
+            key, _ = scanstring(rest, 1)
+        except json.JSONDecodeError:
+            return "object"
+        return "lines" if key in ("image", "caption") else "object"
+    return "object"

@@ -1,0 +1,168 @@
+"""Benchmark the merge scripts on synthetic data: rows/s and peak RSS.
+
+    python bench/merge_scale.py --rows 1000000 --indexes 5
+
+Makes, in --workdir, an original JSONL of N rows and K caption folders of per-rank captions files
+(our captioning output format, rows shuffled across 8 ranks, captions of 10 to 80 words), then runs
+as a user would, each under /usr/bin/time -v when it exists:
+  1. utils/merge.py on all K folders (K*N rows) -> composed.jsonl + composed_index.json each;
+  2. utils/merge_multi_caption.py --original ... --index ... (half of the indexes given as
+     composed_index.json, the rest as folders, i.e. composed.jsonl);
+  3. with --qa, step 2 again with --qa-report.
+Prints a table and writes JSON (--json).
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANKS = 8
+POOL = 20011  # distinct captions to draw from (a prime, so (a*i + b) % POOL spreads well)
+
+
+def make_vocabulary(rng, size=3000):
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["".join(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(size)]
+
+
+def make_pool(rng, vocabulary):
+    """Captions of 10 to 80 words in sentences of 6 to 15 words."""
+    pool = []
+    for _ in range(POOL):
+        words, sentences = rng.randint(10, 80), []
+        while words > 0:
+            n = min(words, rng.randint(6, 15))
+            sentence = [rng.choice(vocabulary) for _ in range(n)]
+            sentences.append(" ".join(sentence).capitalize() + ".")
+            words -= n
+        pool.append(" ".join(sentences))
+    return pool
+
+
+def image_path(i):
+    return f"/data/cc12m/images/{i // 10000:05d}/{i:09d}.jpg"
+
+
+def coprime_step(n):
+    """A step a with gcd(a, n) = 1, so i -> (a*i + b) % n is a shuffle that needs no memory."""
+    a = int(n * 0.6180339887) | 1
+    while gcd(a, n) != 1:
+        a += 2
+    return a
+
+
+def gcd(a, b):
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def make_data(workdir, rows, indexes, seed):
+    marker = os.path.join(workdir, "done.json")
+    wanted = {"rows": rows, "indexes": indexes, "seed": seed}
+    if os.path.exists(marker) and json.load(open(marker)) == wanted:
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    rng = random.Random(seed)
+    pool = make_pool(rng, make_vocabulary(rng))
+    encode = json.encoder.encode_basestring
+    with open(os.path.join(workdir, "original.jsonl"), "w") as f:
+        for i in range(rows):
+            f.write(f'{{"image": {encode(image_path(i))}, "caption": {encode(pool[(i * 7 + 3) % POOL][:120])}}}\n')
+    step = coprime_step(rows)
+    for k in range(indexes):
+        folder = os.path.join(workdir, "outputs", "model", "ckpt", f"prompt{k}")
+        os.makedirs(folder)
+        per_rank = -(-rows // RANKS)
+        for rank in range(RANKS):
+            with open(os.path.join(folder, f"captions-{rank:05d}-of-{RANKS:05d}.jsonl"), "w") as f:
+                for j in range(rank * per_rank, min(rows, (rank + 1) * per_rank)):
+                    i = (step * j + k) % rows  # every index in its own shuffled order
+                    caption = pool[(i * 31 + k * 7919) % POOL]
+                    f.write(f'{{"image": {encode(image_path(i))}, "caption": {encode(caption)}, '
+                            f'"model": "model", "prompt": "prompt{k}", "truncated": false}}\n')
+    json.dump(wanted, open(marker, "w"))
+
+
+def timed(command):
+    """Run command; -> (seconds, peak RSS in MiB) of the child, from /usr/bin/time -v if present."""
+    use_time = os.path.exists("/usr/bin/time")
+    start = time.perf_counter()
+    result = subprocess.run((["/usr/bin/time", "-v"] if use_time else []) + command,
+                            capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"merge_scale.py: error: {' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    if use_time:
+        peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    else:  # the largest child so far; children run one at a time, largest last is not guaranteed
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, peak_kib / 1024, result.stdout
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the original JSONL (default 1000000)")
+    parser.add_argument("--indexes", type=int, default=5, help="generated caption sources (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "merge_scale"),
+                        help="where the synthetic data and outputs go; data are reused when N, K and the seed "
+                             "match (default: <system temp>/merge_scale)")
+    parser.add_argument("--qa", action="store_true", help="also time merge_multi_caption.py with --qa-report")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (default: delete it at the end)")
+    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "merge_scale.json"),
+                        help="where to write the results (default bench/out/merge_scale.json)")
+    args = parser.parse_args()
+    workdir = os.path.join(args.workdir, f"n{args.rows}-k{args.indexes}")
+
+    start = time.perf_counter()
+    make_data(workdir, args.rows, args.indexes, args.seed)
+    print(f"merge_scale.py: data in {workdir} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    python = sys.executable
+    folders = [os.path.join(workdir, "outputs", "model", "ckpt", f"prompt{k}") for k in range(args.indexes)]
+    indexes = [os.path.join(f, "composed_index.json") if k % 2 else f for k, f in enumerate(folders)]
+    multi = [python, "utils/merge_multi_caption.py", "--original", os.path.join(workdir, "original.jsonl"),
+             "--output", os.path.join(workdir, "multi.jsonl"), "--tmp-dir", workdir]
+    for index in indexes:
+        multi += ["--index", index]
+    stages = [("merge.py", [python, "utils/merge.py", os.path.join(workdir, "outputs")], args.rows * args.indexes),
+              ("merge_multi_caption.py", multi, args.rows)]
+    if args.qa:
+        stages.append(("merge_multi_caption.py --qa-report",
+                       multi + ["--qa-report", os.path.join(workdir, "qa.json")], args.rows))
+    results = []
+    for name, command, rows in stages:
+        seconds, peak_mib, _ = timed(command)
+        results.append({"stage": name, "rows": rows, "seconds": round(seconds, 2),
+                        "rows_per_s": round(rows / seconds), "peak_rss_mib": round(peak_mib, 1)})
+        print(f"merge_scale.py: {name}: {seconds:.1f} s", file=sys.stderr)
+    with open(os.path.join(workdir, "multi.jsonl")) as f:
+        written = sum(1 for _ in f)
+    if written != args.rows:
+        sys.exit(f"merge_scale.py: error: merge_multi_caption.py wrote {written} rows, expected {args.rows}")
+
+    print(f"{'stage':<36} {'rows':>11} {'seconds':>8} {'rows/s':>9} {'peak RSS MiB':>13}")
+    for r in results:
+        print(f"{r['stage']:<36} {r['rows']:>11} {r['seconds']:>8.1f} {r['rows_per_s']:>9} {r['peak_rss_mib']:>13.1f}")
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "python": platform.python_version()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": args.rows, "indexes": args.indexes, "machine": machine, "results": results}, f, indent=1)
+    print(f"merge_scale.py: results written to {args.json}", file=sys.stderr)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

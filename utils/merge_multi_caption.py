@@ -1,0 +1,254 @@
+"""Join the original captions with generated ones into multi-caption JSONL for CLIP training.
+
+    python utils/merge_multi_caption.py --original original.jsonl \\
+        --index outputs/internvl/InternVL2-8B/detail --index outputs/internvl/InternVL2-8B/noun \\
+        --output multi.jsonl
+
+writes {"image": p, "caption": [original, c1, ..., cN]} in the original file's order, c1..cN in
+--index order. Memory stays bounded whatever the row count: the original and every index are split
+by a hash of the image path into buckets on disk (temporary files), each bucket is joined on its
+own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
+original order with the bucket number recorded for each original row.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from array import array
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
+                              trim_to_sentence, write_report)
+from utils.records import RecordError, index_format, iter_json_lines, iter_json_object  # noqa: E402
+
+# Input bytes per bucket: one bucket of all the indexes in memory is then a few hundred MiB at most.
+BYTES_PER_BUCKET = 96 << 20
+MAX_BUCKETS = 1000  # each bucket is an open file during the last pass
+
+encode = json.encoder.encode_basestring
+
+
+class MergeError(Exception):
+    """A user mistake: reported as one line, exit status 1."""
+
+
+def resolve_index(path):
+    """An index file, or a folder holding composed.jsonl (preferred: it keeps the truncated flags)
+    or composed_index.json."""
+    if os.path.isdir(path):
+        for name in ("composed.jsonl", "composed_index.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise MergeError(f"no composed.jsonl or composed_index.json in {path} (run utils/merge.py on it first)")
+    if not os.path.isfile(path):
+        raise MergeError(f"no such file or folder: {path}")
+    return path
+
+
+def iter_index(path):
+    """Yield (image, caption, truncated or None) from a composed_index.json or a composed.jsonl."""
+    if index_format(path) == "object":
+        for number, (image, caption) in enumerate(iter_json_object(path)):
+            if not isinstance(caption, str):
+                raise RecordError(f"{path}: member {number} ({image}): the caption is not a string")
+            yield image, caption, None
+        return
+    for number, record in iter_json_lines(path, allow_partial_last=True):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) \
+                or not isinstance(record.get("caption"), str):
+            raise RecordError(f"{path}:{number}: expected {{\"image\": string, \"caption\": string}}")
+        truncated = record.get("truncated")
+        yield record["image"], record["caption"], truncated if isinstance(truncated, bool) else None
+
+
+def iter_original(path):
+    """Yield (image, [captions]) from the original JSONL; a caption may already be a list (e.g. the
+    output of an earlier multi-caption merge)."""
+    for number, record in iter_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise RecordError(f"{path}:{number}: expected an object with an \"image\" string")
+        caption = record.get("caption")
+        if isinstance(caption, str):
+            yield record["image"], [caption]
+        elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+            yield record["image"], caption
+        else:
+            raise RecordError(f"{path}:{number}: \"caption\" must be a string or a list of strings")
+
+
+def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
+          tmp_dir=None):
+    """Write the multi-caption JSONL; return a summary dict.
+
+    qa: a Checker to flag captions and gather statistics (needed by trim_truncated and drop_flags).
+    """
+    total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
+    num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    stats = [SourceStats(original)] + [SourceStats(p) for p in indexes] if qa else None
+    summary = {"rows_in": 0, "rows_out": 0, "rows_dropped": 0, "buckets": num_buckets,
+               "indexes": [{"path": p, "entries": 0, "duplicates": 0, "missing": 0, "trimmed": 0,
+                            "dropped_flagged": 0} for p in indexes]}
+    work = tempfile.mkdtemp(prefix="merge-multi-", dir=tmp_dir)
+    try:
+        # Pass 1: the original, split into buckets; the bucket of each row, in order, goes to `order`.
+        bucket_path = lambda kind, b: os.path.join(work, f"{kind}-{b}")  # noqa: E731
+        order_path = os.path.join(work, "order")
+        buckets = [open(bucket_path("original", b), "w", encoding="utf-8") for b in range(num_buckets)]
+        order = array("H")
+        with open(order_path, "wb") as order_out:
+            for image, captions in iter_original(original):
+                b = hash(image) % num_buckets
+                buckets[b].write(f"{encode(image)}\t{', '.join(map(encode, captions))}\n")
+                order.append(b)
+                if len(order) >= 1 << 20:
+                    order.tofile(order_out)
+                    del order[:]
+                if qa:
+                    for caption in captions:
+                        stats[0].add(image, caption, qa.flags(caption))
+                summary["rows_in"] += 1
+            order.tofile(order_out)
+        for f in buckets:
+            f.close()
+
+        # Pass 2: each index, split the same way; lines are "<index number>\t<image>\t<caption>".
+        buckets = [open(bucket_path("index", b), "w", encoding="utf-8") for b in range(num_buckets)]
+        for k, path in enumerate(indexes):
+            counts = summary["indexes"][k]
+            for image, caption, truncated in iter_index(path):
+                counts["entries"] += 1
+                if qa:
+                    flags = qa.flags(caption, truncated)
+                    stats[k + 1].add(image, caption, flags)
+                    if trim_truncated and "truncated" in flags:
+                        trimmed = trim_to_sentence(caption)
+                        if trimmed != caption:
+                            caption = trimmed
+                            counts["trimmed"] += 1
+                    if drop_flags and any(flag in drop_flags for flag in flags):
+                        counts["dropped_flagged"] += 1
+                        continue  # treated as missing below, as the user asked
+                buckets[hash(image) % num_buckets].write(f"{k}\t{encode(image)}\t{encode(caption)}\n")
+        for f in buckets:
+            f.close()
+
+        # Pass 3: join bucket by bucket; one output line per original row, "\n" for a dropped row.
+        for b in range(num_buckets):
+            captions = [{} for _ in indexes]
+            with open(bucket_path("index", b), encoding="utf-8") as f:
+                for line in f:
+                    k, image_json, caption_json = line.split("\t")
+                    index = captions[int(k)]
+                    if image_json in index:
+                        summary["indexes"][int(k)]["duplicates"] += 1  # first kept, as in merge.py
+                    else:
+                        index[image_json] = caption_json[:-1]
+            os.remove(bucket_path("index", b))
+            with open(bucket_path("original", b), encoding="utf-8") as rows, \
+                    open(bucket_path("joined", b), "w", encoding="utf-8") as joined:
+                for line in rows:
+                    image_json, original_json = line[:-1].split("\t")
+                    found = [index.get(image_json) for index in captions]
+                    if None in found:
+                        for k, caption_json in enumerate(found):
+                            if caption_json is None:
+                                summary["indexes"][k]["missing"] += 1
+                        if missing == "drop":
+                            joined.write("\n")
+                            continue
+                        found = [c for c in found if c is not None]
+                    joined.write(f'{{"image": {image_json}, "caption": [{", ".join([original_json, *found])}]}}\n')
+            os.remove(bucket_path("original", b))
+            del captions
+
+        # Pass 4: the joined rows back in the original order.
+        joined = [open(bucket_path("joined", b), encoding="utf-8") for b in range(num_buckets)]
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(order_path, "rb") as order_in, open(output, "w", encoding="utf-8") as out:
+            while True:
+                order = array("H")
+                try:
+                    order.fromfile(order_in, 1 << 20)
+                except EOFError:
+                    pass  # the last, shorter chunk was read
+                if not order:
+                    break
+                for b in order:
+                    line = joined[b].readline()
+                    if line == "\n":
+                        summary["rows_dropped"] += 1
+                    else:
+                        out.write(line)
+                        summary["rows_out"] += 1
+        for f in joined:
+            f.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if qa:
+        summary["qa"] = [s.summary() for s in stats]
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
+                    "[original, c1, ..., cN]} per line, in the original file's order, c1..cN in --index order.")
+    parser.add_argument("--original", required=True, metavar="ORIG.jsonl",
+                        help="JSONL with {\"image\", \"caption\"} per line (caption: a string, or a list that is "
+                             "extended)")
+    parser.add_argument("--index", action="append", required=True, metavar="FILE",
+                        help="generated captions: a composed_index.json ({image: caption}), a composed.jsonl, "
+                             "or a folder holding one (utils/merge.py's output). Repeat it; the order is kept")
+    parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="the multi-caption JSONL to write")
+    parser.add_argument("--missing", choices=("drop", "keep-shorter"), default="drop",
+                        help="an image missing from some index: drop the row (default; every row then has "
+                             "1 + N captions in a fixed order, as the original script required), or keep it "
+                             "with the captions that exist (the list is shorter and positions shift)")
+    parser.add_argument("--qa-report", metavar="FILE",
+                        help="flag captions (" + ", ".join(FLAGS) + "; see utils/caption_qa.py), print "
+                             "statistics per source and write them with examples as JSON to FILE")
+    parser.add_argument("--trim-truncated", action="store_true",
+                        help="cut generated captions flagged truncated back to their last complete sentence "
+                             "(one with no complete sentence stays as it is)")
+    parser.add_argument("--drop-flagged", metavar="FLAGS",
+                        help="comma-separated flags whose generated captions are left out, i.e. treated as "
+                             "missing from their index (then --missing decides); nothing is dropped otherwise")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
+    parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (about the size of all inputs); "
+                                          "default: the system's temporary folder")
+    args = parser.parse_args(argv)
+    drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
+    unknown = [f for f in drop_flags if f not in FLAGS]
+    if unknown:
+        parser.error(f"--drop-flagged: unknown flag {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+    try:
+        if not os.path.isfile(args.original):
+            raise MergeError(f"no such file: {args.original}")
+        indexes = [resolve_index(p) for p in args.index]
+        qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
+        summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
+                        args.tmp_dir)
+    except (MergeError, RecordError) as e:
+        sys.exit(f"merge_multi_caption.py: error: {e}")
+    except OSError as e:
+        sys.exit(f"merge_multi_caption.py: error: {e.filename or ''}: {e.strerror}")
+    for counts in summary["indexes"]:
+        extra = (f", {counts['trimmed']} trimmed" if args.trim_truncated else "") + \
+                (f", {counts['dropped_flagged']} left out as flagged" if drop_flags else "") + \
+                (f", {counts['duplicates']} duplicates (first kept)" if counts["duplicates"] else "")
+        print(f"merge_multi_caption.py: index {counts['path']}: {counts['entries']} entries, "
+              f"{counts['missing']} original images missing{extra}")
+    print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "
+          f"{summary['rows_dropped']} dropped (missing captions, --missing {args.missing}) -> {args.output}")
+    if "qa" in summary:
+        print_table(summary["qa"])
+        if args.qa_report:
+            write_report(args.qa_report, summary["qa"], f"regex {TOKEN_PATTERN}")
+            print(f"merge_multi_caption.py: QA report written to {args.qa_report}")
+
+
+if __name__ == "__main__":
+    main()
