@@ -75,7 +75,8 @@ class Checker:
         self.prompt_hints = {p.split()[0] for p in self.prompts}
 
     def flags(self, text, truncated=None):
-        words = text.split()
+        lowered = text.lower()
+        words = lowered.split()
         if not words:
             return ("empty",)
         found = []
@@ -84,7 +85,6 @@ class Checker:
             found.append("truncated")
         if self._repeats(words, text):
             found.append("repetition")
-        lowered = text.lower()
         # Substring tests first: the regexes cost more than everything else together.
         if any(hint in lowered for hint in REFUSAL_HINTS) and REFUSAL.search(text):
             found.append("refusal")
@@ -94,15 +94,14 @@ class Checker:
         return tuple(found)
 
     @staticmethod
-    def _repeats(words, text):
-        lowered = [w.lower() for w in words]
-        grams = list(zip(lowered, lowered[1:], lowered[2:], lowered[3:]))
-        repeated = len(grams) - len(set(grams))
-        if len(grams) >= 8 and repeated >= REPEATED_FRACTION * len(grams):
+    def _repeats(lowered, text):
+        grams = len(lowered) - 3
+        repeated = grams - len(set(zip(lowered, lowered[1:], lowered[2:], lowered[3:]))) if grams > 0 else 0
+        if grams >= 8 and repeated >= REPEATED_FRACTION * grams:
             return True
         # A phrase of 2 to 6 words said three times in a row repeats a 4-gram, one word said three
         # times has equal neighbours; only then is the (slower) regex worth running.
-        if repeated or any(a == b for a, b in zip(lowered, lowered[1:])):
+        if repeated or any(map(str.__eq__, lowered, lowered[1:])):
             return CONSECUTIVE_REPEAT.search(text) is not None
         return False
 

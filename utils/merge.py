@@ -139,7 +139,7 @@ def iter_rows(path, on_partial):
         yield image, caption, record.get("truncated") is True
 
 
-def merge_group(files, destination, name_prefix):
+def merge_group(files, destination, name_prefix, num_buckets=None):
     """Write composed.jsonl and composed_index.json for one group; return the summary numbers.
 
     Pass 1 writes every row to both outputs (as temporary files) and each image path, with its row
@@ -150,8 +150,9 @@ def merge_group(files, destination, name_prefix):
     os.makedirs(destination, exist_ok=True)
     jsonl_path = os.path.join(destination, name_prefix + "composed.jsonl")
     index_path = os.path.join(destination, name_prefix + "composed_index.json")
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    if not num_buckets:
+        total_bytes = sum(os.path.getsize(f) for f in files)
+        num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
     partial = []
     work = tempfile.mkdtemp(prefix=".merge-", dir=destination)
     try:
@@ -228,11 +229,16 @@ def main(argv=None):
                         help="with INPUTs: write the outputs here (D/<folder relative to the INPUT folder> when "
                              "there are several groups); without INPUTs: the captioning output folder to merge "
                              "in place. Default: next to the caption files")
+    parser.add_argument("--buckets", type=int, metavar="N",
+                        help=f"hash buckets for finding duplicates (1 to {MAX_BUCKETS}); peak memory is about one "
+                             f"bucket's image paths. Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
     args = parser.parse_args(argv)
+    if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
+        parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
     try:
         plan = collect_groups(args.inputs, args.output_dir)
         for files, destination, name_prefix in plan:
-            result = merge_group(files, destination, name_prefix)
+            result = merge_group(files, destination, name_prefix, args.buckets)
             print(f"merge.py: {os.path.dirname(os.path.abspath(files[0]))}: {result['rows']} rows from "
                   f"{result['files']} files, {result['duplicates']} duplicates dropped (first kept), "
                   f"{result['partial']} partial endings skipped -> {result['outputs'][0]}, {result['outputs'][1]}")

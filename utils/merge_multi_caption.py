@@ -79,13 +79,14 @@ def iter_original(path):
 
 
 def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
-          tmp_dir=None):
+          tmp_dir=None, num_buckets=None):
     """Write the multi-caption JSONL; return a summary dict.
 
     qa: a Checker to flag captions and gather statistics (needed by trim_truncated and drop_flags).
     """
-    total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
-    num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    if not num_buckets:
+        total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
+        num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
     stats = [SourceStats(original)] + [SourceStats(p) for p in indexes] if qa else None
     summary = {"rows_in": 0, "rows_out": 0, "rows_dropped": 0, "buckets": num_buckets,
                "indexes": [{"path": p, "entries": 0, "duplicates": 0, "missing": 0, "trimmed": 0,
@@ -219,7 +220,12 @@ def main(argv=None):
                         help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
     parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (about the size of all inputs); "
                                           "default: the system's temporary folder")
+    parser.add_argument("--buckets", type=int, metavar="N",
+                        help=f"hash buckets (1 to {MAX_BUCKETS}); peak memory is about one bucket of all indexes. "
+                             f"Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
     args = parser.parse_args(argv)
+    if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
+        parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
     drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
     unknown = [f for f in drop_flags if f not in FLAGS]
     if unknown:
@@ -230,7 +236,7 @@ def main(argv=None):
         indexes = [resolve_index(p) for p in args.index]
         qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
         summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
-                        args.tmp_dir)
+                        args.tmp_dir, args.buckets)
     except (MergeError, RecordError) as e:
         sys.exit(f"merge_multi_caption.py: error: {e}")
     except OSError as e:
