@@ -12,6 +12,7 @@ and checking one bucket at a time.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -215,6 +216,10 @@ def merge_group(files, destination, name_prefix, num_buckets=None):
             "files": len(files), "outputs": (jsonl_path, index_path)}
 
 
+def merge_job(job):
+    return merge_group(*job)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Merge per-rank caption files into composed.jsonl ({image, caption} per line) and "
@@ -232,13 +237,23 @@ def main(argv=None):
     parser.add_argument("--buckets", type=int, metavar="N",
                         help=f"hash buckets for finding duplicates (1 to {MAX_BUCKETS}); peak memory is about one "
                              f"bucket's image paths. Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="groups merged in parallel (default: CPU count, at most 4)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
         parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
+    pool = None
     try:
         plan = collect_groups(args.inputs, args.output_dir)
-        for files, destination, name_prefix in plan:
-            result = merge_group(files, destination, name_prefix, args.buckets)
+        jobs = [(files, destination, name_prefix, args.buckets) for files, destination, name_prefix in plan]
+        if args.workers > 1 and len(jobs) > 1:
+            pool = multiprocessing.get_context("fork").Pool(min(args.workers, len(jobs)))
+            results = pool.imap(merge_job, jobs)  # summaries printed in order as groups finish
+        else:
+            results = map(merge_job, jobs)
+        for (files, _, _), result in zip(plan, results):
             print(f"merge.py: {os.path.dirname(os.path.abspath(files[0]))}: {result['rows']} rows from "
                   f"{result['files']} files, {result['duplicates']} duplicates dropped (first kept), "
                   f"{result['partial']} partial endings skipped -> {result['outputs'][0]}, {result['outputs'][1]}")
@@ -246,6 +261,10 @@ def main(argv=None):
         sys.exit(f"merge.py: error: {e}")
     except OSError as e:
         sys.exit(f"merge.py: error: {e.filename or ''}: {e.strerror}")
+    finally:
+        if pool:  # let the other groups finish and clean up their temporary files
+            pool.close()
+            pool.join()
 
 
 if __name__ == "__main__":

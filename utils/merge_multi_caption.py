@@ -12,10 +12,12 @@ original order with the bucket number recorded for each original row.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import zlib
 from array import array
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,96 +80,116 @@ def iter_original(path):
             raise RecordError(f"{path}:{number}: \"caption\" must be a string or a list of strings")
 
 
+def bucket_of(image):
+    # crc32, not hash(): hash() differs between processes unless they are forked from one parent.
+    return zlib.crc32(image.encode("utf-8", "surrogatepass"))
+
+
+def split_original(path, work, num_buckets, qa):
+    """Pass 1: the original rows into buckets; the bucket of each row, in order, into `order`."""
+    stats = SourceStats(path) if qa else None
+    buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
+    order, rows = array("H"), 0
+    with open(os.path.join(work, "order"), "wb") as order_out:
+        for image, captions in iter_original(path):
+            b = bucket_of(image) % num_buckets
+            buckets[b].write(f"{encode(image)}\t{', '.join(map(encode, captions))}\n")
+            order.append(b)
+            if len(order) >= 1 << 20:
+                order.tofile(order_out)
+                del order[:]
+            if qa:
+                for caption in captions:
+                    stats.add(image, caption, qa.flags(caption))
+            rows += 1
+        order.tofile(order_out)
+    for f in buckets:
+        f.close()
+    return rows, stats
+
+
+def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
+    """Pass 2: one index into buckets of "<image>\t<caption>" lines (JSON-encoded strings)."""
+    stats = SourceStats(path) if qa else None
+    counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
+    buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
+    for image, caption, truncated in iter_index(path):
+        counts["entries"] += 1
+        if qa:
+            flags = qa.flags(caption, truncated)
+            stats.add(image, caption, flags)
+            if trim_truncated and "truncated" in flags:
+                trimmed = trim_to_sentence(caption)
+                if trimmed != caption:
+                    caption = trimmed
+                    counts["trimmed"] += 1
+            if drop_flags and any(flag in drop_flags for flag in flags):
+                counts["dropped_flagged"] += 1
+                continue  # treated as missing when joining, as the user asked
+        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\t{encode(caption)}\n")
+    for f in buckets:
+        f.close()
+    return counts, stats
+
+
+def join_bucket(b, work, num_indexes, missing):
+    """Pass 3: one bucket: each index's captions into a dict (the last entry of an image wins, as
+    with json.load), then one line per original row of the bucket, "\n" for a dropped row."""
+    captions = []
+    for k in range(num_indexes):
+        with open(os.path.join(work, f"index{k}-{b}"), encoding="utf-8") as f:
+            captions.append(dict(line.split("\t", 1) for line in f))  # values keep their "\n"
+        os.remove(os.path.join(work, f"index{k}-{b}"))
+    missed = [0] * num_indexes
+    with open(os.path.join(work, f"original-{b}"), encoding="utf-8") as rows, \
+            open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
+        for line in rows:
+            image_json, original_json = line[:-1].split("\t")
+            found = [index.get(image_json) for index in captions]
+            if None in found:
+                for k, caption_json in enumerate(found):
+                    if caption_json is None:
+                        missed[k] += 1
+                if missing == "drop":
+                    joined.write("\n")
+                    continue
+                found = [c for c in found if c is not None]
+            joined.write(f'{{"image": {image_json}, "caption": [{original_json}'
+                         f'{"".join(", " + c[:-1] for c in found)}]}}\n')
+    os.remove(os.path.join(work, f"original-{b}"))
+    return missed
+
+
 def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
-          tmp_dir=None, num_buckets=None):
+          tmp_dir=None, num_buckets=None, workers=1):
     """Write the multi-caption JSONL; return a summary dict.
 
-    qa: a Checker to flag captions and gather statistics (needed by trim_truncated and drop_flags).
+    qa: a caption_qa.Checker to flag captions and gather statistics (trim_truncated and drop_flags
+    need it). workers: processes for passes 1 to 3 (the original and each index are split in
+    parallel, then the buckets joined in parallel).
     """
     if not num_buckets:
         total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
         num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
-    stats = [SourceStats(original)] + [SourceStats(p) for p in indexes] if qa else None
-    summary = {"rows_in": 0, "rows_out": 0, "rows_dropped": 0, "buckets": num_buckets,
-               "indexes": [{"path": p, "entries": 0, "duplicates": 0, "missing": 0, "trimmed": 0,
-                            "dropped_flagged": 0} for p in indexes]}
     work = tempfile.mkdtemp(prefix="merge-multi-", dir=tmp_dir)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
     try:
-        # Pass 1: the original, split into buckets; the bucket of each row, in order, goes to `order`.
-        bucket_path = lambda kind, b: os.path.join(work, f"{kind}-{b}")  # noqa: E731
-        order_path = os.path.join(work, "order")
-        buckets = [open(bucket_path("original", b), "w", encoding="utf-8") for b in range(num_buckets)]
-        order = array("H")
-        with open(order_path, "wb") as order_out:
-            for image, captions in iter_original(original):
-                b = hash(image) % num_buckets
-                buckets[b].write(f"{encode(image)}\t{', '.join(map(encode, captions))}\n")
-                order.append(b)
-                if len(order) >= 1 << 20:
-                    order.tofile(order_out)
-                    del order[:]
-                if qa:
-                    for caption in captions:
-                        stats[0].add(image, caption, qa.flags(caption))
-                summary["rows_in"] += 1
-            order.tofile(order_out)
-        for f in buckets:
-            f.close()
-
-        # Pass 2: each index, split the same way; lines are "<index number>\t<image>\t<caption>".
-        buckets = [open(bucket_path("index", b), "w", encoding="utf-8") for b in range(num_buckets)]
-        for k, path in enumerate(indexes):
-            counts = summary["indexes"][k]
-            for image, caption, truncated in iter_index(path):
-                counts["entries"] += 1
-                if qa:
-                    flags = qa.flags(caption, truncated)
-                    stats[k + 1].add(image, caption, flags)
-                    if trim_truncated and "truncated" in flags:
-                        trimmed = trim_to_sentence(caption)
-                        if trimmed != caption:
-                            caption = trimmed
-                            counts["trimmed"] += 1
-                    if drop_flags and any(flag in drop_flags for flag in flags):
-                        counts["dropped_flagged"] += 1
-                        continue  # treated as missing below, as the user asked
-                buckets[hash(image) % num_buckets].write(f"{k}\t{encode(image)}\t{encode(caption)}\n")
-        for f in buckets:
-            f.close()
-
-        # Pass 3: join bucket by bucket; one output line per original row, "\n" for a dropped row.
-        for b in range(num_buckets):
-            captions = [{} for _ in indexes]
-            with open(bucket_path("index", b), encoding="utf-8") as f:
-                for line in f:
-                    k, image_json, caption_json = line.split("\t")
-                    index = captions[int(k)]
-                    if image_json in index:
-                        summary["indexes"][int(k)]["duplicates"] += 1  # first kept, as in merge.py
-                    else:
-                        index[image_json] = caption_json[:-1]
-            os.remove(bucket_path("index", b))
-            with open(bucket_path("original", b), encoding="utf-8") as rows, \
-                    open(bucket_path("joined", b), "w", encoding="utf-8") as joined:
-                for line in rows:
-                    image_json, original_json = line[:-1].split("\t")
-                    found = [index.get(image_json) for index in captions]
-                    if None in found:
-                        for k, caption_json in enumerate(found):
-                            if caption_json is None:
-                                summary["indexes"][k]["missing"] += 1
-                        if missing == "drop":
-                            joined.write("\n")
-                            continue
-                        found = [c for c in found if c is not None]
-                    joined.write(f'{{"image": {image_json}, "caption": [{", ".join([original_json, *found])}]}}\n')
-            os.remove(bucket_path("original", b))
-            del captions
+        jobs = [(split_original, (original, work, num_buckets, qa))]
+        jobs += [(split_index, (k, p, work, num_buckets, qa, trim_truncated, drop_flags))
+                 for k, p in enumerate(indexes)]
+        split = starmap(call, jobs)
+        (rows_in, original_stats), index_results = split[0], split[1:]
+        summary = {"rows_in": rows_in, "rows_out": 0, "rows_dropped": 0, "buckets": num_buckets,
+                   "indexes": [counts for counts, _ in index_results]}
+        for missed in starmap(join_bucket, [(b, work, len(indexes), missing) for b in range(num_buckets)]):
+            for counts, n in zip(summary["indexes"], missed):
+                counts["missing"] += n
 
         # Pass 4: the joined rows back in the original order.
-        joined = [open(bucket_path("joined", b), encoding="utf-8") for b in range(num_buckets)]
+        joined = [open(os.path.join(work, f"joined-{b}"), encoding="utf-8") for b in range(num_buckets)]
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(order_path, "rb") as order_in, open(output, "w", encoding="utf-8") as out:
+        with open(os.path.join(work, "order"), "rb") as order_in, open(output, "w", encoding="utf-8") as out:
             while True:
                 order = array("H")
                 try:
@@ -186,10 +208,16 @@ def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=Fal
         for f in joined:
             f.close()
     finally:
+        if pool:
+            pool.terminate()
         shutil.rmtree(work, ignore_errors=True)
     if qa:
-        summary["qa"] = [s.summary() for s in stats]
+        summary["qa"] = [original_stats.summary()] + [stats.summary() for _, stats in index_results]
     return summary
+
+
+def call(function, args):
+    return function(*args)
 
 
 def main(argv=None):
@@ -223,7 +251,12 @@ def main(argv=None):
     parser.add_argument("--buckets", type=int, metavar="N",
                         help=f"hash buckets (1 to {MAX_BUCKETS}); peak memory is about one bucket of all indexes. "
                              f"Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="processes splitting and joining in parallel; memory grows with it "
+                             "(default: CPU count, at most 4)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
         parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
     drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
@@ -236,15 +269,14 @@ def main(argv=None):
         indexes = [resolve_index(p) for p in args.index]
         qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
         summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
-                        args.tmp_dir, args.buckets)
+                        args.tmp_dir, args.buckets, args.workers)
     except (MergeError, RecordError) as e:
         sys.exit(f"merge_multi_caption.py: error: {e}")
     except OSError as e:
         sys.exit(f"merge_multi_caption.py: error: {e.filename or ''}: {e.strerror}")
     for counts in summary["indexes"]:
         extra = (f", {counts['trimmed']} trimmed" if args.trim_truncated else "") + \
-                (f", {counts['dropped_flagged']} left out as flagged" if drop_flags else "") + \
-                (f", {counts['duplicates']} duplicates (first kept)" if counts["duplicates"] else "")
+                (f", {counts['dropped_flagged']} left out as flagged" if drop_flags else "")
         print(f"merge_multi_caption.py: index {counts['path']}: {counts['entries']} entries, "
               f"{counts['missing']} original images missing{extra}")
     print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "

@@ -5,6 +5,7 @@ array (the seed's input format and the original scripts' per-rank outputs) is de
 at a time, a JSONL file one line at a time.
 """
 import json
+import re
 from json.decoder import scanstring
 
 _CHUNK = 1 << 20
@@ -129,75 +130,72 @@ def iter_records(path, allow_truncated=False):
             yield record
 
 
+_BLANK = re.compile(r"[ \t\r\n\ufeff]*")
+
+
+class _NeedMore(Exception):
+    """The buffer ends inside the member being parsed."""
+
+
 def iter_json_object(path):
     """Yield (key, value) for each member of one JSON object, e.g. the seed's composed_index.json
     ({image: caption}), without holding the whole object in memory."""
     with open(path, encoding="utf-8") as f:
-        buf, pos, eof = "", 0, False
+        buf, eof = "", False
 
-        def fill():
-            nonlocal buf, pos, eof
-            chunk = f.read(_CHUNK)
-            eof = not chunk
-            buf = buf[pos:] + chunk
-            pos = 0
+        def char_at(i, what):
+            """Index of the first non-blank character from i, checked against `what`."""
+            i = _BLANK.match(buf, i).end()
+            if i >= len(buf):
+                raise _NeedMore
+            if buf[i] not in what:
+                raise RecordError(f"{path}: not valid JSON after {count} members: expected {' or '.join(map(repr, what))}")
+            return i
 
-        def skip_blank():
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in _WHITESPACE + "\ufeff":
-                    pos += 1
-                if pos < len(buf) or eof:
-                    return
-                fill()
+        def parse_member(pos):
+            """-> (key, value, position after the ',' or '}', that character)."""
+            i = char_at(pos, '"')
+            key, i = scanstring(buf, i + 1)
+            i = char_at(i, ":") + 1
+            i = _BLANK.match(buf, i).end()
+            if buf[i:i + 1] == '"':
+                value, i = scanstring(buf, i + 1)
+            else:
+                value, i = _decoder.raw_decode(buf, i)
+            i = char_at(i, ",}")
+            if i + 1 >= len(buf) and not eof and buf[i] == ",":
+                raise _NeedMore  # keep the next member's start in the buffer
+            return key, value, i + 1, buf[i]
 
-        def expect(chars, what):
-            nonlocal pos
-            skip_blank()
-            if pos >= len(buf):
-                raise RecordError(f"{path}: the JSON object is cut off after {count} members")
-            if buf[pos] not in chars:
-                raise RecordError(f"{path}: not valid JSON after {count} members: expected {what}")
-            pos += 1
-            return buf[pos - 1]
-
-        def decode(member):
-            # A value that ends exactly at the end of the buffer may continue in the next chunk
-            # (a number), so decode again once more text is in.
-            nonlocal pos
-            while True:
-                try:
-                    value, end = _decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:
-                        pos = end
-                        return value
-                except json.JSONDecodeError as e:
-                    if eof:
-                        raise RecordError(f"{path}: not valid JSON in member {member}: {e.msg}") from None
-                fill()
-
-        count = 0
-        fill()
-        expect("{", "a JSON object")
-        skip_blank()
-        if pos < len(buf) and buf[pos] == "}":
-            return
+        count, pos, opened = 0, 0, False
         while True:
-            skip_blank()
-            if pos >= len(buf):
-                raise RecordError(f"{path}: the JSON object is cut off after {count} members")
-            if buf[pos] != '"':
-                raise RecordError(f"{path}: not valid JSON in member {count}: expected a key string")
-            key = decode(count)
-            expect(":", "':'")
-            skip_blank()
-            value = decode(count)
+            try:
+                if not opened:
+                    i = _BLANK.match(buf, pos).end()
+                    if i >= len(buf):
+                        raise _NeedMore
+                    if buf[i] != "{":
+                        raise RecordError(f"{path}: expected a JSON object ({{image: caption}})")
+                    pos, opened = i + 1, True
+                if count == 0 and buf[char_at(pos, '"}')] == "}":
+                    pos = char_at(pos, "}") + 1
+                    break
+                key, value, pos, closer = parse_member(pos)
+            except (_NeedMore, json.JSONDecodeError, IndexError) as e:
+                if eof:
+                    if not opened:
+                        raise RecordError(f"{path}: the file is empty") from None
+                    what = e.msg if isinstance(e, json.JSONDecodeError) else "cut off"
+                    raise RecordError(f"{path}: not valid JSON in member {count}: {what}") from None
+                chunk = f.read(_CHUNK)
+                eof = not chunk
+                buf, pos = buf[pos:] + chunk, 0
+                continue
             yield key, value
             count += 1
-            if expect(",}", "',' or '}'") == "}":
+            if closer == "}":
                 break
-        skip_blank()
-        if pos < len(buf):
+        if buf[pos:].strip(_WHITESPACE) or f.read(1 << 16).strip(_WHITESPACE):
             raise RecordError(f"{path}: unexpected text after the JSON object")
 
 
