@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,19 +96,55 @@ def make_data(workdir, rows, indexes, seed):
 
 
 def timed(command):
-    """Run command; -> (seconds, peak RSS in MiB) of the child, from /usr/bin/time -v if present."""
+    """Run command; -> (wall seconds, CPU seconds (user + system, its worker processes included),
+    peak RSS in MiB of the largest process), measured by /usr/bin/time -v when it exists."""
     use_time = os.path.exists("/usr/bin/time")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run((["/usr/bin/time", "-v"] if use_time else []) + command,
-                            capture_output=True, text=True, cwd=ROOT)
+    process = subprocess.Popen((["/usr/bin/time", "-v"] if use_time else []) + command,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tree_peak = [0]
+    sampler = threading.Thread(target=sample_tree_rss, args=(process, tree_peak), daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - start
+    sampler.join()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         sys.exit(f"merge_scale.py: error: {' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     if use_time:
-        peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    else:  # the largest child so far; children run one at a time, largest last is not guaranteed
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, peak_kib / 1024, result.stdout
+        field = lambda name: float(re.search(rf"{name}: ([\d.]+)", result.stderr).group(1))  # noqa: E731
+        cpu = field(r"User time \(seconds\)") + field(r"System time \(seconds\)")
+        peak_kib = field(r"Maximum resident set size \(kbytes\)")
+    else:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        peak_kib = after.ru_maxrss  # the largest child so far
+    return seconds, cpu, peak_kib / 1024, tree_peak[0] / 1024
+
+
+def sample_tree_rss(process, peak):
+    """Largest sum of the RSS of `process` and all its descendants (worker processes run at the
+    same time, so the largest single process understates the memory used), every 0.1 s."""
+    while process.poll() is None:
+        parents, rss = {}, {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+                parents[int(pid)] = int(status["PPid"])
+                rss[int(pid)] = int(status.get("VmRSS", "0 kB").split()[0])
+            except (OSError, KeyError, ValueError):
+                continue
+        tree, grew = {process.pid}, True
+        while grew:
+            grew = False
+            for pid, parent in parents.items():
+                if parent in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        peak[0] = max(peak[0], sum(rss.get(pid, 0) for pid in tree))
+        time.sleep(0.1)
 
 
 def main():
@@ -142,18 +179,25 @@ def main():
                        multi + ["--qa-report", os.path.join(workdir, "qa.json")], args.rows))
     results = []
     for name, command, rows in stages:
-        seconds, peak_mib, _ = timed(command)
-        results.append({"stage": name, "rows": rows, "seconds": round(seconds, 2),
-                        "rows_per_s": round(rows / seconds), "peak_rss_mib": round(peak_mib, 1)})
+        load = os.getloadavg()[0]
+        seconds, cpu, peak_mib, tree_mib = timed(command)
+        results.append({"stage": name, "command": " ".join(command), "rows": rows, "seconds": round(seconds, 2),
+                        "cpu_seconds": round(cpu, 2), "rows_per_s": round(rows / seconds),
+                        "peak_rss_mib": round(peak_mib, 1), "peak_rss_all_processes_mib": round(tree_mib, 1),
+                        "load_average_before": load})
         print(f"merge_scale.py: {name}: {seconds:.1f} s", file=sys.stderr)
     with open(os.path.join(workdir, "multi.jsonl")) as f:
         written = sum(1 for _ in f)
     if written != args.rows:
         sys.exit(f"merge_scale.py: error: merge_multi_caption.py wrote {written} rows, expected {args.rows}")
 
-    print(f"{'stage':<36} {'rows':>11} {'seconds':>8} {'rows/s':>9} {'peak RSS MiB':>13}")
+    # Other people's jobs on the same cores stretch wall time; CPU seconds and the load average
+    # before each stage tell how much.
+    # Peak RSS: of the largest process (/usr/bin/time) and of all its processes together (sampled).
+    print(f"{'stage':<36} {'rows':>9} {'wall s':>7} {'CPU s':>7} {'rows/s':>8} {'RSS MiB':>8} {'all MiB':>8} {'load':>5}")
     for r in results:
-        print(f"{r['stage']:<36} {r['rows']:>11} {r['seconds']:>8.1f} {r['rows_per_s']:>9} {r['peak_rss_mib']:>13.1f}")
+        print(f"{r['stage']:<36} {r['rows']:>9} {r['seconds']:>7.1f} {r['cpu_seconds']:>7.1f} {r['rows_per_s']:>8} "
+              f"{r['peak_rss_mib']:>8.1f} {r['peak_rss_all_processes_mib']:>8.1f} {r['load_average_before']:>5.1f}")
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "python": platform.python_version()}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -223,6 +223,8 @@ def main(argv=None):
                         help="composed.jsonl, composed_index.json, captions-*.jsonl, a multi-caption JSONL, "
                              "or a folder of captions-*.jsonl")
     parser.add_argument("--report", metavar="FILE", help="write the statistics, flag counts and examples as JSON")
+    parser.add_argument("--flagged", metavar="FILE",
+                        help="write every flagged caption as JSONL: {\"source\", \"image\", \"flags\", \"caption\"}")
     parser.add_argument("--names", help="comma-separated source names for the positions of a multi-caption "
                                         "JSONL (default: caption[0], caption[1], ...)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
@@ -236,6 +238,7 @@ def main(argv=None):
         count_tokens, counter_name = token_counter(args.tokenizer)
         checker = Checker(args.prompt)
         summaries = []
+        flagged = open(args.flagged, "w", encoding="utf-8") if args.flagged else None
         for item in args.inputs:
             if os.path.isdir(item):
                 from utils.merge import OUR_FILE
@@ -258,8 +261,14 @@ def main(argv=None):
                             label = names[position] if position < len(names) else (
                                 f"caption[{position}]" if len(captions) > 1 or position else "")
                             sources[position] = SourceStats(f"{item} {label}".strip(), args.examples, count_tokens)
-                        sources[position].add(image, text, checker.flags(text, truncated if len(captions) == 1 else None))
+                        flags = checker.flags(text, truncated if len(captions) == 1 else None)
+                        sources[position].add(image, text, flags)
+                        if flagged and flags:
+                            flagged.write(json.dumps({"source": sources[position].name, "image": image,
+                                                      "flags": list(flags), "caption": text}, ensure_ascii=False) + "\n")
             summaries += [sources[k].summary() for k in sorted(sources)]
+        if flagged:
+            flagged.close()
     except RecordError as e:
         sys.exit(f"caption_qa.py: error: {e}")
     except OSError as e:
