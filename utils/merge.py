@@ -127,16 +127,18 @@ def iter_rows(path, on_partial):
         records = ((f"element {i}", record) for i, record in
                    enumerate(iter_json_array(path, allow_truncated=True, on_partial=on_partial)))
     else:
-        records = ((f"line {n}", record) for n, record in
-                   iter_json_lines(path, allow_partial_last=True, on_partial=on_partial))
+        records = iter_json_lines(path, allow_partial_last=True, on_partial=on_partial)
     for where, record in records:
-        if not isinstance(record, dict):
-            raise RecordError(f"{path}: {where}: expected an object, got {type(record).__name__}")
-        image, caption = record.get("image"), record.get("caption")
-        if not isinstance(image, str):
-            raise RecordError(f"{path}: {where}: no \"image\" string")
-        if not isinstance(caption, str):
-            raise RecordError(f"{path}: {where}: no \"caption\" string")
+        try:
+            image, caption = record["image"], record["caption"]
+            if type(image) is not str or type(caption) is not str:
+                raise TypeError
+        except (KeyError, TypeError):
+            where = where if isinstance(where, str) else f"line {where}"
+            if not isinstance(record, dict):
+                raise RecordError(f"{path}: {where}: expected an object, got {type(record).__name__}") from None
+            key = "image" if not isinstance(record.get("image"), str) else "caption"
+            raise RecordError(f"{path}: {where}: no \"{key}\" string") from None
         yield image, caption, record.get("truncated") is True
 
 

@@ -107,18 +107,25 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None):
     allow_partial_last: a last line without its newline that does not parse (a writer killed
     mid-line) is skipped instead of raising; on_partial, if given, is called with its line number.
     """
+    scan = _decoder.scan_once  # the C scanner behind json.loads, without its Python wrappers
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                if allow_partial_last and not line.endswith("\n"):
-                    if on_partial:
-                        on_partial(number)
-                    return
-                raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+                record, end = scan(line, 0)
+                if end < len(line) and not line[end:].isspace():
+                    raise StopIteration
+            except (StopIteration, json.JSONDecodeError):  # not one JSON value at column 0: json.loads decides
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if allow_partial_last and not line.endswith("\n"):
+                        if on_partial:
+                            on_partial(number)
+                        return
+                    raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+            yield number, record
 
 
 def iter_records(path, allow_truncated=False):
