@@ -58,11 +58,13 @@ def iter_index(path):
             yield image, caption, None
         return
     for number, record in iter_json_lines(path, allow_partial_last=True):
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str) \
-                or not isinstance(record.get("caption"), str):
-            raise RecordError(f"{path}:{number}: expected {{\"image\": string, \"caption\": string}}")
-        truncated = record.get("truncated")
-        yield record["image"], record["caption"], truncated if isinstance(truncated, bool) else None
+        try:
+            image, caption, truncated = record["image"], record["caption"], record.get("truncated")
+            if type(image) is not str or type(caption) is not str:
+                raise TypeError
+        except (KeyError, TypeError, AttributeError):
+            raise RecordError(f"{path}:{number}: expected {{\"image\": string, \"caption\": string}}") from None
+        yield image, caption, truncated if type(truncated) is bool else None
 
 
 def iter_original(path):
@@ -154,8 +156,8 @@ def join_bucket(b, work, num_indexes, missing):
                     joined.write("\n")
                     continue
                 found = [c for c in found if c is not None]
-            joined.write(f'{{"image": {image_json}, "caption": [{original_json}'
-                         f'{"".join(", " + c[:-1] for c in found)}]}}\n')
+            joined.write('{"image": ' + image_json + ', "caption": [' + original_json
+                         + "".join([", " + c[:-1] for c in found]) + "]}\n")
     os.remove(os.path.join(work, f"original-{b}"))
     return missed
 
