@@ -29,10 +29,365 @@ The contract a captioner class fulfils:
                            truncated) where truncated means generation stopped at
                            --max-new-tokens without reaching the end token.
 """
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
 from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from utils.images import UnreadableImage, open_image
+from utils.records import RecordError, iter_records
 
 
 class Caption(NamedTuple):
     text: str
     truncated: bool
 
+
+class UserError(Exception):
+    """A mistake in the command or the input: reported as one line, exit status 2."""
+
+
+# Output line fields written by the loop; input keys of the same name are kept as "input_<key>".
+OUTPUT_FIELDS = ("image", "caption", "model", "prompt", "truncated")
+
+
+def build_parser(captioner):
+    parser = argparse.ArgumentParser(
+        prog=f"{captioner.name}.py",
+        description=f"Caption the images of an input file with {captioner.name} "
+        f"(one shard per process when launched by torchrun/SLURM; see README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--input-json", required=True, help='images to caption: a JSON array [{"image": path}, ...] or JSONL '
+        "with one such object per line; other keys are copied to the output")
+    add("--image-root", help="folder that relative image paths are resolved against (default: the input file's folder)")
+    add("--output-dir", default="outputs", help="where <model>/<checkpoint>/<prompt>/captions-*.jsonl go")
+    add("--model", default=captioner.default_model, help="checkpoint: hub id or local folder")
+    add("--prompt", action="append", metavar="KEY_OR_TEXT",
+        help=f"prompt preset key ({', '.join(captioner.prompts)}) or free text; repeat for several prompts "
+        f"(default: {captioner.default_prompt})")
+    add("--prompts", metavar="KEY,KEY", help="several preset keys, comma-separated: every image is read once and "
+        "captioned with each; one output per prompt")
+    add("--batch-size", type=int, default=8, help="images per generate() call")
+    add("--max-new-tokens", type=int, default=77, help="longest caption in tokens (the seed's 77)")
+    add("--temperature", type=float, default=None, help="0 for greedy decoding; >0 samples "
+        "(default: the model's own default, see README)")
+    add("--top-p", type=float, default=None, help="nucleus sampling threshold (default: the model's own)")
+    add("--num-beams", type=int, default=1, help="beam search width")
+    add("--seed", type=int, default=0, help="random seed for sampling (each process adds its rank)")
+    add("--num-workers", type=int, default=4, help="image loading and preprocessing processes per GPU process")
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help=f"weights and activations; auto: {captioner.default_dtype} on GPU, float32 on CPU")
+    add("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+        help="attention kernel (flash_attention_2 needs the flash-attn package)")
+    add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
+    add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
+        "number of processes (torchrun's WORLD_SIZE or SLURM_NTASKS)")
+    add("--overwrite", action="store_true", help="delete this model/prompt's earlier outputs and start afresh "
+        "(default: resume, skipping what is done)")
+    add("--check-input", action="store_true", help="only check the flags and the input file, then exit "
+        "(generate.sh does this once before it starts several processes)")
+    add("--retry-errors", action="store_true", help="try again images that an earlier run recorded as unreadable")
+    if hasattr(captioner, "add_arguments"):
+        captioner.add_arguments(parser)
+    parser.set_defaults(**captioner.defaults)
+    return parser
+
+
+def distributed_env():
+    """(rank, world size, local rank) from torchrun's variables or SLURM's; (0, 1, 0) when neither."""
+    for rank_var, world_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                                           ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank_var in os.environ and world_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[world_var]), int(os.environ.get(local_var, 0))
+    return 0, 1, 0
+
+
+def resolve_prompts(args, captioner):
+    """Ordered {key: text}. Free-text prompts get a key derived from their text, so reruns resume."""
+    requested = list(args.prompt or [])
+    if args.prompts:
+        keys = [key.strip() for key in args.prompts.split(",") if key.strip()]
+        for key in keys:
+            if key not in captioner.prompts:
+                raise UserError(f"--prompts: unknown preset {key!r} (presets: {', '.join(captioner.prompts)})")
+        requested += keys
+    if not requested:
+        requested = [captioner.default_prompt]
+    prompts = {}
+    for item in requested:
+        if item in captioner.prompts:
+            prompts[item] = captioner.prompts[item]
+        else:
+            prompts["custom-" + hashlib.sha1(item.encode()).hexdigest()[:8]] = item
+    return prompts
+
+
+def shard_bounds(total, rank, world):
+    """The seed's split: rank r takes the r-th contiguous slice, the last rank also the remainder."""
+    size = total // world
+    return rank * size, total if rank == world - 1 else (rank + 1) * size
+
+
+def read_shard(path, rank, world, limit):
+    """Validate the whole input, then keep only this rank's slice as [(path, extra keys or None)]."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    total = 0
+    try:
+        for index, record in enumerate(iter_records(path)):
+            if limit is not None and index >= limit:
+                break
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: entry {index} is not an object like {{\"image\": path}}")
+            if not isinstance(record.get("image"), str) or not record["image"]:
+                raise UserError(f"{path}: entry {index} has no \"image\" path")
+            total += 1
+        start, stop = shard_bounds(total, rank, world)
+        shard = []
+        for index, record in enumerate(iter_records(path)):
+            if index >= stop:
+                break
+            if index >= start:
+                extra = {(f"input_{k}" if k in OUTPUT_FIELDS else k): v for k, v in record.items() if k != "image"}
+                shard.append((record["image"], extra or None))
+    except RecordError as e:
+        raise UserError(str(e)) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    return shard, total
+
+
+def model_tag(model):
+    """Output folder name of a checkpoint: the last part of its hub id or path."""
+    return Path(model.rstrip("/")).name or "model"
+
+
+def recorded_images(folder, pattern, keep):
+    """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
+    found = set()
+    for file in sorted(Path(folder).glob(pattern)):
+        with open(file, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    image = json.loads(line)["image"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a killed writer's partial last line
+                if image in keep:
+                    found.add(image)
+    return found
+
+
+def open_for_append(path):
+    """Open a JSONL file for appending, first cutting off a partial last line left by a killed run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def write_lines(file, rows):
+    for row in rows:
+        file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def generation_kwargs(args, **model_defaults):
+    """generate() kwargs from the common decoding flags; a flag left unset keeps the model's default.
+
+    --temperature 0 means greedy; model_defaults may hold temperature/top_p (the seed's values for
+    that model) and any fixed kwargs the model's reference passes.
+    """
+    kwargs = dict(model_defaults)
+    kwargs["max_new_tokens"] = args.max_new_tokens
+    kwargs["num_beams"] = args.num_beams
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    if args.top_p is not None:
+        kwargs["top_p"] = args.top_p
+    if "temperature" in kwargs:
+        if kwargs["temperature"] > 0:
+            kwargs["do_sample"] = True
+        else:
+            kwargs.pop("temperature")
+            kwargs.pop("top_p", None)
+            kwargs["do_sample"] = False
+    return kwargs
+
+
+def stopped_at_limit(new_token_ids, end_token_ids):
+    """True when a generated row holds no end token: generation ran into --max-new-tokens."""
+    return not any(int(token) in end_token_ids for token in new_token_ids)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Opens and prepares one image per item; runs in the DataLoader's worker processes."""
+
+    def __init__(self, items, image_root, prepare):
+        self.items, self.image_root, self.prepare = items, image_root, prepare
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path = self.items[index][0]
+        try:
+            prepared = self.prepare(open_image(os.path.join(self.image_root, image_path)))
+        except UnreadableImage as e:
+            return index, None, str(e)
+        except Exception as e:  # the model's own preprocessing refused this image (e.g. aspect ratio)
+            return index, None, f"cannot preprocess: {type(e).__name__}: {e}"
+        return index, prepared, None
+
+
+def _ignore_signals_in_worker(worker_id):
+    # The main process decides when to stop; a worker killed by Ctrl-C would lose its batch noisily.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def pick_device(local_rank):
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
+    tag = f"[{captioner_cls.name} rank {rank}/{world}]"
+    shard, total = read_shard(args.input_json, rank, world, args.limit)
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.input_json))
+    model_dir = Path(args.output_dir) / captioner_cls.name / model_tag(args.model)
+    suffix = f"{rank:05d}-of-{world:05d}.jsonl"
+    caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
+    error_file = model_dir / f"errors-{suffix}"
+
+    shard_images = {image for image, _ in shard}
+    if args.overwrite:
+        # Each rank removes its own files; rank 0 also those of other world sizes. No rank reads them.
+        for old in [*model_dir.glob("errors-*.jsonl"), *(f for key in prompts
+                                                         for f in (model_dir / key).glob("captions-*.jsonl"))]:
+            if old.name.endswith(suffix) or (rank == 0 and not old.name.endswith(f"-of-{world:05d}.jsonl")):
+                old.unlink(missing_ok=True)
+        done = {key: set() for key in prompts}
+        failed = set()
+    else:
+        done = {key: recorded_images(model_dir / key, "captions-*.jsonl", shard_images) for key in prompts}
+        failed = set() if args.retry_errors else recorded_images(model_dir, "errors-*.jsonl", shard_images)
+    pending, seen = [], set()
+    for image, extra in shard:
+        missing = [key for key in prompts if image not in done[key]]
+        if missing and image not in failed and image not in seen:
+            pending.append((image, extra, missing))
+        seen.add(image)
+    skipped = len(shard) - len(pending)
+    print(f"{tag} {len(shard)} of {total} input images in this shard; {skipped} already done or recorded as "
+          f"failed; {len(pending)} to caption into {model_dir}", file=sys.stderr, flush=True)
+    if not pending:
+        print(f"{tag} captioned 0, failed 0, skipped {skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
+        return 0
+
+    torch.manual_seed(args.seed + rank)
+    device = pick_device(local_rank)
+    if args.dtype == "auto":
+        args.dtype = captioner_cls.default_dtype if device.type == "cuda" else "float32"
+    args.dtype = getattr(torch, args.dtype)
+    captioner = captioner_cls(args, device)
+
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(pending, image_root, captioner.prepare), batch_size=args.batch_size,
+        num_workers=args.num_workers, collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
+        prefetch_factor=4 if args.num_workers else None,
+    )
+    stop_signal = None
+
+    def request_stop(signum, frame):
+        nonlocal stop_signal
+        stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        print(f"\n{tag} {signal.Signals(signum).name}: finishing the current batch, then stopping",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    outputs = {key: open_for_append(path) for key, path in caption_files.items()}
+    errors = open_for_append(error_file)
+    captioned = failed_now = 0
+    started = time.time()
+    progress = tqdm(total=len(pending), unit="img", desc=tag, dynamic_ncols=True,
+                    mininterval=1 if sys.stderr.isatty() else 30)
+    try:
+        for batch in loader:
+            good = [(index, prepared) for index, prepared, error in batch if error is None]
+            error_rows = [{"image": pending[index][0], "error": error} for index, _, error in batch if error]
+            if good:
+                wanted = [key for key in prompts if any(key in pending[index][2] for index, _ in good)]
+                results = captioner.caption([prepared for _, prepared in good], [prompts[key] for key in wanted])
+                for j, key in enumerate(wanted):
+                    rows = []
+                    for (index, _), per_prompt in zip(good, results):
+                        image, extra, missing = pending[index]
+                        if key in missing:
+                            rows.append({"image": image, "caption": per_prompt[j].text, "model": args.model,
+                                         "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
+                    write_lines(outputs[key], rows)
+            if error_rows:
+                write_lines(errors, error_rows)
+            captioned += len(good)
+            failed_now += len(error_rows)
+            progress.update(len(batch))
+            if stop_signal is not None:
+                break
+    finally:
+        progress.close()
+        for file in (*outputs.values(), errors):
+            file.close()
+    seconds = time.time() - started
+    print(f"{tag} captioned {captioned}, failed {failed_now}, skipped {skipped}, {seconds:.1f} s, "
+          f"{captioned / max(seconds, 1e-9):.2f} images/s", file=sys.stderr, flush=True)
+    if stop_signal is not None:
+        left = len(pending) - captioned - failed_now
+        print(f"{tag} stopped by {signal.Signals(stop_signal).name} with {left} images left; run the same "
+              f"command again to resume", file=sys.stderr, flush=True)
+        return 128 + stop_signal
+    return 0
+
+
+def run(captioner_cls):
+    """Command-line entry point of a model script."""
+    args = build_parser(captioner_cls).parse_args()
+    try:
+        rank, world, local_rank = distributed_env()
+        if args.numgpus is not None and args.numgpus != world:
+            raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
+                            f"(torchrun/SLURM world size); drop --numgpus or launch {args.numgpus}")
+        for flag in ("batch_size", "max_new_tokens", "num_beams"):
+            if getattr(args, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+        if args.num_workers < 0:
+            raise UserError("--num-workers must be 0 or more")
+        prompts = resolve_prompts(args, captioner_cls)
+        if args.check_input:
+            _, total = read_shard(args.input_json, 0, 1, args.limit)
+            print(f"{args.input_json}: {total} images, prompts: {', '.join(prompts)}", file=sys.stderr)
+            sys.exit(0)
+        status = caption_shard(captioner_cls, args, prompts, rank, world, local_rank)
+    except UserError as e:
+        print(f"{captioner_cls.name}.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)

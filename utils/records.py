@@ -87,7 +87,7 @@ def iter_json_array(path, allow_truncated=False, on_partial=None):
                     if eof:
                         if allow_truncated:
                             return truncated(f"half-written element {index}")
-                        raise RecordError(f"{path}: not valid JSON at element {index}: {e.msg}") from None
+                        raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
                     fill()
             pos = end
             yield element

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Caption an input file with one model, one process per GPU:
+#
+#   bash generate.sh INPUT MODEL [ARGS...]      MODEL: internvl, qwen, llava or minigpt4
+#
+# ARGS go to MODEL.py (see `python MODEL.py --help`). Processes never talk to each other: each takes
+# its rank and world size from the environment and captions its own shard of INPUT.
+#   NUM_GPUS      processes on this node (default: the GPUs that CUDA_VISIBLE_DEVICES leaves; with no
+#                 GPU, one process on the CPU)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes, as for torchrun
+#   Under SLURM (srun sets SLURM_PROCID/SLURM_NTASKS), each task runs its one process directly.
+set -euo pipefail
+
+if [ $# -lt 2 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  [ $# -ge 2 ] && exit 0 || exit 2
+fi
+INPUT=$1
+MODEL=$2
+shift 2
+case "$MODEL" in
+  internvl|qwen|llava|minigpt4) ;;
+  *) echo "generate.sh: unknown model '$MODEL' (choose internvl, qwen, llava or minigpt4)" >&2; exit 2 ;;
+esac
+if [ ! -f "$INPUT" ]; then
+  echo "generate.sh: $INPUT: no such file" >&2
+  exit 2
+fi
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
+SCRIPT=("$HERE/$MODEL.py" --input-json "$INPUT" "$@")
+
+if [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_NTASKS:-}" ]; then
+  exec "$PYTHON" "${SCRIPT[@]}"
+fi
+if [ -z "${NUM_GPUS:-}" ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    NUM_GPUS=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+  else
+    NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
+fi
+NNODES=${NNODES:-1}
+if [ "$NUM_GPUS" -le 1 ] && [ "$NNODES" -eq 1 ]; then
+  exec "$PYTHON" "${SCRIPT[@]}"
+fi
+# One check before the launch: a mistake then reads as one line, not once per process plus torchrun's report.
+RANK=0 WORLD_SIZE=$((NUM_GPUS * NNODES)) "$PYTHON" "${SCRIPT[@]}" --check-input
+if [ "$NNODES" -eq 1 ]; then
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" "${SCRIPT[@]}"
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK for several nodes}" \
+  --nproc_per_node "$NUM_GPUS" --master_addr "${MASTER_ADDR:?set MASTER_ADDR for several nodes}" \
+  --master_port "${MASTER_PORT:-29500}" "${SCRIPT[@]}"

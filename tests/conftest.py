@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: checkpoints and sample images
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_command(args, check=True, **kwargs):
+    """Run a project command from the repository root as a user would, returning the finished process."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable,
+           **kwargs.pop("env", {})}
+    args = [sys.executable if arg == "python" and i == 0 else arg for i, arg in enumerate(args)]
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory):
+    from qwen_checkpoint import make_checkpoint
+    return str(make_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A folder with good images and broken entries: (folder, good names, broken names)."""
+    from sample_images import make_broken_entries, make_good_images
+    folder = tmp_path_factory.mktemp("images")
+    return folder, make_good_images(folder), make_broken_entries(folder)

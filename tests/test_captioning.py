@@ -1,0 +1,144 @@
+"""The shared loop through a real script (qwen.py on a tiny checkpoint): sharding, resume, signals, errors."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, read_jsonl, run_command
+from PIL import Image
+from sample_images import _pattern, write_input
+
+COUNT = 30
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dataset")
+    names = []
+    for i in range(COUNT):
+        names.append(f"photo-{i:02d}.png")
+        Image.fromarray(_pattern(40 + 7 * (i % 5), 40 + 5 * (i % 3), 100 + i)).save(folder / names[-1])
+    return write_input(folder / "input.json", names), names
+
+
+def command(checkpoint, input_file, out, *extra):
+    return ["python", "qwen.py", "--input-json", str(input_file), "--model", checkpoint, "--output-dir", str(out),
+            "--max-new-tokens", "6", "--temperature", "0", "--num-workers", "0", *extra]
+
+
+def all_rows(out):
+    """Every caption line of every rank file, as (image, caption)."""
+    return sorted((row["image"], row["caption"])
+                  for path in sorted((out / "qwen").glob("*/default/captions-*.jsonl")) for row in read_jsonl(path))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(qwen_checkpoint, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "4"))
+    rows = all_rows(out)
+    assert [image for image, _ in rows] == sorted(dataset[1])
+    return rows
+
+
+def interrupt(args, out, sig):
+    """Start a run, send `sig` once its first batch is on disk, and wait for it to end."""
+    process = subprocess.Popen([sys.executable, *args[1:]], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if any(path.stat().st_size for path in out.glob("qwen/*/default/captions-*.jsonl")):
+            process.send_signal(sig)
+            break
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_run_resumes_to_the_same_output(qwen_checkpoint, dataset, uninterrupted, tmp_path, sig):
+    out = tmp_path / "out"
+    args = command(qwen_checkpoint, dataset[0], out, "--batch-size", "1")
+    returncode, stderr = interrupt(args, out, sig)
+    assert returncode == (-9 if sig == signal.SIGKILL else 128 + signal.SIGTERM), stderr
+    partial = all_rows(out)
+    assert 0 < len(partial) < COUNT, "the run was not interrupted mid-way"
+    if sig == signal.SIGTERM:
+        assert "stopped by SIGTERM" in stderr and "run the same command again to resume" in stderr
+    resumed = run_command(args)
+    assert f"{len(partial)} already done" in resumed.stderr
+    assert all_rows(out) == uninterrupted
+
+
+def test_partial_last_line_is_cut_and_its_image_captioned_again(qwen_checkpoint, dataset, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "4", "--limit", "5"))
+    captions = next(out.glob("qwen/*/default/captions-00000-of-00001.jsonl"))
+    lines = captions.read_text().splitlines(keepends=True)
+    captions.write_text("".join(lines[:4]) + lines[4][:25])  # as if killed while writing the fifth line
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "4"))
+    assert all(line.endswith("\n") for line in captions.read_text().splitlines(keepends=True))
+    assert all_rows(out) == uninterrupted
+
+
+def test_two_processes_split_the_work_and_resume_across_world_sizes(
+        qwen_checkpoint, dataset, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "3", "--limit", "7"))
+    launch = ["bash", "generate.sh", str(dataset[0]), "qwen"] + command(qwen_checkpoint, dataset[0], out)[4:]
+    run_command(launch + ["--batch-size", "3", "--numgpus", "2"], env={"NUM_GPUS": "2"})
+    model_dir = next((out / "qwen").iterdir())
+    first = [row["image"] for row in read_jsonl(model_dir / "default" / "captions-00000-of-00001.jsonl")]
+    rank0 = [row["image"] for row in read_jsonl(model_dir / "default" / "captions-00000-of-00002.jsonl")]
+    rank1 = [row["image"] for row in read_jsonl(model_dir / "default" / "captions-00001-of-00002.jsonl")]
+    names = json.loads(dataset[0].read_text())
+    # The seed's split: rank 0 the first half, rank 1 the rest; the seven done before are skipped.
+    assert first == [entry["image"] for entry in names[:7]]
+    assert rank0 == [entry["image"] for entry in names[7:COUNT // 2]]
+    assert rank1 == [entry["image"] for entry in names[COUNT // 2:]]
+    assert all_rows(out) == uninterrupted
+
+
+def test_overwrite_starts_afresh(qwen_checkpoint, dataset, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "8", "--limit", "4"))
+    captions = next(out.glob("qwen/*/default/captions-00000-of-00001.jsonl"))
+    rows = read_jsonl(captions)
+    captions.write_text("".join(json.dumps({**row, "caption": "stale"}) + "\n" for row in rows))
+    run_command(command(qwen_checkpoint, dataset[0], out, "--batch-size", "8", "--limit", "4", "--overwrite"))
+    first_four = {entry["image"] for entry in json.loads(dataset[0].read_text())[:4]}
+    assert all_rows(out) == [row for row in uninterrupted if row[0] in first_four]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("hello world", "not JSON or JSONL"),
+    ("[1, 2]", "entry 0 is not an object"),
+    ('[{"image": "a.png"}, {"path": "b.png"}]', 'entry 1 has no "image" path'),
+    ('[{"image": "a.png"}, {"image": "b.png"', "not valid JSON at element 1 (cut off?)"),
+    ('{"image": "a.png"}\n{"image": }\n', ":2: not valid JSON"),
+    ("", "the file is empty"),
+])
+def test_malformed_input_gives_one_clear_line(qwen_checkpoint, tmp_path, content, problem):
+    input_file = tmp_path / "input.json"
+    input_file.write_text(content)
+    result = run_command(["bash", "generate.sh", str(input_file), "qwen", "--model", qwen_checkpoint], check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(input_file) in lines[0] and problem in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["input.json", "blip"], "unknown model 'blip'"),
+    (["nowhere.json", "qwen"], "nowhere.json: no such file"),
+    (["input.json", "qwen", "--numgpus", "4"], "--numgpus 4 but 1 process"),
+    (["input.json", "qwen", "--prompts", "detail"], "unknown preset 'detail'"),
+])
+def test_command_mistakes_give_one_clear_line(dataset, args, problem):
+    args = [str(dataset[0]) if arg == "input.json" else arg for arg in args]
+    result = run_command(["bash", "generate.sh", *args], check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], result.stderr

@@ -1,0 +1,86 @@
+"""qwen.py end to end against the Qwen2-VL model card's one-image call, on a tiny checkpoint."""
+import pytest
+import torch
+from conftest import read_jsonl, run_command
+from qwen_vl_utils import process_vision_info
+from sample_images import write_input
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+MAX_NEW_TOKENS = 12
+FREE_PROMPT = "What is in the picture?"
+
+
+@pytest.fixture(scope="module")
+def model_card_caption(qwen_checkpoint):
+    """The model card's code for one image, greedy, with the processor's pixel limits passed to qwen_vl_utils."""
+    processor = AutoProcessor.from_pretrained(qwen_checkpoint)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen_checkpoint, dtype=torch.float32).eval()
+    default_size = dict(processor.image_processor.size)
+    end_tokens = model.generation_config.eos_token_id
+
+    def caption(image_path, prompt, max_pixels=None):
+        size = {**default_size, **({"longest_edge": max_pixels} if max_pixels else {})}
+        processor.image_processor.size = size
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": str(image_path), "min_pixels": size["shortest_edge"],
+             "max_pixels": size["longest_edge"]},
+            {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        image_inputs, video_inputs = process_vision_info(messages)
+        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        new_tokens = generated[0, inputs.input_ids.shape[1]:]
+        answer = processor.batch_decode([new_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        return answer, not any(int(t) in end_tokens for t in new_tokens)
+
+    return caption
+
+
+def test_batched_captions_equal_model_card_and_broken_entries_are_recorded(
+        qwen_checkpoint, image_folder, model_card_caption, tmp_path):
+    folder, good, broken = image_folder
+    entries = [name for pair in zip(good, broken + [None] * len(good)) for name in pair if name]
+    input_file = write_input(folder / "mixed.jsonl", entries, jsonl=True, extra=lambda i: {"row": i})
+    out = tmp_path / "out"
+    run_command(["bash", "generate.sh", str(input_file), "qwen", "--model", qwen_checkpoint, "--output-dir", str(out),
+                 "--batch-size", "4", "--max-new-tokens", str(MAX_NEW_TOKENS), "--temperature", "0",
+                 "--prompt", "default", "--prompt", FREE_PROMPT, "--num-workers", "2"])
+
+    model_dir = out / "qwen" / "tiny-qwen2-vl"
+    prompt_dirs = {"Describe the image in detail:": model_dir / "default"}
+    prompt_dirs[FREE_PROMPT] = next(p for p in model_dir.iterdir() if p.name.startswith("custom-"))
+    truncated_seen = set()
+    for prompt, prompt_dir in prompt_dirs.items():
+        rows = read_jsonl(prompt_dir / "captions-00000-of-00001.jsonl")
+        assert sorted(row["image"] for row in rows) == sorted(good)
+        for row in rows:
+            expected, truncated = model_card_caption(folder / row["image"], prompt)
+            assert row["caption"] == expected, (row["image"], prompt)
+            assert row["truncated"] == truncated
+            assert row["row"] == entries.index(row["image"])
+            assert row["prompt"] == prompt_dir.name and row["model"] == qwen_checkpoint
+            truncated_seen.add(truncated)
+
+    errors = {row["image"]: row["error"] for row in read_jsonl(model_dir / "errors-00000-of-00001.jsonl")}
+    assert set(errors) == set(broken)
+    assert errors["missing.jpg"] == "file not found"
+    assert errors["empty.jpg"] == "empty file"
+    assert errors["not-an-image.jpg"] == "not an image file"
+    assert "decompression bomb" in errors["bomb.png"]
+    assert "directory" in errors["a-directory.jpg"]
+    assert errors["truncated.jpg"].startswith("cannot decode")
+
+
+def test_lowered_pixel_budget_reaches_qwen_vl_utils_and_processor(
+        qwen_checkpoint, image_folder, model_card_caption, tmp_path):
+    folder, _, _ = image_folder
+    images = ["wide.png", "tall.png", "square.jpg"]
+    out = tmp_path / "out"
+    run_command(["python", "qwen.py", "--input-json", str(write_input(folder / "budget.json", images)),
+                 "--model", qwen_checkpoint, "--output-dir", str(out), "--max-new-tokens", str(MAX_NEW_TOKENS),
+                 "--temperature", "0", "--max-pixels", "3136", "--num-workers", "0"])
+    rows = read_jsonl(out / "qwen" / "tiny-qwen2-vl" / "default" / "captions-00000-of-00001.jsonl")
+    assert [row["image"] for row in rows] == images
+    for row in rows:
+        expected, _ = model_card_caption(folder / row["image"], "Describe the image in detail:", max_pixels=3136)
+        assert row["caption"] == expected
