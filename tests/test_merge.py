@@ -243,3 +243,26 @@ def test_multi_caption_errors(multi):
                               multi / "out.jsonl", "--index", multi / "noun", ok=False), "bad.jsonl:2")
     result = run("merge_multi_caption.py", *base, "--index", multi / "noun", "--drop-flagged", "rude", ok=False)
     assert result.returncode != 0 and "unknown flag rude" in result.stderr
+
+
+def test_generate_then_bare_merge(qwen_checkpoint, tmp_path):
+    """qwen.py on a tiny checkpoint as rank 1 of 2 writing to outputs/, then a bare
+    `python utils/merge.py` there: one composed row per image, each the caption the rank file holds."""
+    from conftest import run_command
+    from PIL import Image
+    from sample_images import _pattern, write_input
+    names = []
+    for i in range(5):
+        names.append(f"img {i}.png")
+        Image.fromarray(_pattern(40 + 6 * i, 48, 7 + i)).save(tmp_path / names[-1])
+    input_file = write_input(tmp_path / "in.json", names)
+    run_command(["python", os.path.join(ROOT, "qwen.py"), "--input-json", str(input_file), "--model",
+                 qwen_checkpoint, "--max-new-tokens", "5", "--temperature", "0", "--num-workers", "0",
+                 "--output-dir", str(tmp_path / "outputs")], env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    (folder,) = (tmp_path / "outputs" / "qwen").glob("*/default")
+    rows = read_lines(folder / "captions-00001-of-00002.jsonl")
+    assert sorted(row["image"] for row in rows) == names[2:]  # rank 1's contiguous slice
+    result = run("merge.py", cwd=tmp_path)
+    check_composed(folder, [(row["image"], row["caption"]) for row in rows],
+                   truncated=[row["image"] for row in rows if row["truncated"]])
+    assert "3 rows from 1 file, 0 duplicates" in result.stdout

@@ -257,7 +257,7 @@ def main(argv=None):
             results = map(merge_job, jobs)
         for (files, _, _), result in zip(plan, results):
             print(f"merge.py: {os.path.dirname(os.path.abspath(files[0]))}: {result['rows']} rows from "
-                  f"{result['files']} files, {result['duplicates']} duplicates dropped (first kept), "
+                  f"{result['files']} file{'s' if result['files'] != 1 else ''}, {result['duplicates']} duplicates dropped (first kept), "
                   f"{result['partial']} partial endings skipped -> {result['outputs'][0]}, {result['outputs'][1]}")
     except (MergeError, RecordError) as e:
         sys.exit(f"merge.py: error: {e}")
