@@ -3,8 +3,8 @@
     python bench/merge_scale.py --rows 1000000 --indexes 5
 
 Makes, in --workdir, an original JSONL of N rows and K caption folders of per-rank captions files
-(our captioning output format, rows shuffled across 8 ranks, captions of 10 to 80 words), then runs
-as a user would, each under /usr/bin/time -v when it exists:
+(our captioning output format, rows shuffled across 8 ranks, captions of 10 to 80 words in
+sentences of 6 to 15 words), then runs as a user would, each under /usr/bin/time -v when it exists:
   1. utils/merge.py on all K folders (K*N rows) -> composed.jsonl + composed_index.json each;
   2. utils/merge_multi_caption.py --original ... --index ... (half of the indexes given as
      composed_index.json, the rest as folders, i.e. composed.jsonl);
@@ -67,9 +67,9 @@ def gcd(a, b):
     return a
 
 
-def make_data(workdir, rows, indexes, seed):
+def make_data(workdir, rows, indexes, seed, direct):
     marker = os.path.join(workdir, "done.json")
-    wanted = {"rows": rows, "indexes": indexes, "seed": seed}
+    wanted = {"rows": rows, "indexes": indexes, "seed": seed, "direct": direct}
     if os.path.exists(marker) and json.load(open(marker)) == wanted:
         return
     shutil.rmtree(workdir, ignore_errors=True)
@@ -84,6 +84,9 @@ def make_data(workdir, rows, indexes, seed):
     for k in range(indexes):
         folder = os.path.join(workdir, "outputs", "model", "ckpt", f"prompt{k}")
         os.makedirs(folder)
+        if direct:  # what merge.py would write, without the per-rank files
+            write_composed(folder, k, rows, step, pool, encode)
+            continue
         per_rank = -(-rows // RANKS)
         for rank in range(RANKS):
             with open(os.path.join(folder, f"captions-{rank:05d}-of-{RANKS:05d}.jsonl"), "w") as f:
@@ -93,6 +96,21 @@ def make_data(workdir, rows, indexes, seed):
                     f.write(f'{{"image": {encode(image_path(i))}, "caption": {encode(caption)}, '
                             f'"model": "model", "prompt": "prompt{k}", "truncated": false}}\n')
     json.dump(wanted, open(marker, "w"))
+
+
+def write_composed(folder, k, rows, step, pool, encode):
+    """Index k as composed_index.json (odd k) or composed.jsonl (even k)."""
+    as_object = k % 2 == 1
+    with open(os.path.join(folder, "composed_index.json" if as_object else "composed.jsonl"), "w") as f:
+        f.write("{" if as_object else "")
+        for j in range(rows):
+            i = (step * j + k) % rows
+            image, caption = encode(image_path(i)), encode(pool[(i * 31 + k * 7919) % POOL])
+            if as_object:
+                f.write(f"{', ' if j else ''}{image}: {caption}")
+            else:
+                f.write(f'{{"image": {image}, "caption": {caption}}}\n')
+        f.write("}\n" if as_object else "")
 
 
 def timed(command):
@@ -120,7 +138,7 @@ def timed(command):
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         peak_kib = after.ru_maxrss  # the largest child so far
-    return seconds, cpu, peak_kib / 1024, tree_peak[0] / 1024
+    return seconds, cpu, peak_kib / 1024, tree_peak[0] / 1024, result.stdout
 
 
 def sample_tree_rss(process, peak):
@@ -156,6 +174,12 @@ def main():
                         help="where the synthetic data and outputs go; data are reused when N, K and the seed "
                              "match (default: <system temp>/merge_scale)")
     parser.add_argument("--qa", action="store_true", help="also time merge_multi_caption.py with --qa-report")
+    parser.add_argument("--skip-merge-py", action="store_true",
+                        help="write the indexes directly as composed files and time only merge_multi_caption.py "
+                             "(for sizes where the per-rank files and merge.py's outputs would not fit on disk)")
+    parser.add_argument("--discard-output", action="store_true",
+                        help="merge_multi_caption.py writes to /dev/null (saves disk for large N; rows are then "
+                             "counted from its summary line)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (default: delete it at the end)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "out", "merge_scale.json"),
                         help="where to write the results (default bench/out/merge_scale.json)")
@@ -163,33 +187,35 @@ def main():
     workdir = os.path.join(args.workdir, f"n{args.rows}-k{args.indexes}")
 
     start = time.perf_counter()
-    make_data(workdir, args.rows, args.indexes, args.seed)
+    make_data(workdir, args.rows, args.indexes, args.seed, args.skip_merge_py)
     print(f"merge_scale.py: data in {workdir} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     python = sys.executable
     folders = [os.path.join(workdir, "outputs", "model", "ckpt", f"prompt{k}") for k in range(args.indexes)]
     indexes = [os.path.join(f, "composed_index.json") if k % 2 else f for k, f in enumerate(folders)]
+    output = os.devnull if args.discard_output else os.path.join(workdir, "multi.jsonl")
     multi = [python, "utils/merge_multi_caption.py", "--original", os.path.join(workdir, "original.jsonl"),
-             "--output", os.path.join(workdir, "multi.jsonl"), "--tmp-dir", workdir]
+             "--output", output, "--tmp-dir", workdir]
     for index in indexes:
         multi += ["--index", index]
-    stages = [("merge.py", [python, "utils/merge.py", os.path.join(workdir, "outputs")], args.rows * args.indexes),
-              ("merge_multi_caption.py", multi, args.rows)]
+    stages = [] if args.skip_merge_py else [
+        ("merge.py", [python, "utils/merge.py", os.path.join(workdir, "outputs")], args.rows * args.indexes)]
+    stages.append(("merge_multi_caption.py", multi, args.rows))
     if args.qa:
         stages.append(("merge_multi_caption.py --qa-report",
                        multi + ["--qa-report", os.path.join(workdir, "qa.json")], args.rows))
     results = []
     for name, command, rows in stages:
         load = os.getloadavg()[0]
-        seconds, cpu, peak_mib, tree_mib = timed(command)
+        seconds, cpu, peak_mib, tree_mib, stdout = timed(command)
+        if name.startswith("merge_multi_caption.py"):
+            written = int(re.search(r"(\d+) written", stdout).group(1))
+            if written != args.rows:
+                sys.exit(f"merge_scale.py: error: merge_multi_caption.py wrote {written} rows, expected {args.rows}")
         results.append({"stage": name, "command": " ".join(command), "rows": rows, "seconds": round(seconds, 2),
                         "cpu_seconds": round(cpu, 2), "rows_per_s": round(rows / seconds),
                         "peak_rss_mib": round(peak_mib, 1), "peak_rss_all_processes_mib": round(tree_mib, 1),
                         "load_average_before": load})
         print(f"merge_scale.py: {name}: {seconds:.1f} s", file=sys.stderr)
-    with open(os.path.join(workdir, "multi.jsonl")) as f:
-        written = sum(1 for _ in f)
-    if written != args.rows:
-        sys.exit(f"merge_scale.py: error: merge_multi_caption.py wrote {written} rows, expected {args.rows}")
 
     # Other people's jobs on the same cores stretch wall time; CPU seconds and the load average
     # before each stage tell how much.
