@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -173,6 +174,10 @@ def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=Fal
     if not num_buckets:
         total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
         num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    # Every process holds one file per bucket open; raise the soft limit (often 1024) if needed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < num_buckets + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, num_buckets + 64), hard))
     work = tempfile.mkdtemp(prefix="merge-multi-", dir=tmp_dir)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
