@@ -16,6 +16,7 @@ CRAFTED = {
     "cat, dog, tree, sky": [],  # a noun list has no final full stop and is not cut off
     "Photo of a dog on the beach": [],  # neither is a web alt-text
     "The sign says \"Stop!\"": [],
+    "A dog. It runs. \n": [],  # trailing whitespace after the full stop
     "I can see a cat. It cannot climb the tree because it is too old.": [],  # "cannot", yet no refusal
     "": ["empty"],
     "   \n": ["empty"],

@@ -84,7 +84,7 @@ class Checker:
         if not words:
             return ("empty",)
         found = []
-        if truncated is True or (truncated is None and not SENTENCE_END.search(text[-8:])
+        if truncated is True or (truncated is None and not SENTENCE_END.search(text.rstrip()[-8:])
                                  and (len(words) >= TRUNCATED_MIN_WORDS or INNER_SENTENCE_END.search(text))):
             found.append("truncated")
         if self._repeats(words, text):
