@@ -26,11 +26,12 @@ from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_
                               trim_to_sentence, write_report)
 from utils.records import RecordError, index_format, iter_json_lines, iter_json_object  # noqa: E402
 
-# Input bytes per bucket: one bucket of all the indexes in memory is then a few hundred MiB at most.
-BYTES_PER_BUCKET = 96 << 20
-MAX_BUCKETS = 1000  # each bucket is an open file during the last pass
+# Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
+BYTES_PER_BUCKET = 32 << 20
+MAX_BUCKETS = 4000  # each bucket is an open file during passes 1, 2 and 4
 
 encode = json.encoder.encode_basestring
+ROW = '{{"image": {}, "caption": [{}]}}\n'
 
 
 class MergeError(Exception):
@@ -89,14 +90,15 @@ def bucket_of(image):
 
 
 def split_original(path, work, num_buckets, qa):
-    """Pass 1: the original rows into buckets; the bucket of each row, in order, into `order`."""
+    """Pass 1: the original rows into buckets (image, then the captions as JSON texts joined by ", ",
+    on alternate lines); the bucket of each row, in order, into `order`."""
     stats = SourceStats(path) if qa else None
     buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
     order, rows = array("H"), 0
     with open(os.path.join(work, "order"), "wb") as order_out:
         for image, captions in iter_original(path):
             b = bucket_of(image) % num_buckets
-            buckets[b].write(f"{encode(image)}\t{', '.join(map(encode, captions))}\n")
+            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n")
             order.append(b)
             if len(order) >= 1 << 20:
                 order.tofile(order_out)
@@ -112,7 +114,7 @@ def split_original(path, work, num_buckets, qa):
 
 
 def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
-    """Pass 2: one index into buckets of "<image>\t<caption>" lines (JSON-encoded strings)."""
+    """Pass 2: one index into buckets: image and caption as JSON strings on alternate lines."""
     stats = SourceStats(path) if qa else None
     counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
     buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
@@ -129,37 +131,44 @@ def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
             if drop_flags and any(flag in drop_flags for flag in flags):
                 counts["dropped_flagged"] += 1
                 continue  # treated as missing when joining, as the user asked
-        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\t{encode(caption)}\n")
+        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n")
     for f in buckets:
         f.close()
     return counts, stats
 
 
+def read_pairs(path):
+    """The two columns of a bucket file: JSON texts on alternate lines (image, then caption), which
+    str.split and slicing take apart without a Python loop per line."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    os.remove(path)
+    return lines[0:-1:2], lines[1::2]
+
+
 def join_bucket(b, work, num_indexes, missing):
     """Pass 3: one bucket: each index's captions into a dict (the last entry of an image wins, as
-    with json.load), then one line per original row of the bucket, "\n" for a dropped row."""
-    captions = []
-    for k in range(num_indexes):
-        with open(os.path.join(work, f"index{k}-{b}"), encoding="utf-8") as f:
-            captions.append(dict(line.split("\t", 1) for line in f))  # values keep their "\n"
-        os.remove(os.path.join(work, f"index{k}-{b}"))
-    missed = [0] * num_indexes
-    with open(os.path.join(work, f"original-{b}"), encoding="utf-8") as rows, \
-            open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
-        for line in rows:
-            image_json, original_json = line[:-1].split("\t")
-            found = [index.get(image_json) for index in captions]
-            if None in found:
-                for k, caption_json in enumerate(found):
-                    if caption_json is None:
-                        missed[k] += 1
-                if missing == "drop":
-                    joined.write("\n")
-                    continue
-                found = [c for c in found if c is not None]
-            joined.write('{"image": ' + image_json + ', "caption": [' + original_json
-                         + "".join([", " + c[:-1] for c in found]) + "]}\n")
-    os.remove(os.path.join(work, f"original-{b}"))
+    with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
+    for a dropped row. Whole columns at a time (map, zip, str.join), as per-row Python is slow."""
+    indexes = [dict(zip(*read_pairs(os.path.join(work, f"index{k}-{b}")))) for k in range(num_indexes)]
+    images, originals = read_pairs(os.path.join(work, f"original-{b}"))
+    columns = [list(map(index.get, images)) for index in indexes]
+    del indexes
+    missed, incomplete = [], set()
+    for column in columns:
+        holes = [i for i, caption in enumerate(column) if caption is None] if None in column else []
+        for i in holes:
+            column[i] = ""  # no JSON string is empty, so the row is recognised below
+        missed.append(len(holes))
+        incomplete.update(holes)
+    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns))))
+    for i in incomplete:
+        if missing == "drop":
+            rows[i] = "\n"
+        else:
+            rows[i] = ROW.format(images[i], ", ".join(c for c in (originals[i], *(column[i] for column in columns)) if c))
+    with open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
+        joined.writelines(rows)
     return missed
 
 
