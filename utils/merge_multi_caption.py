@@ -262,8 +262,8 @@ def main(argv=None):
                              "missing from their index (then --missing decides); nothing is dropped otherwise")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
-    parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (about the size of all inputs); "
-                                          "default: the system's temporary folder")
+    parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (at most about the size of all inputs "
+                                          "plus the output); default: the system's temporary folder")
     parser.add_argument("--buckets", type=int, metavar="N",
                         help=f"hash buckets (1 to {MAX_BUCKETS}); peak memory is about one bucket of all indexes. "
                              f"Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
