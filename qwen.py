@@ -4,7 +4,8 @@
 
 The model card: the chat template with the image before the text, `qwen_vl_utils.process_vision_info`
 to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` with the checkpoint's
-generation config. The only difference is that many images go through one `generate` call, left-padded.
+generation config. The only differences: many images go through one `generate` call, left-padded, and
+the images are decoded and resized in the loop's worker processes.
 """
 import functools
 
@@ -15,7 +16,7 @@ from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit
 
 
 def resize_image(image, min_pixels, max_pixels, patch_size):
-    """qwen_vl_utils' resize (RGBA onto white, then to a multiple of 2 patches within the pixel budget)."""
+    """qwen_vl_utils' resize: RGBA onto white, then to a multiple of 2 patches within the pixel budget."""
     return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
                        image_patch_size=patch_size)
 
@@ -45,6 +46,7 @@ class QwenCaptioner:
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self.prepare = functools.partial(resize_image, min_pixels=min_pixels, max_pixels=max_pixels,
                                          patch_size=image_processor.patch_size)
+        self.pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             args.model, dtype=args.dtype, attn_implementation=args.attn_implementation).to(device).eval()
         self.generation = generation_kwargs(args)
@@ -54,6 +56,9 @@ class QwenCaptioner:
     def chat_text(self, prompt):
         message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+    def cost(self, image):
+        return image.width * image.height // self.pixels_per_token
 
     def caption(self, images, prompts):
         texts = [self.chat_text(prompt) for prompt in prompts]

@@ -27,7 +27,11 @@ The contract a captioner class fulfils:
                            images: list of `prepare` results; prompts: list of prompt texts.
                            Returns result[i][j] for image i and prompt j, a Caption(text,
                            truncated) where truncated means generation stopped at
-                           --max-new-tokens without reaching the end token.
+                           --max-new-tokens without reaching the end token. A batch that
+                           runs out of CUDA memory is split in halves and retried by the loop.
+    cost(self, prepared) -> number
+                           optional: the prompt length an image gives, roughly; the loop sorts
+                           --sort-window batches by it so that batches pad less.
 """
 import argparse
 import hashlib
@@ -42,6 +46,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
 from utils.images import UnreadableImage, open_image
 from utils.records import RecordError, iter_records
 
@@ -79,16 +84,21 @@ def build_parser(captioner):
         "captioned with each; one output per prompt")
     add("--batch-size", type=int, default=8, help="images per generate() call")
     add("--max-new-tokens", type=int, default=77, help="longest caption in tokens (the seed's 77)")
+    add("--min-new-tokens", type=int, default=None, help="shortest caption in tokens (benchmarks set it equal to "
+        "--max-new-tokens so that every run does the same work)")
     add("--temperature", type=float, default=None, help="0 for greedy decoding; >0 samples "
         "(default: the model's own default, see README)")
     add("--top-p", type=float, default=None, help="nucleus sampling threshold (default: the model's own)")
     add("--num-beams", type=int, default=1, help="beam search width")
     add("--seed", type=int, default=0, help="random seed for sampling (each process adds its rank)")
     add("--num-workers", type=int, default=4, help="image loading and preprocessing processes per GPU process")
+    add("--sort-window", type=int, default=4, metavar="N", help="read N batches ahead and sort them by prompt "
+        "length, so that each batch pads less (1: input order)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help=f"weights and activations; auto: {captioner.default_dtype} on GPU, float32 on CPU")
-    add("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
-        help="attention kernel (flash_attention_2 needs the flash-attn package)")
+    add("--attn-implementation", default="sdpa_grouped", choices=["sdpa_grouped", "sdpa", "eager", "flash_attention_2"],
+        help="attention kernel: sdpa_grouped is PyTorch SDPA that decodes grouped-query heads without copying the "
+        "KV cache (utils/attention.py); flash_attention_2 needs the flash-attn package")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
         "number of processes (torchrun's WORLD_SIZE or SLURM_NTASKS)")
@@ -214,6 +224,8 @@ def generation_kwargs(args, **model_defaults):
     kwargs = dict(model_defaults)
     kwargs["max_new_tokens"] = args.max_new_tokens
     kwargs["num_beams"] = args.num_beams
+    if args.min_new_tokens is not None:
+        kwargs["min_new_tokens"] = args.min_new_tokens
     if args.temperature is not None:
         kwargs["temperature"] = args.temperature
     if args.top_p is not None:
@@ -308,11 +320,26 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     args.dtype = getattr(torch, args.dtype)
     captioner = captioner_cls(args, device)
 
+    # Workers prepare small chunks in parallel, enough in flight to fill the next read-ahead window
+    # while the GPU works on this one; the main process gathers them into windows.
+    window_size = args.batch_size * args.sort_window
+    chunk_size = min(8, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(pending, image_root, captioner.prepare), batch_size=args.batch_size,
+        ImageDataset(pending, image_root, captioner.prepare), batch_size=chunk_size,
         num_workers=args.num_workers, collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
-        prefetch_factor=4 if args.num_workers else None,
+        prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
+
+    def windows():
+        window = []
+        for chunk in loader:
+            window += chunk
+            if len(window) >= window_size:
+                yield window
+                window = []
+        if window:
+            yield window
+
     stop_signal = None
 
     def request_stop(signum, frame):
@@ -328,29 +355,59 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     outputs = {key: open_for_append(path) for key, path in caption_files.items()}
     errors = open_for_append(error_file)
     captioned = failed_now = 0
-    started = time.time()
+    batch_limit = args.batch_size
     progress = tqdm(total=len(pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
+
+    def caption_and_write(items):
+        """Caption [(index, prepared)] and write the lines; on CUDA out-of-memory, halve and retry."""
+        nonlocal captioned, failed_now, batch_limit
+        wanted = [key for key in prompts if any(key in pending[index][2] for index, _ in items)]
+        try:
+            results = captioner.caption([prepared for _, prepared in items], [prompts[key] for key in wanted])
+        except torch.cuda.OutOfMemoryError:
+            results = None  # retried below, outside the handler, whose traceback still holds the failed batch
+        if results is None:
+            torch.cuda.empty_cache()
+            if len(items) == 1:
+                write_lines(errors, [{"image": pending[items[0][0]][0], "error": "CUDA out of memory, even alone"}])
+                failed_now += 1
+                progress.update(1)
+                return
+            half = (len(items) + 1) // 2
+            if half < batch_limit:
+                batch_limit = half
+                print(f"\n{tag} CUDA out of memory with {len(items)} images: continuing with batches of {half}",
+                      file=sys.stderr, flush=True)
+            caption_and_write(items[:half])
+            caption_and_write(items[half:])
+            return
+        for j, key in enumerate(wanted):
+            rows = []
+            for (index, _), per_prompt in zip(items, results):
+                image, extra, missing = pending[index]
+                if key in missing:
+                    rows.append({"image": image, "caption": per_prompt[j].text, "model": args.model,
+                                 "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
+            write_lines(outputs[key], rows)
+        captioned += len(items)
+        progress.update(len(items))
+
+    started = time.time()
     try:
-        for batch in loader:
-            good = [(index, prepared) for index, prepared, error in batch if error is None]
-            error_rows = [{"image": pending[index][0], "error": error} for index, _, error in batch if error]
-            if good:
-                wanted = [key for key in prompts if any(key in pending[index][2] for index, _ in good)]
-                results = captioner.caption([prepared for _, prepared in good], [prompts[key] for key in wanted])
-                for j, key in enumerate(wanted):
-                    rows = []
-                    for (index, _), per_prompt in zip(good, results):
-                        image, extra, missing = pending[index]
-                        if key in missing:
-                            rows.append({"image": image, "caption": per_prompt[j].text, "model": args.model,
-                                         "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
-                    write_lines(outputs[key], rows)
+        for window in windows():
+            error_rows = [{"image": pending[index][0], "error": error} for index, _, error in window if error]
             if error_rows:
                 write_lines(errors, error_rows)
-            captioned += len(good)
-            failed_now += len(error_rows)
-            progress.update(len(batch))
+                failed_now += len(error_rows)
+                progress.update(len(error_rows))
+            good = [(index, prepared) for index, prepared, error in window if error is None]
+            if hasattr(captioner, "cost"):  # similar lengths in one batch: less padding
+                good.sort(key=lambda item: captioner.cost(item[1]))
+            for start in range(0, len(good), batch_limit):
+                if stop_signal is not None:
+                    break
+                caption_and_write(good[start:start + batch_limit])
             if stop_signal is not None:
                 break
     finally:
@@ -376,7 +433,7 @@ def run(captioner_cls):
         if args.numgpus is not None and args.numgpus != world:
             raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
                             f"(torchrun/SLURM world size); drop --numgpus or launch {args.numgpus}")
-        for flag in ("batch_size", "max_new_tokens", "num_beams"):
+        for flag in ("batch_size", "max_new_tokens", "num_beams", "sort_window"):
             if getattr(args, flag) < 1:
                 raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
         if args.num_workers < 0:
