@@ -5,6 +5,8 @@ array (the seed's input format and the original scripts' per-rank outputs) is de
 at a time, a JSONL file one line at a time.
 """
 import json
+import re
+from json.decoder import scanstring
 
 _CHUNK = 1 << 20
 _WHITESPACE = " \t\r\n"
@@ -32,11 +34,12 @@ def detect_format(path):
     raise RecordError(f"{path}: not JSON or JSONL (starts with {stripped[:20]!r})")
 
 
-def iter_json_array(path, allow_truncated=False):
+def iter_json_array(path, allow_truncated=False, on_partial=None):
     """Yield the elements of a JSON array one by one.
 
     allow_truncated: an unfinished array (the original scripts leave one when killed: no closing
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
+    on_partial: called with a description when that happens, so callers can report it.
     """
     with open(path, encoding="utf-8") as f:
         buf, pos, eof = "", 0, False
@@ -59,6 +62,8 @@ def iter_json_array(path, allow_truncated=False):
 
         def truncated(what):
             if allow_truncated:
+                if on_partial:
+                    on_partial(what)
                 return
             raise RecordError(f"{path}: the JSON array is cut off ({what})")
 
@@ -81,7 +86,7 @@ def iter_json_array(path, allow_truncated=False):
                 except json.JSONDecodeError as e:
                     if eof:
                         if allow_truncated:
-                            return
+                            return truncated(f"half-written element {index}")
                         raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
                     fill()
             pos = end
@@ -96,22 +101,31 @@ def iter_json_array(path, allow_truncated=False):
                 raise RecordError(f"{path}: not valid JSON after element {index - 1}: expected ',' or ']'")
 
 
-def iter_json_lines(path, allow_partial_last=False):
+def iter_json_lines(path, allow_partial_last=False, on_partial=None):
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
     allow_partial_last: a last line without its newline that does not parse (a writer killed
-    mid-line) is skipped instead of raising.
+    mid-line) is skipped instead of raising; on_partial, if given, is called with its line number.
     """
+    scan = _decoder.scan_once  # the C scanner behind json.loads, without its Python wrappers
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                if allow_partial_last and not line.endswith("\n"):
-                    return
-                raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+                record, end = scan(line, 0)
+                if end < len(line) and not line[end:].isspace():
+                    raise StopIteration
+            except (StopIteration, json.JSONDecodeError):  # not one JSON value at column 0: json.loads decides
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if allow_partial_last and not line.endswith("\n"):
+                        if on_partial:
+                            on_partial(number)
+                        return
+                    raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+            yield number, record
 
 
 def iter_records(path, allow_truncated=False):
@@ -121,3 +135,93 @@ def iter_records(path, allow_truncated=False):
     else:
         for _, record in iter_json_lines(path, allow_partial_last=allow_truncated):
             yield record
+
+
+_BLANK = re.compile(r"[ \t\r\n\ufeff]*")
+
+
+class _NeedMore(Exception):
+    """The buffer ends inside the member being parsed."""
+
+
+def iter_json_object(path):
+    """Yield (key, value) for each member of one JSON object, e.g. the seed's composed_index.json
+    ({image: caption}), without holding the whole object in memory."""
+    with open(path, encoding="utf-8") as f:
+        buf, eof = "", False
+
+        def char_at(i, what):
+            """Index of the first non-blank character from i, checked against `what`."""
+            i = _BLANK.match(buf, i).end()
+            if i >= len(buf):
+                raise _NeedMore
+            if buf[i] not in what:
+                raise RecordError(f"{path}: not valid JSON after {count} members: expected {' or '.join(map(repr, what))}")
+            return i
+
+        def parse_member(pos):
+            """-> (key, value, position after the ',' or '}', that character)."""
+            i = char_at(pos, '"')
+            key, i = scanstring(buf, i + 1)
+            i = char_at(i, ":") + 1
+            i = _BLANK.match(buf, i).end()
+            if buf[i:i + 1] == '"':
+                value, i = scanstring(buf, i + 1)
+            else:
+                value, i = _decoder.raw_decode(buf, i)
+            i = char_at(i, ",}")
+            if i + 1 >= len(buf) and not eof and buf[i] == ",":
+                raise _NeedMore  # keep the next member's start in the buffer
+            return key, value, i + 1, buf[i]
+
+        count, pos, opened = 0, 0, False
+        while True:
+            try:
+                if not opened:
+                    i = _BLANK.match(buf, pos).end()
+                    if i >= len(buf):
+                        raise _NeedMore
+                    if buf[i] != "{":
+                        raise RecordError(f"{path}: expected a JSON object ({{image: caption}})")
+                    pos, opened = i + 1, True
+                if count == 0 and buf[char_at(pos, '"}')] == "}":
+                    pos = char_at(pos, "}") + 1
+                    break
+                key, value, pos, closer = parse_member(pos)
+            except (_NeedMore, json.JSONDecodeError, IndexError) as e:
+                if eof:
+                    if not opened:
+                        raise RecordError(f"{path}: the file is empty") from None
+                    what = e.msg if isinstance(e, json.JSONDecodeError) else "cut off"
+                    raise RecordError(f"{path}: not valid JSON in member {count}: {what}") from None
+                chunk = f.read(_CHUNK)
+                eof = not chunk
+                buf, pos = buf[pos:] + chunk, 0
+                continue
+            yield key, value
+            count += 1
+            if closer == "}":
+                break
+        if buf[pos:].strip(_WHITESPACE) or f.read(1 << 16).strip(_WHITESPACE):
+            raise RecordError(f"{path}: unexpected text after the JSON object")
+
+
+def index_format(path):
+    """'lines' for JSONL ({"image", "caption"} per line), 'object' for one {image: caption} object.
+
+    Both start with '{'; a JSONL record's first key is "image" or "caption", an index's is a path.
+    """
+    if path.endswith(".jsonl"):
+        return "lines"
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip(" \t\r\n\ufeff")
+    if not head.startswith("{"):
+        raise RecordError(f"{path}: expected a composed_index.json object or {{\"image\", \"caption\"}} lines")
+    rest = head[1:].lstrip(" \t\r\n")
+    if rest.startswith('"'):
+        try:
+            key, _ = scanstring(rest, 1)
+        except json.JSONDecodeError:
+            return "object"
+        return "lines" if key in ("image", "caption") else "object"
+    return "object"

@@ -1,0 +1,308 @@
+"""Join the original captions with generated ones into multi-caption JSONL for CLIP training.
+
+    python utils/merge_multi_caption.py --original original.jsonl \\
+        --index outputs/internvl/InternVL2-8B/detail --index outputs/internvl/InternVL2-8B/noun \\
+        --output multi.jsonl
+
+writes {"image": p, "caption": [original, c1, ..., cN]} in the original file's order, c1..cN in
+--index order. Memory stays bounded whatever the row count: the original and every index are split
+by a hash of the image path into buckets on disk (temporary files), each bucket is joined on its
+own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
+original order with the bucket number recorded for each original row.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import zlib
+from array import array
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
+                              trim_to_sentence, write_report)
+from utils.records import RecordError, index_format, iter_json_lines, iter_json_object  # noqa: E402
+
+# Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
+BYTES_PER_BUCKET = 32 << 20
+MAX_BUCKETS = 4000  # each bucket is an open file during passes 1, 2 and 4
+
+encode = json.encoder.encode_basestring
+ROW = '{{"image": {}, "caption": [{}]}}\n'
+
+
+class MergeError(Exception):
+    """A user mistake: reported as one line, exit status 1."""
+
+
+def resolve_index(path):
+    """An index file, or a folder holding composed.jsonl (preferred: it keeps the truncated flags)
+    or composed_index.json."""
+    if os.path.isdir(path):
+        for name in ("composed.jsonl", "composed_index.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise MergeError(f"no composed.jsonl or composed_index.json in {path} (run utils/merge.py on it first)")
+    if not os.path.isfile(path):
+        raise MergeError(f"no such file or folder: {path}")
+    return path
+
+
+def iter_index(path):
+    """Yield (image, caption, truncated or None) from a composed_index.json or a composed.jsonl."""
+    if index_format(path) == "object":
+        for number, (image, caption) in enumerate(iter_json_object(path)):
+            if not isinstance(caption, str):
+                raise RecordError(f"{path}: member {number} ({image}): the caption is not a string")
+            yield image, caption, None
+        return
+    for number, record in iter_json_lines(path, allow_partial_last=True):
+        try:
+            image, caption, truncated = record["image"], record["caption"], record.get("truncated")
+            if type(image) is not str or type(caption) is not str:
+                raise TypeError
+        except (KeyError, TypeError, AttributeError):
+            raise RecordError(f"{path}:{number}: expected {{\"image\": string, \"caption\": string}}") from None
+        yield image, caption, truncated if type(truncated) is bool else None
+
+
+def iter_original(path):
+    """Yield (image, [captions]) from the original JSONL; a caption may already be a list (e.g. the
+    output of an earlier multi-caption merge)."""
+    for number, record in iter_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise RecordError(f"{path}:{number}: expected an object with an \"image\" string")
+        caption = record.get("caption")
+        if isinstance(caption, str):
+            yield record["image"], [caption]
+        elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+            yield record["image"], caption
+        else:
+            raise RecordError(f"{path}:{number}: \"caption\" must be a string or a list of strings")
+
+
+def bucket_of(image):
+    # crc32, not hash(): hash() differs between processes unless they are forked from one parent.
+    return zlib.crc32(image.encode("utf-8", "surrogatepass"))
+
+
+def split_original(path, work, num_buckets, qa):
+    """Pass 1: the original rows into buckets (image, then the captions as JSON texts joined by ", ",
+    on alternate lines); the bucket of each row, in order, into `order`."""
+    stats = SourceStats(path) if qa else None
+    buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
+    order, rows = array("H"), 0
+    with open(os.path.join(work, "order"), "wb") as order_out:
+        for image, captions in iter_original(path):
+            b = bucket_of(image) % num_buckets
+            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n")
+            order.append(b)
+            if len(order) >= 1 << 20:
+                order.tofile(order_out)
+                del order[:]
+            if qa:
+                for caption in captions:
+                    stats.add(image, caption, qa.flags(caption))
+            rows += 1
+        order.tofile(order_out)
+    for f in buckets:
+        f.close()
+    return rows, stats
+
+
+def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
+    """Pass 2: one index into buckets: image and caption as JSON strings on alternate lines."""
+    stats = SourceStats(path) if qa else None
+    counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
+    buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
+    for image, caption, truncated in iter_index(path):
+        counts["entries"] += 1
+        if qa:
+            flags = qa.flags(caption, truncated)
+            stats.add(image, caption, flags)
+            if trim_truncated and "truncated" in flags:
+                trimmed = trim_to_sentence(caption)
+                if trimmed != caption:
+                    caption = trimmed
+                    counts["trimmed"] += 1
+            if drop_flags and any(flag in drop_flags for flag in flags):
+                counts["dropped_flagged"] += 1
+                continue  # treated as missing when joining, as the user asked
+        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n")
+    for f in buckets:
+        f.close()
+    return counts, stats
+
+
+def read_pairs(path):
+    """The two columns of a bucket file: JSON texts on alternate lines (image, then caption), which
+    str.split and slicing take apart without a Python loop per line."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    os.remove(path)
+    return lines[0:-1:2], lines[1::2]
+
+
+def join_bucket(b, work, num_indexes, missing):
+    """Pass 3: one bucket: each index's captions into a dict (the last entry of an image wins, as
+    with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
+    for a dropped row. Whole columns at a time (map, zip, str.join), as per-row Python is slow."""
+    indexes = [dict(zip(*read_pairs(os.path.join(work, f"index{k}-{b}")))) for k in range(num_indexes)]
+    images, originals = read_pairs(os.path.join(work, f"original-{b}"))
+    columns = [list(map(index.get, images)) for index in indexes]
+    del indexes
+    missed, incomplete = [], set()
+    for column in columns:
+        holes = [i for i, caption in enumerate(column) if caption is None] if None in column else []
+        for i in holes:
+            column[i] = ""  # no JSON string is empty, so the row is recognised below
+        missed.append(len(holes))
+        incomplete.update(holes)
+    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns))))
+    for i in incomplete:
+        if missing == "drop":
+            rows[i] = "\n"
+        else:
+            rows[i] = ROW.format(images[i], ", ".join(c for c in (originals[i], *(column[i] for column in columns)) if c))
+    with open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
+        joined.writelines(rows)
+    return missed
+
+
+def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
+          tmp_dir=None, num_buckets=None, workers=1):
+    """Write the multi-caption JSONL; return a summary dict.
+
+    qa: a caption_qa.Checker to flag captions and gather statistics (trim_truncated and drop_flags
+    need it). workers: processes for passes 1 to 3 (the original and each index are split in
+    parallel, then the buckets joined in parallel).
+    """
+    if not num_buckets:
+        total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
+        num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    # Every process holds one file per bucket open; raise the soft limit (often 1024) if needed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < num_buckets + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, num_buckets + 64), hard))
+    work = tempfile.mkdtemp(prefix="merge-multi-", dir=tmp_dir)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
+    try:
+        jobs = [(split_original, (original, work, num_buckets, qa))]
+        jobs += [(split_index, (k, p, work, num_buckets, qa, trim_truncated, drop_flags))
+                 for k, p in enumerate(indexes)]
+        split = starmap(call, jobs)
+        (rows_in, original_stats), index_results = split[0], split[1:]
+        summary = {"rows_in": rows_in, "rows_out": 0, "rows_dropped": 0, "buckets": num_buckets,
+                   "indexes": [counts for counts, _ in index_results]}
+        for missed in starmap(join_bucket, [(b, work, len(indexes), missing) for b in range(num_buckets)]):
+            for counts, n in zip(summary["indexes"], missed):
+                counts["missing"] += n
+
+        # Pass 4: the joined rows back in the original order.
+        joined = [open(os.path.join(work, f"joined-{b}"), encoding="utf-8") for b in range(num_buckets)]
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(os.path.join(work, "order"), "rb") as order_in, open(output, "w", encoding="utf-8") as out:
+            while True:
+                order = array("H")
+                try:
+                    order.fromfile(order_in, 1 << 20)
+                except EOFError:
+                    pass  # the last, shorter chunk was read
+                if not order:
+                    break
+                for b in order:
+                    line = joined[b].readline()
+                    if line == "\n":
+                        summary["rows_dropped"] += 1
+                    else:
+                        out.write(line)
+                        summary["rows_out"] += 1
+        for f in joined:
+            f.close()
+    finally:
+        if pool:
+            pool.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+    if qa:
+        summary["qa"] = [original_stats.summary()] + [stats.summary() for _, stats in index_results]
+    return summary
+
+
+def call(function, args):
+    return function(*args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
+                    "[original, c1, ..., cN]} per line, in the original file's order, c1..cN in --index order.")
+    parser.add_argument("--original", required=True, metavar="ORIG.jsonl",
+                        help="JSONL with {\"image\", \"caption\"} per line (caption: a string, or a list that is "
+                             "extended)")
+    parser.add_argument("--index", action="append", required=True, metavar="FILE",
+                        help="generated captions: a composed_index.json ({image: caption}), a composed.jsonl, "
+                             "or a folder holding one (utils/merge.py's output). Repeat it; the order is kept")
+    parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="the multi-caption JSONL to write")
+    parser.add_argument("--missing", choices=("drop", "keep-shorter"), default="drop",
+                        help="an image missing from some index: drop the row (default; every row then has "
+                             "1 + N captions in a fixed order, as the original script required), or keep it "
+                             "with the captions that exist (the list is shorter and positions shift)")
+    parser.add_argument("--qa-report", metavar="FILE",
+                        help="flag captions (" + ", ".join(FLAGS) + "; see utils/caption_qa.py), print "
+                             "statistics per source and write them with examples as JSON to FILE")
+    parser.add_argument("--trim-truncated", action="store_true",
+                        help="cut generated captions flagged truncated back to their last complete sentence "
+                             "(one with no complete sentence stays as it is)")
+    parser.add_argument("--drop-flagged", metavar="FLAGS",
+                        help="comma-separated flags whose generated captions are left out, i.e. treated as "
+                             "missing from their index (then --missing decides); nothing is dropped otherwise")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
+    parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (at most about the size of all inputs "
+                                          "plus the output); default: the system's temporary folder")
+    parser.add_argument("--buckets", type=int, metavar="N",
+                        help=f"hash buckets (1 to {MAX_BUCKETS}); peak memory is about one bucket of all indexes. "
+                             f"Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="processes splitting and joining in parallel; memory grows with it "
+                             "(default: CPU count, at most 4)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
+        parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
+    drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
+    unknown = [f for f in drop_flags if f not in FLAGS]
+    if unknown:
+        parser.error(f"--drop-flagged: unknown flag {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+    try:
+        if not os.path.isfile(args.original):
+            raise MergeError(f"no such file: {args.original}")
+        indexes = [resolve_index(p) for p in args.index]
+        qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
+        summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
+                        args.tmp_dir, args.buckets, args.workers)
+    except (MergeError, RecordError) as e:
+        sys.exit(f"merge_multi_caption.py: error: {e}")
+    except OSError as e:
+        sys.exit(f"merge_multi_caption.py: error: {e.filename or ''}: {e.strerror}")
+    for counts in summary["indexes"]:
+        extra = (f", {counts['trimmed']} trimmed" if args.trim_truncated else "") + \
+                (f", {counts['dropped_flagged']} left out as flagged" if drop_flags else "")
+        print(f"merge_multi_caption.py: index {counts['path']}: {counts['entries']} entries, "
+              f"{counts['missing']} original images missing{extra}")
+    print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "
+          f"{summary['rows_dropped']} dropped (missing captions, --missing {args.missing}) -> {args.output}")
+    if "qa" in summary:
+        print_table(summary["qa"])
+        if args.qa_report:
+            write_report(args.qa_report, summary["qa"], f"regex {TOKEN_PATTERN}")
+            print(f"merge_multi_caption.py: QA report written to {args.qa_report}")
+
+
+if __name__ == "__main__":
+    main()
