@@ -18,22 +18,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions  # noqa: E402
-from utils.records import RecordError  # noqa: E402
+from utils.records import RecordError, composed_file  # noqa: E402
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def caption_file(path):
-    """A file, or the composed.jsonl / composed_index.json that utils/merge.py wrote in a folder."""
-    if os.path.isdir(path):
-        for name in ("composed.jsonl", "composed_index.json"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise RecordError(f"no composed.jsonl or composed_index.json in {path} (run utils/merge.py on it first)")
-    if not os.path.isfile(path):
-        raise RecordError(f"no such file or folder: {path}")
-    return path
 
 
 def sample_rows(paths, names, size, seed, checker):
@@ -206,7 +194,7 @@ def main(argv=None):
         parser.error("--sample must be at least 1")
     names = args.names.split(",") if args.names else []
     try:
-        paths = [caption_file(p) for p in args.inputs]
+        paths = [composed_file(p) for p in args.inputs]
         sources, sample, stats = sample_rows(paths, names, args.sample, args.seed, Checker(args.prompt))
     except RecordError as e:
         sys.exit(f"gallery.py: error: {e}")

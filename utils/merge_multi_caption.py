@@ -24,7 +24,8 @@ from array import array
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
                               trim_to_sentence, write_report)
-from utils.records import RecordError, index_format, iter_json_lines, iter_json_object  # noqa: E402
+from utils.records import (RecordError, composed_file, index_format, iter_json_lines,  # noqa: E402
+                           iter_json_object)
 
 # Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
 BYTES_PER_BUCKET = 32 << 20
@@ -36,19 +37,6 @@ ROW = '{{"image": {}, "caption": [{}]}}\n'
 
 class MergeError(Exception):
     """A user mistake: reported as one line, exit status 1."""
-
-
-def resolve_index(path):
-    """An index file, or a folder holding composed.jsonl (preferred: it keeps the truncated flags)
-    or composed_index.json."""
-    if os.path.isdir(path):
-        for name in ("composed.jsonl", "composed_index.json"):
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise MergeError(f"no composed.jsonl or composed_index.json in {path} (run utils/merge.py on it first)")
-    if not os.path.isfile(path):
-        raise MergeError(f"no such file or folder: {path}")
-    return path
 
 
 def iter_index(path):
@@ -282,7 +270,7 @@ def main(argv=None):
     try:
         if not os.path.isfile(args.original):
             raise MergeError(f"no such file: {args.original}")
-        indexes = [resolve_index(p) for p in args.index]
+        indexes = [composed_file(p) for p in args.index]
         qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
         summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
                         args.tmp_dir, args.buckets, args.workers)

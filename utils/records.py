@@ -5,6 +5,7 @@ array (the seed's input format and the original scripts' per-rank outputs) is de
 at a time, a JSONL file one line at a time.
 """
 import json
+import os
 import re
 from json.decoder import scanstring
 
@@ -225,3 +226,16 @@ def index_format(path):
             return "object"
         return "lines" if key in ("image", "caption") else "object"
     return "object"
+
+
+def composed_file(path):
+    """A caption file, or the composed.jsonl (preferred: it keeps the truncated flags) or
+    composed_index.json that utils/merge.py wrote in a folder."""
+    if os.path.isdir(path):
+        for name in ("composed.jsonl", "composed_index.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise RecordError(f"no composed.jsonl or composed_index.json in {path} (run utils/merge.py on it first)")
+    if not os.path.isfile(path):
+        raise RecordError(f"no such file or folder: {path}")
+    return path
