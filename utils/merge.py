@@ -90,6 +90,9 @@ def collect_groups(inputs, output_dir):
             base = os.path.abspath(item)
         elif os.path.isfile(item):
             files, base = [item], os.path.dirname(os.path.abspath(item))
+        elif not explicit and not output_dir:
+            raise MergeError("no outputs/ folder here: name the folder that generate.sh wrote into "
+                             "(its --output-dir), e.g. python utils/merge.py --output-dir D")
         else:
             raise MergeError(f"no such file or folder: {item}")
         for path in files:
