@@ -5,7 +5,8 @@
 Each model's `prepare` (what the loop's worker processes run: open, decode, convert, resize, and for
 most models normalise) with its real settings, on the JPEG mix of bench/throughput.py, one process,
 torch limited to one thread. A GPU that captions R images/s needs about R / (images/s per core)
-workers. Qwen2-VL's normalisation runs in the main process (its processor call); its row is separate.
+workers. Qwen2-VL's processor call runs in the main process; its row (resize + processor) less the
+resize row is that cost.
 """
 import argparse
 import functools
@@ -39,7 +40,7 @@ def preparers():
     return {
         "internvl (6 tiles)": functools.partial(internvl.prepare_image, max_tiles=6),
         "qwen (worker: resize)": qwen_resize,
-        "qwen (main: processor)": lambda image: qwen_processor(images=[qwen_resize(image)], return_tensors="pt"),
+        "qwen (resize + processor)": lambda image: qwen_processor(images=[qwen_resize(image)], return_tensors="pt"),
         "llava (pad + CLIP 336)": functools.partial(llava.prepare_image, image_processor=clip_336, pad=True),
         "minigpt4 (224)": functools.partial(minigpt4.preprocess, size=224),
     }
