@@ -185,6 +185,9 @@ def model_tag(model):
     return Path(model.rstrip("/")).name or "model"
 
 
+OUT_OF_MEMORY = "CUDA out of memory, even alone"  # recorded, but retried by the next run: not the image's fault
+
+
 def recorded_images(folder, pattern, keep):
     """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
     found = set()
@@ -192,10 +195,11 @@ def recorded_images(folder, pattern, keep):
         with open(file, encoding="utf-8") as f:
             for line in f:
                 try:
-                    image = json.loads(line)["image"]
+                    row = json.loads(line)
+                    image = row["image"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a killed writer's partial last line
-                if image in keep:
+                if image in keep and row.get("error") != OUT_OF_MEMORY:
                     found.add(image)
     return found
 
@@ -375,7 +379,7 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
         if results is None:
             torch.cuda.empty_cache()
             if len(items) == 1:
-                write_lines(errors, [{"image": pending[items[0][0]][0], "error": "CUDA out of memory, even alone"}])
+                write_lines(errors, [{"image": pending[items[0][0]][0], "error": OUT_OF_MEMORY}])
                 failed_now += 1
                 progress.update(1)
                 return
