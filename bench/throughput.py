@@ -34,7 +34,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from utils.captioning import build_parser, caption_shard, generation_kwargs  # noqa: E402
+from utils.captioning import build_parser, caption_shard  # noqa: E402
 from utils.images import open_image  # noqa: E402
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
@@ -177,7 +177,7 @@ def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
     return total / len(prepared_images)
 
 
-def seed_loop(captioner, paths, batch_size, new_tokens):
+def seed_loop(captioner, paths, batch_size):
     """The seed's loop: each image opened and preprocessed in the loop itself, one generate() per batch, in
     input order, one prompt."""
     prompt = captioner.prompts[captioner.default_prompt]
@@ -195,35 +195,37 @@ MODELS = {
 }
 
 
+def caption_exactly(captioner, images, tokens):
+    """One caption() of the default prompt with exactly `tokens` new tokens; the generation settings are restored."""
+    saved = dict(captioner.generation)
+    captioner.generation.update(max_new_tokens=tokens, min_new_tokens=tokens)
+    try:
+        captioner.caption(images, [captioner.prompts[captioner.default_prompt]])
+    finally:
+        captioner.generation = saved
+
+
 def prefill_and_decode(captioner, images, new_tokens, device):
     """Seconds of prefill (generate with one new token) and per decode step, for one batch of prepared images."""
-    prompt = captioner.prompts[captioner.default_prompt]
-    saved = dict(captioner.generation)
     timings = []
     for tokens in (1, new_tokens):
-        captioner.generation.update(max_new_tokens=tokens, min_new_tokens=tokens)
         sync(device)
         start = time.perf_counter()
-        captioner.caption(images, [prompt])
+        caption_exactly(captioner, images, tokens)
         sync(device)
         timings.append(time.perf_counter() - start)
-    captioner.generation = saved
     return timings[0], (timings[1] - timings[0]) / (new_tokens - 1)
 
 
 def profile_decode(captioner, images, new_tokens, device):
     """GPU kernel time of decoding alone: a profile of generate() with `new_tokens` tokens minus one with 1."""
     from torch.profiler import ProfilerActivity, profile
-    prompt = captioner.prompts[captioner.default_prompt]
-    saved = dict(captioner.generation)
     totals = []
     for tokens in (1, new_tokens):
-        captioner.generation.update(max_new_tokens=tokens, min_new_tokens=tokens)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            captioner.caption(images, [prompt])
+            caption_exactly(captioner, images, tokens)
             sync(device)
         totals.append({e.key: e.self_device_time_total for e in prof.key_averages()})
-    captioner.generation = saved
     steps = new_tokens - 1
     decode = sorted(((totals[1][k] - totals[0].get(k, 0)) / steps / 1000, k) for k in totals[1])[::-1]
     print(f"decode, batch {len(images)}: GPU busy {sum(ms for ms, _ in decode):.2f} ms per step; top kernels (ms/step):")
@@ -258,10 +260,10 @@ def run_model(name, spec, args, device, folder, names, peak):
 
     # One captioner for the processor and the model (built once, shared by every row).
     parsed = build_parser(captioner_class).parse_args(["--input-json", "x", "--model", str(checkpoint),
-                                                        "--max-new-tokens", str(args.new_tokens), "--temperature", "0"])
+                                                        "--max-new-tokens", str(args.new_tokens),
+                                                        "--min-new-tokens", str(args.new_tokens), "--temperature", "0"])
     parsed.dtype = dtype
     captioner = captioner_class(parsed, device)
-    captioner.generation["min_new_tokens"] = args.new_tokens
     flops = model_flops(captioner, [captioner.prepare(open_image(p)) for p in paths[:len(IMAGE_SIZES)]],
                         spec["sizes"], spec["vision_names"], args.new_tokens)
     batch = [captioner.prepare(open_image(p)) for p in paths[:2]]
@@ -276,7 +278,6 @@ def run_model(name, spec, args, device, folder, names, peak):
         if args.profile and device.type == "cuda":
             split[size]["decode_gpu_busy_ms"] = round(profile_decode(captioner, images, 9, device), 2)
         print(json.dumps({"model": name, "batch": size, **split[size]}), flush=True)
-    captioner.generation = generation_kwargs(parsed)
     rows = []
     default = [captioner_class.default_prompt]
     variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images, default)
@@ -295,7 +296,7 @@ def run_model(name, spec, args, device, folder, names, peak):
         start = time.perf_counter()
         if kind == "seed":  # the seed ran transformers' plain sdpa
             captioner.model.set_attn_implementation("sdpa")
-            seed_loop(captioner, paths[:images], batch_size, args.new_tokens)
+            seed_loop(captioner, paths[:images], batch_size)
             captioner.model.set_attn_implementation(parsed.attn_implementation)
         elif kind == "ours":
             ours(batch_size, images, prompts)
