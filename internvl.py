@@ -473,6 +473,16 @@ class InternVLCaptioner:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.generation = generation_kwargs(args, temperature=0.0)  # the seed: greedy, one beam
         self.prepare = functools.partial(prepare_image, max_tiles=args.max_tiles)
+        self.dynamic_ropes = [m for m in self.model.modules() if getattr(m, "rope_type", None) == "dynamic"]
+
+    def skip_dynamic_rope_check(self, longest):
+        """InternLM2's dynamic NTK rope equals the plain one until a sequence passes max_position_embeddings,
+        but checks the length at every step by reading a GPU value on the CPU, which a decode step recorded as
+        a CUDA graph cannot do. When no sequence of this call gets that long, skip the check; when one does
+        (or did: its frequencies changed), keep it."""
+        for rope in self.dynamic_ropes:
+            plain = longest <= rope.original_max_seq_len and rope.max_seq_len_cached == rope.original_max_seq_len
+            rope.rope_type = "default" if plain else "dynamic"
 
     def cost(self, tiles):
         return len(tiles)  # the prompt length grows with the number of tiles
@@ -511,6 +521,7 @@ class InternVLCaptioner:
         embeds = self.model.get_input_embeddings()(input_ids)
         for row, (i, _) in enumerate(pairs):
             embeds[row, input_ids[row] == self.image_token_id] = features_per_image[i].flatten(0, 1).to(embeds.dtype)
+        self.skip_dynamic_rope_check(length + self.generation["max_new_tokens"])
         output = self.model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                      eos_token_id=self.end_token_ids, pad_token_id=self.pad_token_id,
                                      **self.generation)

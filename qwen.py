@@ -5,20 +5,33 @@
 The model card: the chat template with the image before the text, `qwen_vl_utils.process_vision_info`
 to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` with the checkpoint's
 generation config. The only differences: many images go through one `generate` call, left-padded, and
-the images are decoded and resized in the loop's worker processes.
+the processor's image half (resize, normalise, cut into patches) runs in the loop's worker processes;
+the main process expands each image's placeholder as the processor does and lets it tokenize.
 """
 import functools
+from typing import NamedTuple
 
+import torch
 from qwen_vl_utils import fetch_image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit
 
 
-def resize_image(image, min_pixels, max_pixels, patch_size):
-    """qwen_vl_utils' resize: RGBA onto white, then to a multiple of 2 patches within the pixel budget."""
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
-                       image_patch_size=patch_size)
+class PreparedImage(NamedTuple):
+    pixel_values: torch.Tensor  # the processor's patches, already in the model's dtype (the vision tower's first step)
+    grid_thw: torch.Tensor  # (1, 3): frames, rows and columns of patches
+    tokens: int  # image placeholder tokens in the prompt
+
+
+def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
+    """qwen_vl_utils' resize (RGBA onto white, a multiple of 2 patches within the pixel budget), then the
+    processor's image half, as the model card's processor call runs it."""
+    resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                          image_patch_size=image_processor.patch_size)
+    processed = image_processor(images=[resized], return_tensors="pt")
+    grid = processed["image_grid_thw"]
+    return PreparedImage(processed["pixel_values"].to(dtype), grid, int(grid.prod()) // image_processor.merge_size ** 2)
 
 
 class QwenCaptioner:
@@ -28,6 +41,8 @@ class QwenCaptioner:
     default_prompt = "default"
     defaults = {"batch_size": 16}
     default_dtype = "bfloat16"
+    # generate() appends to it at every step; with the 3D positions generate() passes, decoding never reads it
+    unread_in_decode = ("mm_token_type_ids",)
 
     @staticmethod
     def add_arguments(parser):
@@ -44,9 +59,8 @@ class QwenCaptioner:
         min_pixels = args.min_pixels or image_processor.size["shortest_edge"]
         max_pixels = args.max_pixels or image_processor.size["longest_edge"]
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        self.prepare = functools.partial(resize_image, min_pixels=min_pixels, max_pixels=max_pixels,
-                                         patch_size=image_processor.patch_size)
-        self.pixels_per_token = (image_processor.patch_size * image_processor.merge_size) ** 2
+        self.prepare = functools.partial(prepare_image, min_pixels=min_pixels, max_pixels=max_pixels,
+                                         image_processor=image_processor, dtype=args.dtype)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             args.model, dtype=args.dtype, attn_implementation=args.attn_implementation).to(device).eval()
         self.generation = generation_kwargs(args)
@@ -58,14 +72,17 @@ class QwenCaptioner:
         return self.processor.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
     def cost(self, image):
-        return image.width * image.height // self.pixels_per_token
+        return image.tokens
 
     def caption(self, images, prompts):
         texts = [self.chat_text(prompt) for prompt in prompts]
-        inputs = self.processor(text=[text for _ in images for text in texts],
-                                images=[image for image in images for _ in texts],
-                                padding=True, padding_side="left", return_tensors="pt").to(self.model.device)
-        output = self.model.generate(**inputs, **self.generation)
+        pad = self.processor.image_token
+        # The processor's text half: each image's placeholder repeated once per image token, then tokenized.
+        inputs = self.processor(text=[text.replace(pad, pad * image.tokens, 1) for image in images for text in texts],
+                                padding=True, padding_side="left", return_tensors="pt")
+        inputs["pixel_values"] = torch.cat([image.pixel_values for image in images for _ in texts])
+        inputs["image_grid_thw"] = torch.cat([image.grid_thw for image in images for _ in texts])
+        output = self.model.generate(**inputs.to(self.model.device), **self.generation)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)

@@ -5,8 +5,7 @@
 Each model's `prepare` (what the loop's worker processes run: open, decode, convert, resize, and for
 most models normalise) with its real settings, on the JPEG mix of bench/throughput.py, one process,
 torch limited to one thread. A GPU that captions R images/s needs about R / (images/s per core)
-workers. Qwen2-VL's processor call runs in the main process; its row (resize + processor) less the
-resize row is that cost.
+workers.
 """
 import argparse
 import functools
@@ -32,15 +31,15 @@ def preparers():
     import minigpt4
     import qwen
     from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessor
-    qwen_resize = functools.partial(qwen.resize_image, min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14)
     qwen_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
     clip_336 = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                      image_mean=[0.48145466, 0.4578275, 0.40821073],
                                      image_std=[0.26862954, 0.26130258, 0.27577711])
     return {
         "internvl (6 tiles)": functools.partial(internvl.prepare_image, max_tiles=6),
-        "qwen (worker: resize)": qwen_resize,
-        "qwen (resize + processor)": lambda image: qwen_processor(images=[qwen_resize(image)], return_tensors="pt"),
+        "qwen (resize + image processor)": functools.partial(qwen.prepare_image, min_pixels=56 * 56,
+                                                             max_pixels=28 * 28 * 16384, image_processor=qwen_processor,
+                                                             dtype=torch.bfloat16),
         "llava (pad + CLIP 336)": functools.partial(llava.prepare_image, image_processor=clip_336, pad=True),
         "minigpt4 (224)": functools.partial(minigpt4.preprocess, size=224),
     }

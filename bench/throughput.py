@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from utils.captioning import build_parser, caption_shard  # noqa: E402
+from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 from utils.images import open_image  # noqa: E402
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
@@ -95,6 +96,13 @@ def random_weights_loader(model_class, device, dtype):
     return from_pretrained
 
 
+def eager_decoding(model):
+    """Undo decode_with_cuda_graphs: the seed's rows decode as plain generate() does."""
+    for module in model.modules():
+        for name in ("generate", "get_compiled_call", "_decode_step_graph"):
+            module.__dict__.pop(name, None)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -122,7 +130,7 @@ def qwen_checkpoint(folder, tiny):
 
 def qwen_sizes(captioner, prepared):
     """(prompt tokens, vision-tower patches) of one prepared image."""
-    return captioner.cost(prepared) + 30, prepared.width * prepared.height // 14 ** 2
+    return prepared.tokens + 30, int(prepared.grid_thw.prod())
 
 
 # ----------------------------------------------------------------------------------------------- InternVL2
@@ -160,14 +168,87 @@ def internvl_sizes(captioner, prepared):
     return tiles * captioner.model.config.image_seq_length + 60, tiles * (448 // 14) ** 2
 
 
+def language_model(model):
+    """The module that generates: the model itself, or (MiniGPT-4) its language_model."""
+    from transformers import GenerationMixin
+    return model if isinstance(model, GenerationMixin) else model.language_model
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA-1.5
+
+CLIP_VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+VICUNA = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, head_dim=128),
+          "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, head_dim=128)}
+
+
+def llava_checkpoint(size):
+    """A llava-hf folder: the tests' tiny one, then (not tiny) given LLaVA-1.5-7B/13B's architecture (CLIP ViT-L/14
+    at 336 px, Vicuna v1.5 with llava-hf's 32064-row vocabulary)."""
+    def checkpoint(folder, tiny):
+        from llava_checkpoint import build_checkpoints
+        path = build_checkpoints(folder / f"llava-{size}").hf
+        if not tiny:
+            config = json.loads((path / "config.json").read_text())
+            config["vision_config"].update(CLIP_VIT_L_336)
+            config["text_config"].update(VICUNA[size], vocab_size=32064, max_position_embeddings=4096)
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+    return checkpoint
+
+
+def llava_sizes(captioner, prepared):
+    return captioner.num_image_tokens + 40, captioner.num_image_tokens + 1
+
+
+# ----------------------------------------------------------------------------------------------- MiniGPT-4
+
+def minigpt4_checkpoint(folder, tiny):
+    """The tests' tiny original files (tokenizer, eval config); not tiny, the model is built with MiniGPT-4's
+    real architecture instead of read: EVA ViT-g (39 of 40 blocks), the BLIP-2 Q-Former, Vicuna-7B v0."""
+    import minigpt4
+    from minigpt4_checkpoint import build
+    root = build(str(folder / "minigpt4"))
+    os.environ["TORCH_HOME"] = f"{root}/torch_home"
+    if not tiny:
+        minigpt4.load_model = minigpt4_real_size
+        size = minigpt4.SlowLlamaTokenizer(f"{root}/vicuna/tokenizer.model").sp.get_piece_size()
+        decode = minigpt4.SlowLlamaTokenizer.decode  # random weights emit ids past the tiny vocabulary
+        minigpt4.SlowLlamaTokenizer.decode = lambda self, ids: decode(self, [i if i < size else 0 for i in ids])
+    return f"{root}/repo/eval_configs/minigpt4_eval.yaml"
+
+
+def minigpt4_real_size(files, dtype, device, attn_implementation):
+    import minigpt4
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, LlamaForCausalLM
+    vision = Blip2VisionConfig(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                               image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+    qformer = Blip2QFormerConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                 cross_attention_frequency=2, encoder_hidden_size=1408, layer_norm_eps=1e-12)
+    llama = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    for config in (vision, qformer, llama):
+        config._attn_implementation = attn_implementation
+    with torch.device(device):
+        model = minigpt4.MiniGPT4(vision, qformer, 32, LlamaForCausalLM._from_config(llama, dtype=dtype))
+    return model.to(dtype).eval()
+
+
+def minigpt4_sizes(captioner, prepared):
+    return 32 + 40, (224 // 14) ** 2 + 1
+
+
 def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
     """Model FLOPs per caption: 2 x parameters x tokens for the language model and the vision tower, plus
     attention (4 x layers x hidden size x context, per token)."""
     model = captioner.model
     vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in vision_names))
-    embeddings = model.get_input_embeddings().weight.numel()
+    embeddings = language_model(model).get_input_embeddings().weight.numel()
     text = sum(p.numel() for p in model.parameters()) - vision - embeddings
-    config = model.config.text_config
+    config = language_model(model).config.get_text_config()
     total = 0
     for prepared in prepared_images:
         prompt, patches = sizes(captioner, prepared)
@@ -175,6 +256,12 @@ def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
         attention = 4 * config.num_hidden_layers * config.hidden_size * tokens * tokens / 2
         total += 2 * text * tokens + 2 * vision * patches + attention
     return total / len(prepared_images)
+
+
+def set_attention(model, implementation):
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and module.config._attn_implementation != implementation:
+            module.set_attn_implementation(implementation)
 
 
 def seed_loop(captioner, paths, batch_size):
@@ -187,11 +274,21 @@ def seed_loop(captioner, paths, batch_size):
 
 MODELS = {
     "qwen": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2VLForConditionalGeneration",
-                 checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3),
+                 checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
+                 prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head")),
     "internvl": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
                      checkpoint=internvl_checkpoint, sizes=internvl_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
                      multi_prompts="detail,noun,background,main,style"),
+    "llava-7b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
+                     checkpoint=llava_checkpoint("7b"), sizes=llava_sizes,
+                     vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8),
+    "llava-13b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
+                      checkpoint=llava_checkpoint("13b"), sizes=llava_sizes,
+                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8),
+    "minigpt4": dict(script="minigpt4", captioner="MiniGPT4Captioner", model_class="LlamaForCausalLM",
+                     checkpoint=minigpt4_checkpoint, sizes=minigpt4_sizes, checkpoint_flag="--cfg-path",
+                     vision_names=("vision_model", "ln_vision", "qformer", "query_tokens", "llama_proj"), seed_batch=3),
 }
 
 
@@ -215,6 +312,38 @@ def prefill_and_decode(captioner, images, new_tokens, device):
         sync(device)
         timings.append(time.perf_counter() - start)
     return timings[0], (timings[1] - timings[0]) / (new_tokens - 1)
+
+
+def prefill_parts(captioner, images, parts, device):
+    """Seconds spent in each named part of the model (a submodule or a method, dotted from the model) during one
+    prefill (generate with one new token); the GPU is synchronised around each part."""
+    import functools
+    seconds = dict.fromkeys(parts, 0.0)
+    undo = []
+    for name in parts:
+        owner_name, _, attribute = name.rpartition(".")
+        owner = captioner.model.get_submodule(owner_name) if owner_name else captioner.model
+        target = getattr(owner, attribute)
+        if isinstance(target, torch.nn.Module):
+            owner, attribute, target = target, "forward", target.forward
+
+        def timed(*args, _name=name, _target=target, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            result = _target(*args, **kwargs)
+            sync(device)
+            seconds[_name] += time.perf_counter() - start
+            return result
+        setattr(owner, attribute, functools.wraps(target)(timed))
+        undo.append((owner, attribute))
+    sync(device)
+    start = time.perf_counter()
+    caption_exactly(captioner, images, 1)
+    sync(device)
+    total = time.perf_counter() - start
+    for owner, attribute in undo:
+        del owner.__dict__[attribute]
+    return dict(total_s=round(total, 3), **{name: round(s, 3) for name, s in seconds.items()})
 
 
 def profile_decode(captioner, images, new_tokens, device):
@@ -248,22 +377,45 @@ def run_model(name, spec, args, device, folder, names, peak):
 
     def ours(batch_size, images, prompts):
         out = folder / f"out-{name}-{batch_size}-{time.time()}"
-        cli = ["--input-json", str(folder / "input.json"), "--model", str(checkpoint), "--output-dir",
+        cli = ["--input-json", str(folder / "input.json"), spec.get("checkpoint_flag", "--model"), str(checkpoint),
+               "--output-dir",
                str(out), "--batch-size", str(batch_size),
                "--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
                "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
                "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
         parsed = build_parser(captioner_class).parse_args(cli)
-        status = caption_shard(captioner_class, parsed, {key: captioner_class.prompts[key] for key in prompts}, 0, 1, 0)
+        # Time inside caption() (the GPU's work and the inputs it builds); the rest of the loop's time is waiting
+        # for prepared images, writing and starting.
+        caption = captioner_class.caption
+        in_caption = [0.0]
+
+        def timed_caption(self, *caption_args):
+            sync(device)
+            start = time.perf_counter()
+            try:
+                return caption(self, *caption_args)
+            finally:
+                sync(device)
+                in_caption[0] += time.perf_counter() - start
+        captioner_class.caption = timed_caption
+        try:
+            status = caption_shard(captioner_class, parsed, {key: captioner_class.prompts[key] for key in prompts},
+                                   0, 1, 0)
+        finally:
+            captioner_class.caption = caption
         lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))
         assert status == 0 and lines == images * len(prompts), (status, lines)
+        return in_caption[0]
 
     # One captioner for the processor and the model (built once, shared by every row).
-    parsed = build_parser(captioner_class).parse_args(["--input-json", "x", "--model", str(checkpoint),
+    parsed = build_parser(captioner_class).parse_args(["--input-json", "x", spec.get("checkpoint_flag", "--model"),
+                                                        str(checkpoint),
                                                         "--max-new-tokens", str(args.new_tokens),
                                                         "--min-new-tokens", str(args.new_tokens), "--temperature", "0"])
     parsed.dtype = dtype
     captioner = captioner_class(parsed, device)
+    if device.type == "cuda" and "--no-cuda-graphs" not in args.ours_flags:  # the split measures our decoding
+        decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
     flops = model_flops(captioner, [captioner.prepare(open_image(p)) for p in paths[:len(IMAGE_SIZES)]],
                         spec["sizes"], spec["vision_names"], args.new_tokens)
     batch = [captioner.prepare(open_image(p)) for p in paths[:2]]
@@ -271,10 +423,14 @@ def run_model(name, spec, args, device, folder, names, peak):
     split = {}
     for size in args.split_batches:
         # One batch as our loop forms it: the middle quarter of a read-ahead window of 4 batches sorted by length.
-        window = sorted([captioner.prepare(open_image(p)) for p in paths[:4 * size]], key=captioner.cost)
+        window = [captioner.prepare(open_image(p)) for p in paths[:4 * size]]
+        if hasattr(captioner, "cost"):  # models whose prompt length varies per image
+            window.sort(key=captioner.cost)
         images = window[len(window) * 3 // 8:][:size]
         prefill, step = prefill_and_decode(captioner, images, args.new_tokens, device)
         split[size] = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
+        if spec.get("prefill_parts"):
+            split[size]["prefill_parts"] = prefill_parts(captioner, images, spec["prefill_parts"], device)
         if args.profile and device.type == "cuda":
             split[size]["decode_gpu_busy_ms"] = round(profile_decode(captioner, images, 9, device), 2)
         print(json.dumps({"model": name, "batch": size, **split[size]}), flush=True)
@@ -282,9 +438,10 @@ def run_model(name, spec, args, device, folder, names, peak):
     default = [captioner_class.default_prompt]
     variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images, default)
                 for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch] * (args.big_batch > 0)]
-    variants += [("ours", batch, args.images, default) for batch in args.ours_batches if batch]
+    ours_images = args.ours_images or args.images
+    variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
     if "multi_prompts" in spec and args.multi_batch:
-        variants.append(("ours", args.multi_batch, args.images, spec["multi_prompts"].split(",")))
+        variants.append(("ours", args.multi_batch, ours_images, spec["multi_prompts"].split(",")))
     if args.oom_batch and device.type == "cuda":
         variants.append(("oom", args.oom_batch, args.oom_batch, default))
     for kind, batch_size, images, prompts in variants:
@@ -294,24 +451,32 @@ def run_model(name, spec, args, device, folder, names, peak):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        if kind == "seed":  # the seed ran transformers' plain sdpa
-            captioner.model.set_attn_implementation("sdpa")
-            seed_loop(captioner, paths[:images], batch_size)
-            captioner.model.set_attn_implementation(parsed.attn_implementation)
+        in_caption = None
+        if kind == "seed":  # the seed ran transformers' plain sdpa and generate()
+            eager_decoding(captioner.model)
+            set_attention(captioner.model, "sdpa")
+            try:
+                seed_loop(captioner, paths[:images], batch_size)
+            except torch.cuda.OutOfMemoryError:  # the seed's loop has no way around it: it crashes
+                images = 0
+            set_attention(captioner.model, parsed.attn_implementation)
+            torch.cuda.empty_cache()
         elif kind == "ours":
-            ours(batch_size, images, prompts)
+            in_caption = ours(batch_size, images, prompts)
         else:  # a batch that does not fit: the loop must halve it, and caption every image
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(args.oom_gib * 2 ** 30 / total)
-            ours(batch_size, images, prompts)
+            in_caption = ours(batch_size, images, prompts)
             torch.cuda.set_per_process_memory_fraction(1.0)
         sync(device)
         seconds = time.perf_counter() - start
         label = f"ours b{batch_size} in {args.oom_gib:g} GiB" if kind == "oom" else f"{kind} b{batch_size}"
+        label += "" if images else " (CUDA out of memory)"
         row = dict(model=name, variant=label + (f" x{len(prompts)} prompts" if len(prompts) > 1 else ""),
                    images=images, prompts=len(prompts), seconds=round(seconds, 2), images_per_s=round(images / seconds, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
-                   mfu=round(flops * images * len(prompts) / seconds / (peak * 1e12), 4) if peak == peak else None)
+                   mfu=round(flops * images * len(prompts) / seconds / (peak * 1e12), 4) if peak == peak else None,
+                   in_caption_s=in_caption and round(in_caption, 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows, flops, split
@@ -321,6 +486,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--images", type=int, default=512, help="images for the batch-128 rows")
+    parser.add_argument("--ours-images", type=int, default=0,
+                        help="images for our rows (default: --images); more than the seed's rows so that the start "
+                        "(workers filling the first read-ahead window) weighs as little as in a long run")
     parser.add_argument("--seed-images", type=int, default=24, help="images for the seed's own batch size (0: skip)")
     parser.add_argument("--big-batch", type=int, default=128, help="batch size of the seed's second row (0: skip)")
     parser.add_argument("--new-tokens", type=int, default=77)
@@ -348,7 +516,7 @@ def main():
                    torch=torch.__version__, new_tokens=args.new_tokens, rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        names = make_images(folder, max(args.images, args.seed_images, 4 * max(args.split_batches)))
+        names = make_images(folder, max(args.images, args.ours_images, args.seed_images, 4 * max(args.split_batches)))
         for name in args.models.split(","):
             rows, flops, split = run_model(name, MODELS[name], args, device, folder, names, peak)
             results["rows"] += rows

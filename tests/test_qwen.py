@@ -80,7 +80,7 @@ def test_lowered_pixel_budget_reaches_qwen_vl_utils_and_processor(
                  "--model", qwen_checkpoint, "--output-dir", str(out), "--max-new-tokens", str(MAX_NEW_TOKENS),
                  "--temperature", "0", "--max-pixels", "3136", "--num-workers", "0"])
     rows = read_jsonl(out / "qwen" / "tiny-qwen2-vl" / "default" / "captions-00000-of-00001.jsonl")
-    assert [row["image"] for row in rows] == images
+    assert sorted(row["image"] for row in rows) == sorted(images)  # the loop sorts batches by prompt length
     for row in rows:
         expected, _ = model_card_caption(folder / row["image"], "Describe the image in detail:", max_pixels=3136)
         assert row["caption"] == expected

@@ -32,6 +32,10 @@ The contract a captioner class fulfils:
     checkpoint_name(args) -> str
                            optional static method: the output folder name of the checkpoint
                            (default: the last part of --model)
+    unread_in_decode: tuple
+                           optional: generate() kwargs that grow at every decode step but that the
+                           model's decode step does not read; left out so that decode steps can be
+                           CUDA graphs (utils/cuda_graphs.py)
     cost(self, prepared) -> number
                            optional: the prompt length an image gives, roughly; the loop sorts
                            --sort-window batches by it so that batches pad less.
@@ -46,10 +50,15 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-from tqdm import tqdm
+# Batches differ in shape (and each generate() allocates its KV cache for the batch): let the CUDA allocator grow
+# segments instead of fragmenting into blocks that no later batch fits. Read when CUDA is first used.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
+from utils.cuda_graphs import decode_with_cuda_graphs
 from utils.images import UnreadableImage, open_image
 from utils.records import RecordError, iter_records
 
@@ -102,6 +111,8 @@ def build_parser(captioner):
     add("--attn-implementation", default="sdpa_grouped", choices=["sdpa_grouped", "sdpa", "eager", "flash_attention_2"],
         help="attention kernel: sdpa_grouped is PyTorch SDPA that decodes grouped-query heads without copying the "
         "KV cache (utils/attention.py); flash_attention_2 needs the flash-attn package")
+    add("--no-cuda-graphs", action="store_true", help="decode eagerly; by default, on a GPU, each decode step after "
+        "the first replays a CUDA graph (utils/cuda_graphs.py), which gives the same tokens faster")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
         "number of processes (torchrun's WORLD_SIZE or SLURM_NTASKS)")
@@ -328,6 +339,8 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
         args.dtype = captioner_cls.default_dtype if device.type == "cuda" else "float32"
     args.dtype = getattr(torch, args.dtype)
     captioner = captioner_cls(args, device)
+    graphs = (decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
+              if device.type == "cuda" and not args.no_cuda_graphs else [])
 
     # Workers prepare small chunks in parallel, enough in flight to fill the next read-ahead window
     # while the GPU works on this one; the main process gathers them into windows.
@@ -424,8 +437,9 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
         for file in (*outputs.values(), errors):
             file.close()
     seconds = time.time() - started
+    replayed = f", {sum(g.replays for g in graphs)} decode steps replayed from CUDA graphs" if graphs else ""
     print(f"{tag} captioned {captioned}, failed {failed_now}, skipped {skipped}, {seconds:.1f} s, "
-          f"{captioned / max(seconds, 1e-9):.2f} images/s", file=sys.stderr, flush=True)
+          f"{captioned / max(seconds, 1e-9):.2f} images/s{replayed}", file=sys.stderr, flush=True)
     if stop_signal is not None:
         left = len(pending) - captioned - failed_now
         print(f"{tag} stopped by {signal.Signals(stop_signal).name} with {left} images left; run the same "

@@ -1,0 +1,131 @@
+"""Decode steps of `generate()` replayed as CUDA graphs.
+
+Between two tokens, transformers' generate loop runs the model's forward eagerly: about a thousand
+small kernels per step for a 7B model, each launched from Python. On an H100 with Qwen2-VL-7B at batch
+256 the GPU was busy 16 ms of each 78 ms step (bench/RESULTS.md): decoding waited on the CPU. A CUDA
+graph records the kernels of one decode step once and then replays them with a single launch.
+
+A graph needs fixed shapes and fixed memory, so generate() runs with transformers' static KV cache
+(allocated for the batch, written in place), and each step's inputs are copied into the tensors the
+graph was recorded with. generate() asks the model for its decode-step forward through
+`get_compiled_call` (its hook for torch.compile); answering there with a graph leaves everything else
+to transformers (logits processors, stopping, padding), so the tokens are those of plain generate().
+The first decode step of each generate() call runs eagerly, the second is recorded, and the graph is
+dropped when the call returns: nothing recorded outlives the batch (its cache, a model's per-batch
+state such as Qwen2-VL's rope deltas). Prefill stays eager. A step that cannot be recorded (a model
+whose forward reads a GPU value on the CPU) runs eagerly, with one warning.
+"""
+import functools
+import sys
+
+import torch
+from transformers import GenerationMixin
+
+
+def _tensors(value):
+    """The tensors of one forward argument: a tensor, or a dict of them (transformers' mask mapping)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values()):
+        return list(value.values())
+    return []
+
+
+class DecodeStepGraph:
+    """Stands in for the model's forward during the decode steps of one generate() call."""
+
+    def __init__(self, model, unread_inputs=()):
+        self.model = model
+        self.unread_inputs = set(unread_inputs)
+        self.recording_failed = False
+        self.replays = 0  # over the whole run, for the summary line
+        self.reset()
+
+    def reset(self):
+        self.graph = self.inputs = self.outputs = self.signature = None
+        self.steps = 0
+
+    @staticmethod
+    def signature_of(kwargs):
+        """What must not change between replays: tensor shapes and dtypes, and every other argument."""
+        parts = []
+        for name, value in sorted(kwargs.items()):
+            tensors = _tensors(value)
+            if tensors:
+                parts.append((name, tuple((t.shape, t.dtype, t.device) for t in tensors)))
+            else:
+                parts.append((name, id(value) if isinstance(value, torch.nn.Module) or hasattr(value, "update")
+                              else repr(value)))
+        return tuple(parts)
+
+    def __call__(self, **kwargs):
+        kwargs = {name: value for name, value in kwargs.items() if name not in self.unread_inputs}
+        self.steps += 1
+        if self.recording_failed or self.steps == 1:  # the first step also warms up the kernels
+            return self.model(**kwargs)
+        if self.graph is None:
+            self.record(kwargs)
+            if self.graph is None:
+                return self.model(**kwargs)
+        elif self.signature_of(kwargs) != self.signature:
+            return self.model(**kwargs)  # not seen in generate(); kept correct rather than fast
+        else:
+            for name, value in kwargs.items():
+                for static, new in zip(_tensors(self.inputs[name]), _tensors(value)):
+                    static.copy_(new)
+        self.graph.replay()
+        self.replays += 1
+        return self.outputs
+
+    def record(self, kwargs):
+        self.signature = self.signature_of(kwargs)
+        self.inputs = {name: ({k: v.clone() for k, v in value.items()} if isinstance(value, dict) and _tensors(value)
+                              else value.clone() if isinstance(value, torch.Tensor) else value)
+                       for name, value in kwargs.items()}
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records only: nothing runs, the cache is not touched
+                self.outputs = self.model(**self.inputs)
+        except torch.cuda.OutOfMemoryError:
+            self.reset()
+            raise
+        except RuntimeError as e:
+            while e.__context__ is not None:  # the first error, not the failed end of the recording
+                e = e.__context__
+            self.recording_failed = True
+            self.reset()
+            print(f"CUDA graphs: cannot record a decode step of {type(self.model).__name__} ({str(e).splitlines()[0]}); "
+                  "decoding eagerly", file=sys.stderr, flush=True)
+            return
+        self.graph = graph
+
+
+def decode_with_cuda_graphs(model, unread_inputs=()):
+    """Make every generate() of `model` (and of its submodules) decode through CUDA graphs; returns their
+    DecodeStepGraph objects. unread_inputs: generate() kwargs that a decode step does not read but that
+    grow at every step (a graph needs fixed shapes); they are left out of decode steps. Beam search is left
+    as it is: it reorders the cache between steps."""
+    steps = []
+    for module in model.modules():
+        if isinstance(module, GenerationMixin):
+            if "_decode_step_graph" not in module.__dict__:  # not already done
+                module._decode_step_graph = step = DecodeStepGraph(module, unread_inputs)
+                module.get_compiled_call = lambda compile_config=None, step=step: step
+                module.generate = _static_cache_generate(module.generate, module, step)
+            steps.append(module._decode_step_graph)
+    return steps
+
+
+def _static_cache_generate(generate, module, step):
+    @functools.wraps(generate)
+    def static_cache_generate(*args, **kwargs):
+        if kwargs.get("num_beams", 1) != 1:
+            return generate(*args, **kwargs)
+        # Size the cache for this batch, not for the longest batch so far (transformers keeps the maximum).
+        module.__dict__.pop("_previous_max_cache_length", None)
+        step.reset()
+        try:
+            return generate(*args, cache_implementation="static", **kwargs)
+        finally:
+            step.reset()
+    return static_cache_generate
