@@ -297,26 +297,40 @@ def pick_device(local_rank):
     return torch.device("cpu")
 
 
-def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
-    tag = f"[{captioner_cls.name} rank {rank}/{world}]"
-    shard, total = read_shard(args.input_json, rank, world, args.limit)
-    image_root = args.image_root or os.path.dirname(os.path.abspath(args.input_json))
+class Work(NamedTuple):
+    """What one process has to do: its images not yet done, and where their lines go."""
+    pending: list  # [(image, extra keys or None, [prompt keys still missing])], in input order
+    skipped: int  # shard images already done or recorded as failed
+    total: int  # images in the whole input
+    caption_files: dict  # prompt key -> this rank's captions file
+    error_file: Path
+
+
+def output_dir(captioner_cls, args):
+    """<output-dir>/<model>/<checkpoint>: the folder of one checkpoint's prompt folders and error files."""
     checkpoint = (captioner_cls.checkpoint_name(args) if hasattr(captioner_cls, "checkpoint_name")
                   else model_tag(args.model))
-    model_dir = Path(args.output_dir) / captioner_cls.name / checkpoint
+    return Path(args.output_dir) / captioner_cls.name / checkpoint
+
+
+def remove_earlier_outputs(model_dir, prompts, rank, world):
+    """--overwrite: each rank removes its own files; rank 0 also those of other world sizes. No rank reads them."""
+    suffix = f"{rank:05d}-of-{world:05d}.jsonl"
+    for old in [*model_dir.glob("errors-*.jsonl"), *(f for key in prompts for f in (model_dir / key).glob("captions-*.jsonl"))]:
+        if old.name.endswith(suffix) or (rank == 0 and not old.name.endswith(f"-of-{world:05d}.jsonl")):
+            old.unlink(missing_ok=True)
+
+
+def plan_work(captioner_cls, args, prompts, rank, world):
+    """Read this rank's shard and leave out what earlier runs did (read and skip)."""
+    shard, total = read_shard(args.input_json, rank, world, args.limit)
+    model_dir = output_dir(captioner_cls, args)
     suffix = f"{rank:05d}-of-{world:05d}.jsonl"
     caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
-    error_file = model_dir / f"errors-{suffix}"
-
     shard_images = {image for image, _ in shard}
     if args.overwrite:
-        # Each rank removes its own files; rank 0 also those of other world sizes. No rank reads them.
-        for old in [*model_dir.glob("errors-*.jsonl"), *(f for key in prompts
-                                                         for f in (model_dir / key).glob("captions-*.jsonl"))]:
-            if old.name.endswith(suffix) or (rank == 0 and not old.name.endswith(f"-of-{world:05d}.jsonl")):
-                old.unlink(missing_ok=True)
-        done = {key: set() for key in prompts}
-        failed = set()
+        remove_earlier_outputs(model_dir, prompts, rank, world)
+        done, failed = {key: set() for key in prompts}, set()
     else:
         done = {key: recorded_images(model_dir / key, "captions-*.jsonl", shard_images) for key in prompts}
         failed = set() if args.retry_errors else recorded_images(model_dir, "errors-*.jsonl", shard_images)
@@ -326,13 +340,11 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
         if missing and image not in failed and image not in seen:
             pending.append((image, extra, missing))
         seen.add(image)
-    skipped = len(shard) - len(pending)
-    print(f"{tag} {len(shard)} of {total} input images in this shard; {skipped} already done or recorded as "
-          f"failed; {len(pending)} to caption into {model_dir}", file=sys.stderr, flush=True)
-    if not pending:
-        print(f"{tag} captioned 0, failed 0, skipped {skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
-        return 0
+    return Work(pending, len(shard) - len(pending), total, caption_files, model_dir / f"errors-{suffix}")
 
+
+def load_captioner(captioner_cls, args, rank, local_rank):
+    """The model on this process's device, its decode steps as CUDA graphs where there is a GPU."""
     torch.manual_seed(args.seed + rank)
     device = pick_device(local_rank)
     if args.dtype == "auto":
@@ -341,110 +353,159 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     captioner = captioner_cls(args, device)
     graphs = (decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
               if device.type == "cuda" and not args.no_cuda_graphs else [])
+    return captioner, graphs
 
-    # Workers prepare small chunks in parallel, enough in flight to fill the next read-ahead window
-    # while the GPU works on this one; the main process gathers them into windows.
+
+def prepared_windows(pending, image_root, prepare, args):
+    """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
+    --sort-window batches long (load and batch). Workers prepare small chunks in parallel, enough in
+    flight to fill the next window while the GPU works on this one."""
     window_size = args.batch_size * args.sort_window
     chunk_size = min(8, args.batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(pending, image_root, captioner.prepare), batch_size=chunk_size,
-        num_workers=args.num_workers, collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
+        ImageDataset(pending, image_root, prepare), batch_size=chunk_size, num_workers=args.num_workers,
+        collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
         prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
-
-    def windows():
-        window = []
-        for chunk in loader:
-            window += chunk
-            if len(window) >= window_size:
-                yield window
-                window = []
-        if window:
+    window = []
+    for chunk in loader:
+        window += chunk
+        if len(window) >= window_size:
             yield window
+            window = []
+    if window:
+        yield window
 
-    stop_signal = None
 
-    def request_stop(signum, frame):
-        nonlocal stop_signal
-        stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        print(f"\n{tag} {signal.Signals(signum).name}: finishing the current batch, then stopping",
+class StopRequest:
+    """SIGTERM/SIGINT: remember the signal and let the current batch finish; a second one ends at once."""
+
+    def __init__(self, tag):
+        self.tag, self.signal = tag, None
+        signal.signal(signal.SIGTERM, self.request)
+        signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{self.tag} {signal.Signals(signum).name}: finishing the current batch, then stopping",
               file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
 
-    outputs = {key: open_for_append(path) for key, path in caption_files.items()}
-    errors = open_for_append(error_file)
-    captioned = failed_now = 0
-    batch_limit = args.batch_size
-    progress = tqdm(total=len(pending), unit="img", desc=tag, dynamic_ncols=True,
-                    mininterval=1 if sys.stderr.isatty() else 30)
+class ShardWriter:
+    """This rank's caption and error files: whole lines, flushed and fsync'd per batch (write)."""
 
-    def caption_and_write(items):
-        """Caption [(index, prepared)] and write the lines; on CUDA out-of-memory, halve and retry."""
-        nonlocal captioned, failed_now, batch_limit
-        wanted = [key for key in prompts if any(key in pending[index][2] for index, _ in items)]
+    def __init__(self, work, model_name):
+        self.work, self.model_name = work, model_name
+        self.outputs = {key: open_for_append(path) for key, path in work.caption_files.items()}
+        self.errors = open_for_append(work.error_file)
+
+    def write_errors(self, indexed_errors):
+        write_lines(self.errors, [{"image": self.work.pending[index][0], "error": error}
+                                  for index, error in indexed_errors])
+
+    def write_captions(self, indexes, wanted, results):
+        """results[i][j]: the Caption of image pending[indexes[i]] for prompt key wanted[j]."""
+        for j, key in enumerate(wanted):
+            rows = []
+            for index, per_prompt in zip(indexes, results):
+                image, extra, missing = self.work.pending[index]
+                if key in missing:
+                    rows.append({"image": image, "caption": per_prompt[j].text, "model": self.model_name,
+                                 "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
+            write_lines(self.outputs[key], rows)
+
+    def close(self):
+        for file in (*self.outputs.values(), self.errors):
+            file.close()
+
+
+class BatchCaptioner:
+    """Captions batches of prepared images and hands them to the writer; on CUDA out-of-memory a batch is
+    halved and retried, and later batches keep the smaller size (caption)."""
+
+    def __init__(self, captioner, prompts, writer, progress, tag, batch_size):
+        self.captioner, self.prompts, self.writer, self.progress, self.tag = captioner, prompts, writer, progress, tag
+        self.batch_size = batch_size
+        self.captioned = self.failed = 0
+
+    def record_errors(self, indexed_errors):
+        if indexed_errors:
+            self.writer.write_errors(indexed_errors)
+            self.failed += len(indexed_errors)
+            self.progress.update(len(indexed_errors))
+
+    def caption(self, items):
+        """Caption [(index into pending, prepared image)] and write the lines."""
+        pending = self.writer.work.pending
+        wanted = [key for key in self.prompts if any(key in pending[index][2] for index, _ in items)]
         try:
-            results = captioner.caption([prepared for _, prepared in items], [prompts[key] for key in wanted])
+            results = self.captioner.caption([prepared for _, prepared in items], [self.prompts[key] for key in wanted])
         except torch.cuda.OutOfMemoryError:
             results = None  # retried below, outside the handler, whose traceback still holds the failed batch
         if results is None:
-            torch.cuda.empty_cache()
-            if len(items) == 1:
-                write_lines(errors, [{"image": pending[items[0][0]][0], "error": OUT_OF_MEMORY}])
-                failed_now += 1
-                progress.update(1)
-                return
-            half = (len(items) + 1) // 2
-            if half < batch_limit:
-                batch_limit = half
-                print(f"\n{tag} CUDA out of memory with {len(items)} images: continuing with batches of {half}",
-                      file=sys.stderr, flush=True)
-            caption_and_write(items[:half])
-            caption_and_write(items[half:])
+            self.retry_in_halves(items)
             return
-        for j, key in enumerate(wanted):
-            rows = []
-            for (index, _), per_prompt in zip(items, results):
-                image, extra, missing = pending[index]
-                if key in missing:
-                    rows.append({"image": image, "caption": per_prompt[j].text, "model": args.model,
-                                 "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
-            write_lines(outputs[key], rows)
-        captioned += len(items)
-        progress.update(len(items))
+        self.writer.write_captions([index for index, _ in items], wanted, results)
+        self.captioned += len(items)
+        self.progress.update(len(items))
 
+    def retry_in_halves(self, items):
+        torch.cuda.empty_cache()
+        if len(items) == 1:
+            self.record_errors([(items[0][0], OUT_OF_MEMORY)])
+            return
+        half = (len(items) + 1) // 2
+        if half < self.batch_size:
+            self.batch_size = half
+            print(f"\n{self.tag} CUDA out of memory with {len(items)} images: continuing with batches of {half}",
+                  file=sys.stderr, flush=True)
+        self.caption(items[:half])
+        self.caption(items[half:])
+
+
+def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
+    tag = f"[{captioner_cls.name} rank {rank}/{world}]"
+    work = plan_work(captioner_cls, args, prompts, rank, world)
+    print(f"{tag} {len(work.pending) + work.skipped} of {work.total} input images in this shard; {work.skipped} "
+          f"already done or recorded as failed; {len(work.pending)} to caption into {work.error_file.parent}",
+          file=sys.stderr, flush=True)
+    if not work.pending:
+        print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
+        return 0
+    captioner, graphs = load_captioner(captioner_cls, args, rank, local_rank)
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.input_json))
+    stop = StopRequest(tag)
+    writer = ShardWriter(work, args.model)
+    progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
+                    mininterval=1 if sys.stderr.isatty() else 30)
+    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size)
     started = time.time()
     try:
-        for window in windows():
-            error_rows = [{"image": pending[index][0], "error": error} for index, _, error in window if error]
-            if error_rows:
-                write_lines(errors, error_rows)
-                failed_now += len(error_rows)
-                progress.update(len(error_rows))
+        for window in prepared_windows(work.pending, image_root, captioner.prepare, args):
+            batches.record_errors([(index, error) for index, _, error in window if error])
             good = [(index, prepared) for index, prepared, error in window if error is None]
             if hasattr(captioner, "cost"):  # similar lengths in one batch: less padding
                 good.sort(key=lambda item: captioner.cost(item[1]))
-            for start in range(0, len(good), batch_limit):
-                if stop_signal is not None:
-                    break
-                caption_and_write(good[start:start + batch_limit])
-            if stop_signal is not None:
+            start = 0
+            while start < len(good) and stop.signal is None:
+                size = batches.batch_size
+                batches.caption(good[start:start + size])
+                start += size
+            if stop.signal is not None:
                 break
     finally:
         progress.close()
-        for file in (*outputs.values(), errors):
-            file.close()
+        writer.close()
     seconds = time.time() - started
     replayed = f", {sum(g.replays for g in graphs)} decode steps replayed from CUDA graphs" if graphs else ""
-    print(f"{tag} captioned {captioned}, failed {failed_now}, skipped {skipped}, {seconds:.1f} s, "
-          f"{captioned / max(seconds, 1e-9):.2f} images/s{replayed}", file=sys.stderr, flush=True)
-    if stop_signal is not None:
-        left = len(pending) - captioned - failed_now
-        print(f"{tag} stopped by {signal.Signals(stop_signal).name} with {left} images left; run the same "
+    print(f"{tag} captioned {batches.captioned}, failed {batches.failed}, skipped {work.skipped}, {seconds:.1f} s, "
+          f"{batches.captioned / max(seconds, 1e-9):.2f} images/s{replayed}", file=sys.stderr, flush=True)
+    if stop.signal is not None:
+        left = len(work.pending) - batches.captioned - batches.failed
+        print(f"{tag} stopped by {signal.Signals(stop.signal).name} with {left} images left; run the same "
               f"command again to resume", file=sys.stderr, flush=True)
-        return 128 + stop_signal
+        return 128 + stop.signal
     return 0
 
 
