@@ -32,6 +32,7 @@ from safetensors import safe_open
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                           LlamaConfig, Phi3Config, Qwen2Config)
 
+from utils import shared_prefix
 from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit
 
 TILE_SIZE = 448
@@ -504,27 +505,23 @@ class InternVLCaptioner:
             text = text.split(self.template["sep"].strip())[0]
         return Caption(text.strip(), truncated)
 
-    @torch.inference_mode()
-    def caption(self, images, prompts):
-        # The vision tower runs once per image; its features fill the image tokens of every prompt.
-        device = self.model.device
+    def prompt_inputs(self, images, prompts):
+        """(token ids of every image with every prompt, image features of every image): the vision tower runs once
+        per image, and its features fill the image tokens of all its prompts."""
         features = self.model.get_image_features(
-            pixel_values=torch.cat(images).to(device, self.model.dtype),
+            pixel_values=torch.cat(images).to(self.model.device, self.model.dtype),
             vision_feature_layer=self.model.config.vision_feature_layer,
             vision_feature_select_strategy="default").pooler_output
-        features_per_image = features.split([len(tiles) for tiles in images])
-        pairs = [(i, j) for i in range(len(images)) for j in range(len(prompts))]
-        ids = [self.prompt_ids(prompts[j], len(images[i])) for i, j in pairs]
-        length = max(map(len, ids))
-        input_ids = torch.tensor([[self.pad_token_id] * (length - len(x)) + x for x in ids], device=device)
-        attention_mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in ids], device=device)
-        embeds = self.model.get_input_embeddings()(input_ids)
-        for row, (i, _) in enumerate(pairs):
-            embeds[row, input_ids[row] == self.image_token_id] = features_per_image[i].flatten(0, 1).to(embeds.dtype)
-        self.skip_dynamic_rope_check(length + self.generation["max_new_tokens"])
-        output = self.model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     eos_token_id=self.end_token_ids, pad_token_id=self.pad_token_id,
-                                     **self.generation)
+        features = [tiles.flatten(0, 1) for tiles in features.split([len(tiles) for tiles in images])]
+        return [[self.prompt_ids(prompt, len(tiles)) for prompt in prompts] for tiles in images], features
+
+    @torch.inference_mode()
+    def caption(self, images, prompts):
+        ids, features = self.prompt_inputs(images, prompts)
+        self.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + self.generation["max_new_tokens"])
+        # with several prompts, the tokens before the question are prefilled once per image
+        output = shared_prefix.generate(self.model, ids, features, self.image_token_id, self.pad_token_id,
+                                        eos_token_id=self.end_token_ids, **self.generation)
         captions = [self.decode(row) for row in output]  # generate() returns only the new tokens here
         return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
 

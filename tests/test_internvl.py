@@ -20,6 +20,8 @@ from internvl_checkpoint import build_checkpoint
 
 sys.path.insert(0, str(REPO))
 import internvl  # noqa: E402
+from utils import shared_prefix  # noqa: E402
+from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
@@ -204,6 +206,78 @@ def test_answers_end_at_the_end_token(variant, early_end_checkpoints):
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             assert batched[i][j] == captioner.caption([image], [prompt])[0][0], (i, j)
+
+
+RECIPE = ("detail", "noun", "background", "main", "style")  # the paper's five prompts, 5 to 19 words
+
+
+@pytest.fixture(scope="module")
+def one_prompt_at_a_time(captioners):
+    """{variant: (images, captions[i][j] of image i with the j-th RECIPE prompt, from one caption() per prompt)}."""
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    images = [images[0], images[2]]  # 3 tiles and 1 tile: prefixes of different lengths
+    references = {}
+    for variant in ("internlm2", "qwen2"):
+        by_prompt = [captioners[variant].caption(images, [internvl.PROMPTS[key]]) for key in RECIPE]
+        references[variant] = images, [[captions[i][0] for captions in by_prompt] for i in range(len(images))]
+    return references
+
+
+@pytest.mark.parametrize("variant,cache", [("internlm2", "dynamic"), ("qwen2", "dynamic"), ("internlm2", "static")])
+def test_five_prompt_recipe_matches_one_prompt_at_a_time(variant, cache, checkpoints, captioners,
+                                                         one_prompt_at_a_time):
+    """The five prompts of the recipe (questions of different lengths) for images of different tile counts in one
+    caption(): each image's tokens before the question are prefilled once (utils/shared_prefix.py), and every caption
+    is the one of the plain path with that prompt alone. "static" is the cache that CUDA graphs decode with, here on
+    the CPU."""
+    if cache == "static":
+        captioner = internvl.InternVLCaptioner(make_args(checkpoints[variant]), torch.device("cpu"))
+        decode_with_cuda_graphs(captioner.model)  # a static KV cache; no graphs on the CPU
+    else:
+        captioner = captioners[variant]
+    images, expected = one_prompt_at_a_time[variant]
+    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    own_lengths = {len(captioner.prompt_ids(prompt, 1)) for prompt in prompts}
+    assert len(own_lengths) >= 4  # mixed question lengths
+    prefills = []  # (sequences, tokens) of every language-model call that is not a decode step
+    hook = captioner.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+        if kwargs["inputs_embeds"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        batched = captioner.caption(images, prompts)
+    finally:
+        hook.remove()
+    # the image tokens (3 x 256 of the larger image) once per image, then only the questions of 2 x 5 rows
+    assert len(prefills) == 2 and prefills[0][0] == 2 and prefills[0][1] > 3 * 256
+    assert prefills[1][0] == 10 and prefills[1][1] < 40
+    assert batched == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
+def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkpoints):
+    """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
+    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs."""
+    captioner = internvl.InternVLCaptioner(make_args(checkpoints[variant], max_new_tokens=16,
+                                                     attn_implementation="sdpa_grouped"), torch.device("cuda"))
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    kwargs = dict(eos_token_id=captioner.end_token_ids, **captioner.generation)
+    tokens = {}
+    for mode in ("eager", "graphs"):
+        steps = decode_with_cuda_graphs(captioner.model) if mode == "graphs" else []
+        with torch.inference_mode():
+            ids, features = captioner.prompt_inputs(images, prompts)
+            captioner.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + 16)
+            for path in (shared_prefix.generate_left_padded, shared_prefix.generate_with_shared_prefix):
+                replays = sum(step.replays for step in steps)
+                tokens[mode, path.__name__] = path(captioner.model, ids, features, captioner.image_token_id,
+                                                   captioner.pad_token_id, **kwargs).tolist()
+                # with graphs, both paths decode through them (the shared one with its own static cache)
+                assert mode == "eager" or sum(step.replays for step in steps) > replays, path.__name__
+        assert all(not step.recording_failed for step in steps)
+    assert len({str(rows) for rows in tokens.values()}) == 1, tokens
+    assert len(tokens["eager", "generate_left_padded"]) == 15
 
 
 def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):

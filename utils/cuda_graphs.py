@@ -7,9 +7,11 @@ graph records the kernels of one decode step once and then replays them with a s
 
 A graph needs fixed shapes and fixed memory, so generate() runs with transformers' static KV cache
 (allocated for the batch, written in place), and each step's inputs are copied into the tensors the
-graph was recorded with. generate() asks the model for its decode-step forward through
-`get_compiled_call` (its hook for torch.compile); answering there with a graph leaves everything else
-to transformers (logits processors, stopping, padding), so the tokens are those of plain generate().
+graph was recorded with. A caller that brings its own cache (utils/shared_prefix.py: a prefix prefilled
+beforehand) brings a StaticCache; `uses_static_cache` tells it when. generate() asks the model for its
+decode-step forward through `get_compiled_call` (its hook for torch.compile); answering there with a
+graph leaves everything else to transformers (logits processors, stopping, padding), so the tokens are
+those of plain generate().
 The first decode step of each generate() call runs eagerly, the second is recorded, and the graph is
 dropped when the call returns: nothing recorded outlives the batch (its cache, a model's per-batch
 state such as Qwen2-VL's rope deltas). Prefill stays eager. A step that cannot be recorded (a model
@@ -116,6 +118,12 @@ def decode_with_cuda_graphs(model, unread_inputs=()):
     return steps
 
 
+def uses_static_cache(model):
+    """Whether generate() of `model` runs with a static KV cache (decode_with_cuda_graphs made it so): a cache that
+    a caller passes to it must then be a StaticCache sized for the whole generation."""
+    return "_decode_step_graph" in model.__dict__
+
+
 def _static_cache_generate(generate, module, step):
     @functools.wraps(generate)
     def static_cache_generate(*args, **kwargs):
@@ -124,8 +132,10 @@ def _static_cache_generate(generate, module, step):
         # Size the cache for this batch, not for the longest batch so far (transformers keeps the maximum).
         module.__dict__.pop("_previous_max_cache_length", None)
         step.reset()
+        if "past_key_values" not in kwargs:  # a caller's own cache (utils/shared_prefix.py) is already static
+            kwargs["cache_implementation"] = "static"
         try:
-            return generate(*args, cache_implementation="static", **kwargs)
+            return generate(*args, **kwargs)
         finally:
             step.reset()
     return static_cache_generate
