@@ -17,7 +17,7 @@ import sys
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions  # noqa: E402
+from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags  # noqa: E402
 from utils.records import RecordError, composed_file  # noqa: E402
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -35,9 +35,10 @@ def sample_rows(paths, names, size, seed, checker):
     sources, stats, sample, seen = [], {}, [], 0
     for number, path in enumerate(paths):
         wanted = {image: row for image, row in sample} if number else None
-        for image, captions, truncated in iter_file_captions(path):
+        for image, captions, truncated_field in iter_file_captions(path):
             if isinstance(captions, str):
                 captions = [captions]
+            truncated = truncated_flags(captions, truncated_field)
             for position, caption in enumerate(captions):
                 if len(paths) > 1:
                     source = names[number] if number < len(names) else path
@@ -47,7 +48,7 @@ def sample_rows(paths, names, size, seed, checker):
                 if source not in stats:
                     sources.append(source)
                     stats[source] = SourceStats(source, examples=0)
-                flags = checker.flags(caption, truncated if len(captions) == 1 else None)
+                flags = checker.flags(caption, truncated[position])
                 stats[source].add(image, caption, flags)
                 if number == 0:
                     captions[position] = (source, caption, flags)

@@ -4,11 +4,13 @@
         --index outputs/internvl/InternVL2-8B/detail --index outputs/internvl/InternVL2-8B/noun \\
         --output multi.jsonl
 
-writes {"image": p, "caption": [original, c1, ..., cN]} in the original file's order, c1..cN in
---index order. Memory stays bounded whatever the row count: the original and every index are split
-by a hash of the image path into buckets on disk (temporary files), each bucket is joined on its
-own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
-original order with the bucket number recorded for each original row.
+writes {"image": p, "caption": [original, c1, ..., cN], "truncated": [null, t1, ..., tN]} in the
+original file's order, c1..cN in --index order; t1..tN are the indexes' truncated flags (null where
+an index has none, as a composed_index.json), so caption_qa.py judges each caption as it did before.
+Memory stays bounded whatever the row count: the original and every index are split by a hash of the
+image path into buckets on disk (temporary files), each bucket is joined on its own (only one
+bucket's captions are in memory at a time), and the joined rows are put back in the original order
+with the bucket number recorded for each original row.
 """
 import argparse
 import json
@@ -23,7 +25,7 @@ from array import array
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
-                              trim_to_sentence, write_report)
+                              trim_to_sentence, truncated_flags, write_report)
 from utils.records import (RecordError, composed_file, index_format, iter_json_lines,  # noqa: E402
                            iter_json_object)
 
@@ -32,7 +34,8 @@ BYTES_PER_BUCKET = 32 << 20
 MAX_BUCKETS = 4000  # each bucket is an open file during passes 1, 2 and 4
 
 encode = json.encoder.encode_basestring
-ROW = '{{"image": {}, "caption": [{}]}}\n'
+ROW = '{{"image": {}, "caption": [{}], "truncated": [{}]}}\n'
+FLAG_JSON = {True: "true", False: "false", None: "null"}
 
 
 class MergeError(Exception):
@@ -58,18 +61,17 @@ def iter_index(path):
 
 
 def iter_original(path):
-    """Yield (image, [captions]) from the original JSONL; a caption may already be a list (e.g. the
-    output of an earlier multi-caption merge)."""
+    """Yield (image, [captions], [truncated flags]) from the original JSONL; a caption may already be a
+    list (e.g. the output of an earlier multi-caption merge, whose flags are kept)."""
     for number, record in iter_json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise RecordError(f"{path}:{number}: expected an object with an \"image\" string")
         caption = record.get("caption")
         if isinstance(caption, str):
-            yield record["image"], [caption]
-        elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
-            yield record["image"], caption
-        else:
+            caption = [caption]
+        elif not (isinstance(caption, list) and all(isinstance(c, str) for c in caption)):
             raise RecordError(f"{path}:{number}: \"caption\" must be a string or a list of strings")
+        yield record["image"], caption, truncated_flags(caption, record.get("truncated"))
 
 
 def bucket_of(image):
@@ -78,22 +80,23 @@ def bucket_of(image):
 
 
 def split_original(path, work, num_buckets, qa):
-    """Pass 1: the original rows into buckets (image, then the captions as JSON texts joined by ", ",
-    on alternate lines); the bucket of each row, in order, into `order`."""
+    """Pass 1: the original rows into buckets (three lines a row: the image, then the captions and then
+    their truncated flags as JSON texts joined by ", "); the bucket of each row, in order, into `order`."""
     stats = SourceStats(path) if qa else None
     buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
     order, rows = array("H"), 0
     with open(os.path.join(work, "order"), "wb") as order_out:
-        for image, captions in iter_original(path):
+        for image, captions, flags in iter_original(path):
             b = bucket_of(image) % num_buckets
-            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n")
+            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n"
+                             f"{', '.join(FLAG_JSON[flag] for flag in flags)}\n")
             order.append(b)
             if len(order) >= 1 << 20:
                 order.tofile(order_out)
                 del order[:]
             if qa:
-                for caption in captions:
-                    stats.add(image, caption, qa.flags(caption))
+                for caption, flag in zip(captions, flags):
+                    stats.add(image, caption, qa.flags(caption, flag))
             rows += 1
         order.tofile(order_out)
     for f in buckets:
@@ -102,7 +105,8 @@ def split_original(path, work, num_buckets, qa):
 
 
 def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
-    """Pass 2: one index into buckets: image and caption as JSON strings on alternate lines."""
+    """Pass 2: one index into buckets, three lines an entry: image and caption as JSON strings, the
+    truncated flag as JSON. A caption trimmed back to a complete sentence is no longer truncated."""
     stats = SourceStats(path) if qa else None
     counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
     buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
@@ -114,47 +118,55 @@ def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
             if trim_truncated and "truncated" in flags:
                 trimmed = trim_to_sentence(caption)
                 if trimmed != caption:
-                    caption = trimmed
+                    caption, truncated = trimmed, False
                     counts["trimmed"] += 1
             if drop_flags and any(flag in drop_flags for flag in flags):
                 counts["dropped_flagged"] += 1
                 continue  # treated as missing when joining, as the user asked
-        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n")
+        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n{FLAG_JSON[truncated]}\n")
     for f in buckets:
         f.close()
     return counts, stats
 
 
-def read_pairs(path):
-    """The two columns of a bucket file: JSON texts on alternate lines (image, then caption), which
-    str.split and slicing take apart without a Python loop per line."""
+def read_columns(path):
+    """The three columns of a bucket file: image, caption(s), truncated flag(s), one line each per entry,
+    which str.split and slicing take apart without a Python loop per line."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     os.remove(path)
-    return lines[0:-1:2], lines[1::2]
+    return lines[0:-1:3], lines[1::3], lines[2::3]
 
 
 def join_bucket(b, work, num_indexes, missing):
-    """Pass 3: one bucket: each index's captions into a dict (the last entry of an image wins, as
-    with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
+    """Pass 3: one bucket: each index's captions and flags into dicts (the last entry of an image wins,
+    as with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
     for a dropped row. Whole columns at a time (map, zip, str.join), as per-row Python is slow."""
-    indexes = [dict(zip(*read_pairs(os.path.join(work, f"index{k}-{b}")))) for k in range(num_indexes)]
-    images, originals = read_pairs(os.path.join(work, f"original-{b}"))
-    columns = [list(map(index.get, images)) for index in indexes]
-    del indexes
+    columns, flag_columns = [], []
+    for k in range(num_indexes):
+        images, captions, flags = read_columns(os.path.join(work, f"index{k}-{b}"))
+        columns.append(dict(zip(images, captions)))
+        flag_columns.append(dict(zip(images, flags)))
+        del images, captions, flags
+    images, originals, original_flags = read_columns(os.path.join(work, f"original-{b}"))
+    columns = [list(map(index.get, images)) for index in columns]
+    flag_columns = [list(map(index.get, images)) for index in flag_columns]
     missed, incomplete = [], set()
-    for column in columns:
+    for column, flag_column in zip(columns, flag_columns):
         holes = [i for i, caption in enumerate(column) if caption is None] if None in column else []
         for i in holes:
-            column[i] = ""  # no JSON string is empty, so the row is recognised below
+            column[i] = flag_column[i] = ""  # no JSON value is empty, so the row is recognised below
         missed.append(len(holes))
         incomplete.update(holes)
-    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns))))
+    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns)),
+                    map(", ".join, zip(original_flags, *flag_columns))))
     for i in incomplete:
         if missing == "drop":
             rows[i] = "\n"
         else:
-            rows[i] = ROW.format(images[i], ", ".join(c for c in (originals[i], *(column[i] for column in columns)) if c))
+            present = [(column[i], flag_column[i]) for column, flag_column in zip(columns, flag_columns) if column[i]]
+            rows[i] = ROW.format(images[i], ", ".join([originals[i], *(c for c, _ in present)]),
+                                 ", ".join([original_flags[i], *(f for _, f in present)]))
     with open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
         joined.writelines(rows)
     return missed
