@@ -67,3 +67,22 @@ def write_input(path, images, jsonl=False, extra=None):
         else:
             json.dump(rows, f)
     return path
+
+
+def write_tar_shard(path, samples):
+    """A webdataset shard as img2dataset writes it: samples [(key, {extension: bytes or str})] in order."""
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for extension, data in members.items():
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def image_bytes(seed, size=(48, 40), fmt="JPEG"):
+    buffer = io.BytesIO()
+    Image.fromarray(_pattern(*size, seed)).save(buffer, fmt)
+    return buffer.getvalue()
