@@ -369,9 +369,10 @@ def main(argv=None):
     print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "
           f"{summary['rows_dropped']} dropped (missing captions, --missing {args.missing}) -> {args.output}")
     if args.output_format == "webdataset":
-        shards = summary["output"]
-        print(f"merge_multi_caption.py: {shards['samples']} samples in {shards['shards']} shards, "
-              f"{shards['unreadable']} left out (image unreadable now)")
+        counts = summary["output"]
+        shards = f"{counts['shards']} shard{'s' * (counts['shards'] != 1)}"
+        print(f"merge_multi_caption.py: {counts['samples']} samples in {shards}, {counts['unreadable']} left out "
+              f"(image unreadable now)")
     if "qa" in summary:
         print_table(summary["qa"])
         if args.qa_report:
