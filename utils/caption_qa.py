@@ -5,8 +5,8 @@
 
 Flags (a caption can have several; flags only report, they never remove anything):
   empty       nothing but whitespace
-  truncated   generation stopped at the token limit: the record's "truncated" field when it has one;
-              otherwise the text ends without . ! ? (or a closing quote/bracket after one) although it
+  truncated   generation stopped at the token limit: the record's "truncated" field when it has one (in a
+              multi-caption row, its entry for the caption's position); otherwise the text ends without . ! ? (or a closing quote/bracket after one) although it
               already holds a complete sentence or is at least TRUNCATED_MIN_WORDS words long (short
               noun lists and web alt-texts without a final full stop are not flagged)
   repetition  a looping model: some word 4-gram repeats so that at least REPEATED_FRACTION of the

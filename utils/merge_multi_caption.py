@@ -216,16 +216,15 @@ def bucket_bytes(original, indexes):
     return index_bytes + index_bytes // len(indexes)
 
 
-def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
-          tmp_dir=None, num_buckets=None, workers=1, image_root=None):
+def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
+          tmp_dir=None, num_buckets=None, workers=1):
     """Write the joined rows to `output` (JsonlOutput or WebdatasetOutput); return a summary dict.
 
-    original: the Inputs (utils/inputs.py) of --original; image_root: the root its ids are relative to
-    (default: its own, as captioning's). qa: a caption_qa.Checker to flag captions and gather statistics
+    original: the Inputs (utils/inputs.py) of --original; image_root: the folder its ids start from (as
+    in captioning: --image-root, else original.root). qa: a caption_qa.Checker to flag captions and gather statistics
     (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
     index are split in parallel, then the buckets joined in parallel).
     """
-    image_root = image_root or original.root
     if not num_buckets:
         num_buckets = max(1, min(MAX_BUCKETS, bucket_bytes(original, indexes) // BYTES_PER_BUCKET + 1))
     # Every process holds one file per bucket open; raise the soft limit (often 1024) if needed.
@@ -355,8 +354,8 @@ def main(argv=None):
         output = (WebdatasetOutput(args.output, original, image_root, args.shard_size)
                   if args.output_format == "webdataset" else JsonlOutput(args.output))
         qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
-        summary = merge(original, indexes, output, args.missing, qa, args.trim_truncated, drop_flags,
-                        args.tmp_dir, args.buckets, args.workers, image_root)
+        summary = merge(original, image_root, indexes, output, args.missing, qa, args.trim_truncated, drop_flags,
+                        args.tmp_dir, args.buckets, args.workers)
     except (InputError, RecordError, OutputFolderInUse) as e:
         sys.exit(f"merge_multi_caption.py: error: {e}")
     except OSError as e:
