@@ -295,21 +295,20 @@ def download_to_cache(url, path, flag):
     """Fetch a file the original would fetch, as it does (torch.hub's download_url_to_file with a progress bar,
     into torch hub's cache). The processes of one machine take turns on a lock file, so one downloads and the
     others find the file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(path):
-            return
-        print(f"minigpt4.py: downloading {url} to {path}", file=sys.stderr, flush=True)
-        timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
-        try:
-            torch.hub.download_url_to_file(url, path, progress=True)
-        except (OSError, ValueError, http.client.HTTPException) as error:
-            raise UserError(f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded "
-                            f"from {url} ({error}): download it there, or pass {flag} FILE") from None
-        finally:
-            socket.setdefaulttimeout(timeout)
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(path):
+                print(f"minigpt4.py: downloading {url} to {path}", file=sys.stderr, flush=True)
+                torch.hub.download_url_to_file(url, path, progress=True)
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise UserError(f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded "
+                        f"from {url} ({error}): download it there, or pass {flag} FILE") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 def resolve_files(args):
