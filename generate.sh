@@ -22,8 +22,8 @@ case "$MODEL" in
   internvl|qwen|llava|minigpt4) ;;
   *) echo "generate.sh: unknown model '$MODEL' (choose internvl, qwen, llava or minigpt4)" >&2; exit 2 ;;
 esac
-if [ ! -f "$INPUT" ]; then
-  echo "generate.sh: $INPUT: no such file" >&2
+if [ ! -e "$INPUT" ] && [[ "$INPUT" != *"{"* ]]; then  # a file, a folder of shards, or a pattern {00000..00099}
+  echo "generate.sh: $INPUT: no such file or folder" >&2
   exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

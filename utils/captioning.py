@@ -2,8 +2,9 @@
 
 A model script (qwen.py, internvl.py, llava.py, minigpt4.py) defines one class and ends with
 ``run(TheCaptioner)``. The class holds everything specific to that model; this module holds the
-rest: command line, rank/world size from the environment, reading and sharding the input, skipping
-what is already done, loading images in worker processes, batching, writing, progress, signals.
+rest: command line, rank/world size from the environment, reading and sharding the input (JSON, tar
+shards or Parquet: utils/inputs.py), skipping what is already done, loading images in worker processes,
+batching, writing, progress, signals.
 
 The contract a captioner class fulfils:
 
@@ -59,7 +60,8 @@ from tqdm import tqdm  # noqa: E402
 
 import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
 from utils.cuda_graphs import decode_with_cuda_graphs
-from utils.images import UnreadableImage, open_image
+from utils.images import UnreadableImage, decode_image
+from utils.inputs import InputError, check_inputs, expand_inputs, iter_samples, read_image_bytes
 from utils.records import RecordError, iter_records
 
 
@@ -84,9 +86,12 @@ def build_parser(captioner):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--input-json", required=True, help='images to caption: a JSON array [{"image": path}, ...] or JSONL '
-        "with one such object per line; other keys are copied to the output")
-    add("--image-root", help="folder that relative image paths are resolved against (default: the input file's folder)")
+    add("--input-json", required=True, metavar="INPUT", help='images to caption: a JSON array [{"image": path}, '
+        '...] or JSONL with one such object per line (other keys are copied to the output); webdataset tar shards '
+        "(a .tar file, a folder of them, or a pattern such as data/{00000..01242}.tar); or Parquet (a .parquet "
+        "file or a folder of them)")
+    add("--image-root", help="folder that relative image paths and image ids are resolved against (default: the "
+        "input file's folder, or the folder holding the shards or Parquet files)")
     add("--output-dir", default="outputs", help="where <model>/<checkpoint>/<prompt>/captions-*.jsonl go")
     add("--model", default=captioner.default_model, help="checkpoint: hub id or local folder")
     add("--prompt", action="append", metavar="KEY_OR_TEXT",
@@ -162,10 +167,35 @@ def shard_bounds(total, rank, world):
     return rank * size, total if rank == world - 1 else (rank + 1) * size
 
 
-def read_shard(path, rank, world, limit):
-    """Validate the whole input, then keep only this rank's slice as [(path, extra keys or None)]."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+def read_shard(path, rank, world, limit, image_root=None):
+    """This rank's slice of the input as [(image id, extra keys or None)], and a one-line summary of the input.
+
+    JSON is validated whole and split as the seed split it (shard_bounds); tar shards and Parquet files are
+    checked file by file and split as utils/inputs.py describes, each sample's extra keys being {"key"}.
+    """
+    try:
+        inputs = expand_inputs(path)
+        if inputs.kind == "json":
+            return read_json_shard(path, rank, world, limit)
+        summary = check_inputs(inputs)
+        samples = iter_samples(inputs, image_root or inputs.root, rank, world, limit)
+        return [(sample.image, {"key": sample.key}) for sample in samples], summary
+    except InputError as e:
+        raise UserError(str(e)) from None
+
+
+def check_input(path, limit):
+    """--check-input: the input's one-line summary, after validating a JSON input whole or opening each shard
+    or Parquet file (reading no shard through: that is each rank's work)."""
+    try:
+        inputs = expand_inputs(path)
+        return read_json_shard(path, 0, 1, limit)[1] if inputs.kind == "json" else check_inputs(inputs)
+    except InputError as e:
+        raise UserError(str(e)) from None
+
+
+def read_json_shard(path, rank, world, limit):
+    """Validate the whole JSON input, then keep only this rank's slice."""
     total = 0
     try:
         for index, record in enumerate(iter_records(path)):
@@ -188,7 +218,7 @@ def read_shard(path, rank, world, limit):
         raise UserError(str(e)) from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
-    return shard, total
+    return shard, f"{total} images"
 
 
 def model_tag(model):
@@ -264,7 +294,8 @@ def stopped_at_limit(new_token_ids, end_token_ids):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Opens and prepares one image per item; runs in the DataLoader's worker processes."""
+    """Opens and prepares one image per item, by its id (a file, a tar member, a Parquet row: see
+    utils/inputs.py); runs in the DataLoader's worker processes, each reading only the bytes of its images."""
 
     def __init__(self, items, image_root, prepare):
         self.items, self.image_root, self.prepare = items, image_root, prepare
@@ -273,9 +304,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        image_path = self.items[index][0]
+        image_id = self.items[index][0]
         try:
-            prepared = self.prepare(open_image(os.path.join(self.image_root, image_path)))
+            prepared = self.prepare(decode_image(read_image_bytes(image_id, self.image_root)))
         except UnreadableImage as e:
             return index, None, str(e)
         except Exception as e:  # the model's own preprocessing refused this image (e.g. aspect ratio)
@@ -301,7 +332,7 @@ class Work(NamedTuple):
     """What one process has to do: its images not yet done, and where their lines go."""
     pending: list  # [(image, extra keys or None, [prompt keys still missing])], in input order
     skipped: int  # shard images already done or recorded as failed
-    total: int  # images in the whole input
+    input_summary: str  # what the whole input holds, e.g. "30 images" or "12 tar shards, 3.1 GB"
     caption_files: dict  # prompt key -> this rank's captions file
     error_file: Path
 
@@ -323,7 +354,7 @@ def remove_earlier_outputs(model_dir, prompts, rank, world):
 
 def plan_work(captioner_cls, args, prompts, rank, world):
     """Read this rank's shard and leave out what earlier runs did (read and skip)."""
-    shard, total = read_shard(args.input_json, rank, world, args.limit)
+    shard, input_summary = read_shard(args.input_json, rank, world, args.limit, args.image_root)
     model_dir = output_dir(captioner_cls, args)
     suffix = f"{rank:05d}-of-{world:05d}.jsonl"
     caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
@@ -340,7 +371,7 @@ def plan_work(captioner_cls, args, prompts, rank, world):
         if missing and image not in failed and image not in seen:
             pending.append((image, extra, missing))
         seen.add(image)
-    return Work(pending, len(shard) - len(pending), total, caption_files, model_dir / f"errors-{suffix}")
+    return Work(pending, len(shard) - len(pending), input_summary, caption_files, model_dir / f"errors-{suffix}")
 
 
 def load_captioner(captioner_cls, args, rank, local_rank):
@@ -467,14 +498,15 @@ class BatchCaptioner:
 def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     tag = f"[{captioner_cls.name} rank {rank}/{world}]"
     work = plan_work(captioner_cls, args, prompts, rank, world)
-    print(f"{tag} {len(work.pending) + work.skipped} of {work.total} input images in this shard; {work.skipped} "
-          f"already done or recorded as failed; {len(work.pending)} to caption into {work.error_file.parent}",
+    print(f"{tag} {len(work.pending) + work.skipped} images in this shard (input: {work.input_summary}); "
+          f"{work.skipped} already done or recorded as failed; {len(work.pending)} to caption into "
+          f"{work.error_file.parent}",
           file=sys.stderr, flush=True)
     if not work.pending:
         print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
         return 0
     captioner, graphs = load_captioner(captioner_cls, args, rank, local_rank)
-    image_root = args.image_root or os.path.dirname(os.path.abspath(args.input_json))
+    image_root = args.image_root or expand_inputs(args.input_json).root
     stop = StopRequest(tag)
     writer = ShardWriter(work, args.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
@@ -524,8 +556,8 @@ def run(captioner_cls):
             raise UserError("--num-workers must be 0 or more")
         prompts = resolve_prompts(args, captioner_cls)
         if args.check_input:
-            _, total = read_shard(args.input_json, 0, 1, args.limit)
-            print(f"{args.input_json}: {total} images, prompts: {', '.join(prompts)}", file=sys.stderr)
+            print(f"{args.input_json}: {check_input(args.input_json, args.limit)}, prompts: {', '.join(prompts)}",
+                  file=sys.stderr)
             sys.exit(0)
         status = caption_shard(captioner_cls, args, prompts, rank, world, local_rank)
     except UserError as e:

@@ -171,6 +171,7 @@ def check_inputs(inputs):
     raise ValueError(f"check_inputs reads tar shards and Parquet files, not {inputs.kind}")
 
 
+@functools.lru_cache(maxsize=1024)
 def _id_prefix(path, image_root):
     """A shard or Parquet file as image ids name it: relative to the image root, with '/'."""
     return os.path.relpath(os.path.abspath(path), os.path.abspath(image_root)).replace(os.sep, "/")
