@@ -170,3 +170,33 @@ def test_parquet_and_json_originals_to_numbered_shards(tmp_path):
     assert list(members) == ["000000000.jpeg", "000000000.json", "000000000.txt",
                              "000000001.jpeg", "000000001.json", "000000001.txt"]
     assert members["000000001.jpeg"] == images[2]
+
+
+def test_captioned_shards_end_to_end(qwen_checkpoint, tmp_path):
+    """generate.sh on img2dataset shards -> merge.py -> webdataset shards for training, and the gallery: each
+    sample carries its web caption and the caption qwen.py wrote for it, with the input's image bytes."""
+    from conftest import run_command
+    samples = {f"{n:09d}": {"jpg": image_bytes(n, size=(40 + 8 * n, 36)), "txt": f"web {n}"} for n in range(6)}
+    samples["000000004"]["jpg"] = samples["000000004"]["jpg"][:200]  # cut off: recorded, not captioned
+    os.makedirs(tmp_path / "cc")
+    for shard, keys in enumerate([list(samples)[:3], list(samples)[3:]]):
+        write_tar_shard(tmp_path / "cc" / f"{shard:05d}.tar", [(key, samples[key]) for key in keys])
+    spec = f"{tmp_path}/cc/{{00000..00001}}.tar"
+    run_command(["bash", "generate.sh", spec, "qwen", "--model", qwen_checkpoint, "--output-dir", tmp_path / "out",
+                 "--max-new-tokens", "6", "--temperature", "0", "--num-workers", "0"])
+    run_command(["python", "utils/merge.py", "--output-dir", tmp_path / "out"])
+    (folder,) = (tmp_path / "out" / "qwen").glob("*/default")
+    captions = {row["image"]: row["caption"] for row in read_lines(folder / "composed.jsonl")}
+    assert len(captions) == 5 and "00001.tar/000000004.jpg" not in captions
+    run("--original", spec, "--index", folder, "--output-format", "webdataset", "--output", tmp_path / "train")
+    got = {**read_shard(tmp_path / "train" / "00000.tar"), **read_shard(tmp_path / "train" / "00001.tar")}
+    keys = [key for key in samples if key != "000000004"]
+    assert sorted(got) == sorted(f"{key}.{ext}" for key in keys for ext in ("jpg", "json", "txt"))
+    for shard, key in [(0 if int(key) < 3 else 1, key) for key in keys]:
+        image = f"{shard:05d}.tar/{key}.jpg"
+        assert got[f"{key}.jpg"] == samples[key]["jpg"]
+        assert json.loads(got[f"{key}.json"])["caption"] == [samples[key]["txt"], captions[image]]
+        assert got[f"{key}.txt"].decode() == samples[key]["txt"]
+    result = run_command(["python", "utils/gallery.py", folder, "--input-json", spec, "--output-dir",
+                          tmp_path / "gallery"])
+    assert "5 images (5 shown, 0 unreadable)" in result.stdout
