@@ -5,7 +5,8 @@ llama_proj -> Vicuna v0. The Llama-2 variant has no Q-Former: llama_proj maps ea
 patch features to one LLM embedding. The parts are transformers' Blip2VisionModel, Blip2QFormerModel and
 LlamaForCausalLM; the weights come from the files MiniGPT-4 users have:
 
-    eva_vit_g.pth                    EVA ViT-g, LAVIS names (the original downloads it to the torch hub cache)
+    eva_vit_g.pth                    EVA ViT-g, LAVIS names (downloaded into the torch hub cache when missing there,
+                                     as the original does; so is the Q-Former file)
     blip2_pretrained_flant5xxl.pth   Q-Former, query tokens and ln_vision, LAVIS names (or a BLIP-2 folder in
                                      transformers format, e.g. Salesforce/blip2-flan-t5-xxl, for ViT + Q-Former)
     pretrained_minigpt4*.pth         the MiniGPT-4 checkpoint: {"model": {llama_proj.*}}
@@ -15,10 +16,14 @@ found through the original eval config (--cfg-path) or given by flags. Prompts, 
 and answer cleaning follow the original's Chat (minigpt4/conversation/conversation.py).
 """
 import argparse
+import fcntl
 import functools
+import http.client
 import json
 import os
 import re
+import socket
+import sys
 from pathlib import Path
 
 import sentencepiece
@@ -64,8 +69,11 @@ REPETITION_PENALTY = 1.05
 MAX_LENGTH = 2000  # Chat.answer keeps the last MAX_LENGTH - max_new_tokens context embeddings
 
 EVA_FILE = "eva_vit_g.pth"
-QFORMER_URL = ("https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
-               "blip2_pretrained_flant5xxl.pth")
+QFORMER_FILE = "blip2_pretrained_flant5xxl.pth"
+# where the original downloads both files from (LAVIS' eva_vit.py, MiniGPT-4's default q_former_model);
+# MINIGPT4_DOWNLOAD_URL replaces this folder, for a mirror (the tests point it at a local server)
+LAVIS_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
+DOWNLOAD_TIMEOUT = 30  # seconds a download may wait for the server before it counts as failed (no network)
 MODEL_CONFIGS = {"vicuna0": "minigpt4_vicuna0.yaml", "llama2": "minigpt4_llama2.yaml"}
 PLACEHOLDER = "please set this value"  # what the original configs hold until the user edits them
 
@@ -279,31 +287,65 @@ def given(value):
     return value if value and PLACEHOLDER not in str(value) else None
 
 
+def download_url(name):
+    return os.environ.get("MINIGPT4_DOWNLOAD_URL", LAVIS_URL).rstrip("/") + "/" + name
+
+
+def download_to_cache(url, path, flag):
+    """Fetch a file the original would fetch, as it does (torch.hub's download_url_to_file with a progress bar,
+    into torch hub's cache). The processes of one machine take turns on a lock file, so one downloads and the
+    others find the file."""
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(path):
+                print(f"minigpt4.py: downloading {url} to {path}", file=sys.stderr, flush=True)
+                torch.hub.download_url_to_file(url, path, progress=True)
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise UserError(f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded "
+                        f"from {url} ({error}): download it there, or pass {flag} FILE") from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+
+
 def resolve_files(args):
-    """Which files to load: flags first, then the eval config, then the original's defaults."""
+    """Which files to load: flags first, then the eval config, then the original's defaults (downloaded into
+    torch hub's cache when missing there, as the original does)."""
     config = read_eval_config(args.cfg_path) if args.cfg_path else {"image_size": 224}
     model_type = args.model_type or config.get("model_type", "vicuna0")
-    # the eva_vit_g.pth and Q-Former URLs of the original, in the download cache it uses
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    qformer = given(config.get("q_former_model")) or QFORMER_URL
-    if qformer.startswith(("http://", "https://")):
-        qformer = os.path.join(cache, os.path.basename(qformer))
+    vit_url = download_url(EVA_FILE)
+    qformer = given(config.get("q_former_model")) or download_url(QFORMER_FILE)
+    qformer_url = qformer if qformer.startswith(("http://", "https://")) else None
     files = {
         "model_type": model_type,
         "has_qformer": config.get("has_qformer", model_type == "vicuna0"),
         "image_size": config["image_size"],
         "blip2": args.blip2,
         "vit": args.vit or os.path.join(cache, EVA_FILE),
-        "qformer": args.qformer or qformer,
+        "qformer": args.qformer or (os.path.join(cache, os.path.basename(qformer_url)) if qformer_url else qformer),
         "ckpt": args.model if args.model != MiniGPT4Captioner.default_model else given(config.get("ckpt")),
         "llm": args.llm or given(config.get("llama_model")),
     }
+    downloads = {}  # path -> URL of the files the original downloads, where no flag names another file
+    if not args.vit:
+        downloads[files["vit"]] = vit_url
+    if not args.qformer and qformer_url:
+        downloads[files["qformer"]] = qformer_url
+    check_files(files, downloads)
+    return files
+
+
+def check_files(files, downloads):
+    """Every file is checked before the first is loaded, and the small ones before anything is downloaded."""
     if not files["ckpt"]:
         raise UserError("no MiniGPT-4 checkpoint: pass --model (pretrained_minigpt4*.pth) or a --cfg-path "
                         "config with its ckpt set")
     if not files["llm"]:
         raise UserError("no LLM folder: pass --llm or set llama_model in the config")
-    # every file is checked before the first is loaded
     needed = [(files["ckpt"], "MiniGPT-4 checkpoint"), (os.path.join(files["llm"], "config.json"), "LLM config"),
               (os.path.join(files["llm"], "tokenizer.model"), "LLM tokenizer")]
     if files["blip2"]:
@@ -313,9 +355,10 @@ def resolve_files(args):
         if files["has_qformer"]:
             needed.append((files["qformer"], "Q-Former file"))
     for path, what in needed:
+        if not os.path.isfile(path) and path in downloads:
+            download_to_cache(downloads[path], path, "--vit" if path == files["vit"] else "--qformer")
         if not os.path.isfile(path):
             raise UserError(f"{what} not found: {path}")
-    return files
 
 
 def load_model(files, dtype, device, attn_implementation):
@@ -385,9 +428,9 @@ class MiniGPT4Captioner:
         add("--model-type", choices=sorted(MODEL_CONFIGS), help="vicuna0 (Q-Former, '###Human:' template) or llama2 "
             "(no Q-Former, '[INST]' template); default: the config's, else vicuna0")
         add("--vit", metavar="FILE", help=f"EVA ViT-g weights ({EVA_FILE}); default: the original's download cache, "
-            f"$TORCH_HOME/hub/checkpoints/{EVA_FILE}")
-        add("--qformer", metavar="FILE", help="BLIP-2 Q-Former checkpoint (blip2_pretrained_flant5xxl.pth); default: "
-            "the config's q_former_model, else the download cache; unused by llama2")
+            f"$TORCH_HOME/hub/checkpoints/{EVA_FILE}, downloaded there when missing")
+        add("--qformer", metavar="FILE", help=f"BLIP-2 Q-Former checkpoint ({QFORMER_FILE}); default: the config's "
+            "q_former_model, else the download cache (downloaded when missing); unused by llama2")
         add("--blip2", metavar="FOLDER", help="a BLIP-2 folder in transformers format (e.g. a download of "
             "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
         add("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: "

@@ -116,10 +116,11 @@ def test_merge_multi_caption_qa_trim_and_drop(tmp_path):
                  tmp_path / "composed.jsonl", "--output", tmp_path / "out.jsonl", "--qa-report", tmp_path / "qa.json",
                  "--trim-truncated")
     assert read_lines(tmp_path / "out.jsonl") == [
-        {"image": "0.jpg", "caption": ["web 0", "A dog runs."]},
-        {"image": "1.jpg", "caption": ["web 1", "A cat."]},
-        {"image": "2.jpg", "caption": ["web 2", "I cannot describe this image."]},  # flagged, not dropped
-        {"image": "3.jpg", "caption": ["web 3", "A cup."]}]
+        {"image": "0.jpg", "caption": ["web 0", "A dog runs."], "truncated": [None, False]},  # trimmed: complete
+        {"image": "1.jpg", "caption": ["web 1", "A cat."], "truncated": [None, True]},
+        {"image": "2.jpg", "caption": ["web 2", "I cannot describe this image."],  # flagged, not dropped
+         "truncated": [None, None]},
+        {"image": "3.jpg", "caption": ["web 3", "A cup."], "truncated": [None, None]}]
     assert "1 trimmed" in result.stdout
     sources = json.load(open(tmp_path / "qa.json"))["sources"]
     assert [s["flags"]["truncated"] for s in sources] == [0, 2]
@@ -139,3 +140,36 @@ def test_qa_errors(tmp_path):
     result = run("caption_qa.py", tmp_path / "bad.jsonl", ok=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "bad.jsonl: line 2" in result.stderr
+
+
+def truncated_counts(*inputs_and_flags):
+    """caption_qa.py's truncated count per source, from its JSON report."""
+    report = inputs_and_flags[-1]
+    run("caption_qa.py", *inputs_and_flags[:-1], "--report", report)
+    return [source["flags"]["truncated"] for source in json.load(open(report))["sources"]]
+
+
+def test_merge_keeps_the_truncated_rate(tmp_path):
+    """The same truncation counts per source before and after merge_multi_caption.py, also when its output is
+    merged again: the flags travel with the captions, unknown ones stay unknown (the text decides again)."""
+    cut = "A dog runs. The sky is"  # looks cut off: flagged unless a truncated field says otherwise
+    write_lines(tmp_path / "original.jsonl", [{"image": f"{i}.jpg", "caption": [f"web {i}", cut, LONG_CUT][i % 3]}
+                                              for i in range(6)])
+    write_lines(tmp_path / "composed.jsonl", [
+        {"image": "0.jpg", "caption": cut, "truncated": False},  # the model ended here: not truncated
+        {"image": "1.jpg", "caption": "A cat.", "truncated": True},  # hit the limit, though it looks complete
+        {"image": "2.jpg", "caption": cut},  # no field: the text decides
+        {"image": "3.jpg", "caption": "A cup."}, {"image": "4.jpg", "caption": cut, "truncated": True},
+        {"image": "5.jpg", "caption": LONG_CUT, "truncated": False}])
+    (tmp_path / "noun_index.json").write_text(json.dumps({f"{i}.jpg": [cut, "dog, sky"][i % 2] for i in range(6)}))
+    before = [truncated_counts(tmp_path / name, tmp_path / f"qa-{name}.json")[0]
+              for name in ("original.jsonl", "composed.jsonl", "noun_index.json")]
+    assert before == [4, 3, 3]
+    run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index", tmp_path / "composed.jsonl",
+        "--index", tmp_path / "noun_index.json", "--output", tmp_path / "multi.jsonl")
+    assert truncated_counts(tmp_path / "multi.jsonl", tmp_path / "qa-multi.json") == before
+    assert [row["truncated"] for row in read_lines(tmp_path / "multi.jsonl")][:2] == [
+        [None, False, None], [None, True, None]]
+    run("merge_multi_caption.py", "--original", tmp_path / "multi.jsonl", "--index", tmp_path / "composed.jsonl",
+        "--output", tmp_path / "chained.jsonl", "--buckets", "3")
+    assert truncated_counts(tmp_path / "chained.jsonl", tmp_path / "qa-chained.json") == before + before[1:2]

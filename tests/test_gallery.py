@@ -1,4 +1,5 @@
 """utils/gallery.py: the page it writes, opened in headless Chromium (Debian package `chromium`)."""
+import io
 import json
 import os
 import shutil
@@ -160,3 +161,81 @@ def test_gallery_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     result = run_gallery(tmp_path / "bad.jsonl", "--output-dir", tmp_path / "out", ok=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "bad.jsonl" in result.stderr
+
+
+def colour_png(color):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_multi(path, ids):
+    with open(path, "w") as f:
+        for image in ids:
+            f.write(json.dumps({"image": image, "caption": [f"web {image}", f"A picture of {image}."]}) + "\n")
+
+
+def thumb_colours(out):
+    """The colour of each thumbnail the page shows, in page order."""
+    text = (out / "index.html").read_text()
+    names = sorted(os.listdir(out / "thumbs"))
+    assert all(f'src="thumbs/{name}"' in text for name in names)
+    colours = []
+    for name in names:
+        with Image.open(out / "thumbs" / name) as thumb:
+            colours.append(max(thumb.convert("RGB").getcolors(1 << 16))[1])
+    return colours
+
+
+def close_to(a, b):
+    return sum(abs(x - y) for x, y in zip(a, b)) < 30
+
+
+def test_relative_ids_found_from_the_captioning_input(tmp_path):
+    """Captioning resolved data/input.json's paths from data/; so does the gallery given that input, wherever
+    the multi-caption file is and whatever the current folder (the tests run from the repository)."""
+    os.makedirs(tmp_path / "data" / "img")
+    names = [f"img/{name}.png" for name in COLORS]
+    for name, color in zip(names, COLORS.values()):
+        Image.new("RGB", (64, 48), color).save(tmp_path / "data" / name)
+    (tmp_path / "data" / "input.json").write_text(json.dumps([{"image": name} for name in names]))
+    write_multi(tmp_path / "multi.jsonl", names)
+    result = run_gallery(tmp_path / "multi.jsonl", "--output-dir", tmp_path / "out", "--input-json",
+                         tmp_path / "data" / "input.json")
+    assert "4 images (4 shown, 0 unreadable)" in result.stdout
+    shown = thumb_colours(tmp_path / "out")  # JPEG thumbnails: the colours within a few levels
+    assert all(any(close_to(colour, c) for colour in shown) for c in COLORS.values())
+    result = run_gallery(tmp_path / "multi.jsonl", "--output-dir", tmp_path / "lost")
+    assert "4 images (0 shown, 4 unreadable)" in result.stdout
+    assert "pass --input-json (the captioning input) or --image-root" in result.stderr
+
+
+def test_images_straight_from_shards_and_parquet(tmp_path):
+    """Ids of tar members and Parquet rows, as captioning writes them (utils/inputs.py), shown from the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sample_images import write_tar_shard
+    from utils.inputs import expand_inputs, iter_samples
+
+    colours = list(COLORS.values())
+    os.makedirs(tmp_path / "shards")
+    write_tar_shard(tmp_path / "shards" / "00000.tar", [(f"{n:09d}", {"png": colour_png(c), "txt": "web"})
+                                                       for n, c in enumerate(colours[:2])])
+    write_tar_shard(tmp_path / "shards" / "00001.tar", [(f"{n:09d}", {"png": colour_png(c), "txt": "web"})
+                                                       for n, c in enumerate(colours[2:], 2)])
+    os.makedirs(tmp_path / "parquet")
+    images = pa.array([{"bytes": colour_png(c), "path": None} for c in colours],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": images, "text": ["web"] * 4}), tmp_path / "parquet" / "train.parquet",
+                   row_group_size=3)
+    for kind in ("shards", "parquet"):
+        inputs = expand_inputs(str(tmp_path / kind))
+        ids = [sample.image for sample in iter_samples(inputs, inputs.root)]
+        write_multi(tmp_path / f"{kind}.jsonl", ids)
+        result = run_gallery(tmp_path / f"{kind}.jsonl", "--output-dir", tmp_path / f"out-{kind}", "--input-json",
+                             tmp_path / kind, "--seed", "1")
+        assert "4 images (4 shown, 0 unreadable)" in result.stdout, result.stdout
+        text = (tmp_path / f"out-{kind}" / "index.html").read_text()
+        order = sorted(ids, key=text.index)  # the sample's order on the page
+        shown = thumb_colours(tmp_path / f"out-{kind}")
+        assert all(close_to(shown[n], colours[ids.index(image)]) for n, image in enumerate(order)), (kind, shown)

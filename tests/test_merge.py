@@ -172,20 +172,27 @@ ORIGINAL = [("p/1.jpg", "one"), ("p/2.jpg", "two"), ("p/3.jpg", "three"), ("p/4.
 @pytest.fixture
 def multi(tmp_path):
     """The original JSONL; index A as the seed's composed_index.json (misses 4), index B as a
-    composed.jsonl in a folder (misses 2), both in an order of their own."""
+    composed.jsonl in a folder (misses 2, caption 5 truncated), both in an order of their own."""
     write_lines(tmp_path / "original.jsonl", [{"image": i, "caption": c} for i, c in ORIGINAL])
     a = {i: f"A {c}" for i, c in reversed(ORIGINAL) if i != "p/4.jpg"}
     (tmp_path / "detail_index.json").write_text(json.dumps(a))
     write_lines(tmp_path / "noun" / "composed.jsonl",
-                [{"image": i, "caption": f"B {c}"} for i, c in ORIGINAL[::2] + ORIGINAL[3::2]])
+                [{"image": i, "caption": f"B {c}", **({"truncated": True} if i == "p/5.jpg" else {})}
+                 for i, c in ORIGINAL[::2] + ORIGINAL[3::2]])
     return tmp_path
+
+
+def noun_truncated(image):
+    """The noun index's flag: true where composed.jsonl says so, else unknown (merge.py writes only true)."""
+    return True if image == "p/5.jpg" else None
 
 
 def test_multi_caption_drop_missing(multi):
     result = run("merge_multi_caption.py", "--original", multi / "original.jsonl", "--index",
                  multi / "detail_index.json", "--index", multi / "noun", "--output", multi / "out.jsonl")
     assert read_lines(multi / "out.jsonl") == [
-        {"image": i, "caption": [c, f"A {c}", f"B {c}"]} for i, c in ORIGINAL if i not in ("p/2.jpg", "p/4.jpg")]
+        {"image": i, "caption": [c, f"A {c}", f"B {c}"], "truncated": [None, None, noun_truncated(i)]}
+        for i, c in ORIGINAL if i not in ("p/2.jpg", "p/4.jpg")]
     assert "detail_index.json: 5 entries, 1 original images missing" in result.stdout
     assert "composed.jsonl: 5 entries, 1 original images missing" in result.stdout
     assert "6 original rows, 4 written, 2 dropped" in result.stdout
@@ -201,7 +208,8 @@ def test_multi_caption_keep_shorter_many_buckets(multi):
     expected = []
     for i, c in ORIGINAL:
         captions = [c] + ([f"B {c}"] if i != "p/2.jpg" else []) + ([f"A {c}"] if i != "p/4.jpg" else [])
-        expected.append({"image": i, "caption": captions})
+        truncated = [None] + ([noun_truncated(i)] if i != "p/2.jpg" else []) + ([None] if i != "p/4.jpg" else [])
+        expected.append({"image": i, "caption": captions, "truncated": truncated})
     assert read_lines(multi / "out.jsonl") == expected
 
 
@@ -212,7 +220,8 @@ def test_multi_caption_order_at_scale(tmp_path):
     write_lines(tmp_path / "idx" / "composed.jsonl", [{"image": p, "caption": "x" + p} for p in sorted(images)])
     run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index", tmp_path / "idx",
         "--output", tmp_path / "out.jsonl", "--buckets", "37")
-    assert read_lines(tmp_path / "out.jsonl") == [{"image": p, "caption": [p[4:9], "x" + p]} for p in images]
+    assert read_lines(tmp_path / "out.jsonl") == [{"image": p, "caption": [p[4:9], "x" + p], "truncated": [None, None]}
+                                                  for p in images]
 
 
 def test_both_scripts_chain(run_folder, tmp_path):
@@ -222,7 +231,8 @@ def test_both_scripts_chain(run_folder, tmp_path):
     run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index", run_folder,
         "--index", run_folder / "composed_index.json", "--output", tmp_path / "multi.jsonl")
     assert read_lines(tmp_path / "multi.jsonl") == [
-        {"image": i, "caption": [f"web {i}", c, c]} for i, c in EXPECTED_OURS]
+        {"image": i, "caption": [f"web {i}", c, c], "truncated": [None, True if i == "b b.jpg" else None, None]}
+        for i, c in EXPECTED_OURS]
 
 
 def test_multi_caption_errors(multi):

@@ -1,5 +1,11 @@
 """minigpt4.py on tiny random-weight files in the original MiniGPT-4 formats (see minigpt4_checkpoint.py)."""
+import contextlib
+import functools
+import http.server
 import os
+import socket
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +242,51 @@ def test_script_reports_a_missing_file_in_one_line(root, tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == f"minigpt4.py: error: MiniGPT-4 checkpoint not found: {root}/nope.pth"
     assert "Traceback" not in result.stderr
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def file_server(folder):
+    """A local HTTP server for `folder`: the download server the tests can reach."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_vit_and_qformer_are_downloaded_into_the_hub_cache(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    args = make_args("--model", f"{root}/{CKPT['vicuna0']}", "--llm", f"{root}/{LLM['vicuna0']}")
+    with file_server(root) as url:
+        monkeypatch.setenv("MINIGPT4_DOWNLOAD_URL", url)
+        files = minigpt4.resolve_files(args)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert (files["vit"], files["qformer"]) == (str(cache / "eva_vit_g.pth"), str(cache / minigpt4.QFORMER_FILE))
+    for name in ("eva_vit_g.pth", minigpt4.QFORMER_FILE):
+        assert (cache / name).read_bytes() == (Path(root) / name).read_bytes()
+    assert minigpt4.resolve_files(args) == files  # found in the cache: the server is gone, nothing is fetched
+
+
+def test_no_network_is_one_line_naming_file_url_and_flag(root, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    input_file = write_input(tmp_path / "input.json", ["a.jpg"])
+    result = run_command(["python", "minigpt4.py", "--input-json", str(input_file), "--output-dir", str(tmp_path),
+                          "--model", f"{root}/{CKPT['vicuna0']}", "--llm", f"{root}/{LLM['vicuna0']}"],
+                         check=False, env={"TORCH_HOME": str(tmp_path / "torch_home"), "MINIGPT4_DOWNLOAD_URL": url})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"minigpt4.py: error: eva_vit_g.pth is not in {cache} and cannot be downloaded "
+                                f"from {url}eva_vit_g.pth (")
+    assert last_line.endswith("): download it there, or pass --vit FILE")
+    assert not [path for path in cache.iterdir() if path.name.endswith(".partial")]

@@ -5,8 +5,8 @@
 
 Flags (a caption can have several; flags only report, they never remove anything):
   empty       nothing but whitespace
-  truncated   generation stopped at the token limit: the record's "truncated" field when it has one;
-              otherwise the text ends without . ! ? (or a closing quote/bracket after one) although it
+  truncated   generation stopped at the token limit: the record's "truncated" field when it has one (in a
+              multi-caption row, its entry for the caption's position); otherwise the text ends without . ! ? (or a closing quote/bracket after one) although it
               already holds a complete sentence or is at least TRUNCATED_MIN_WORDS words long (short
               noun lists and web alt-texts without a final full stop are not flagged)
   repetition  a looping model: some word 4-gram repeats so that at least REPEATED_FRACTION of the
@@ -196,9 +196,17 @@ def token_counter(tokenizer_name):
     return (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])), f"tokenizer {tokenizer_name}"
 
 
+def truncated_flags(captions, truncated):
+    """The truncated flag (True, False or None: unknown) of each of a record's captions: its "truncated"
+    list aligned with a caption list (multi-caption JSONL), or its one flag when it has one caption."""
+    if isinstance(truncated, list) and len(truncated) == len(captions):
+        return [flag if isinstance(flag, bool) else None for flag in truncated]
+    return [truncated if isinstance(truncated, bool) and len(captions) == 1 else None] * len(captions)
+
+
 def iter_file_captions(path):
-    """Yield (image, caption or list of captions, truncated or None) from composed.jsonl, our captions
-    files, the multi-caption JSONL or a composed_index.json."""
+    """Yield (image, caption or list of captions, its "truncated" value or None) from composed.jsonl, our
+    captions files, the multi-caption JSONL or a composed_index.json; truncated_flags() reads the last."""
     if index_format(path) == "object":
         for image, caption in iter_json_object(path):
             yield image, caption, None
@@ -210,8 +218,7 @@ def iter_file_captions(path):
     for where, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str) or "caption" not in record:
             raise RecordError(f"{path}: {where}: expected an object with \"image\" and \"caption\"")
-        truncated = record.get("truncated")
-        yield record["image"], record["caption"], truncated if isinstance(truncated, bool) else None
+        yield record["image"], record["caption"], record.get("truncated")
 
 
 def main(argv=None):
@@ -251,17 +258,18 @@ def main(argv=None):
                 raise RecordError(f"no such file or folder: {item}")
             sources = {}
             for path in files:
-                for image, captions, truncated in iter_file_captions(path):
+                for image, captions, truncated_field in iter_file_captions(path):
                     if isinstance(captions, str):
                         captions = [captions]
                     elif not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                         raise RecordError(f"{path}: the caption of {image} is neither a string nor a list of strings")
+                    truncated = truncated_flags(captions, truncated_field)
                     for position, text in enumerate(captions):
                         if position not in sources:
                             label = names[position] if position < len(names) else (
                                 f"caption[{position}]" if len(captions) > 1 or position else "")
                             sources[position] = SourceStats(f"{item} {label}".strip(), args.examples, count_tokens)
-                        flags = checker.flags(text, truncated if len(captions) == 1 else None)
+                        flags = checker.flags(text, truncated[position])
                         sources[position].add(image, text, flags)
                         if flagged and flags:
                             flagged.write(json.dumps({"source": sources[position].name, "image": image,

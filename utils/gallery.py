@@ -1,15 +1,19 @@
 """A static HTML page to spot-check captions before training on them.
 
     python utils/gallery.py multi.jsonl --output-dir gallery --names original,detail,noun
-    python utils/gallery.py outputs/qwen/ckpt/default outputs/llava/ckpt/default --output-dir gallery
+    python utils/gallery.py outputs/qwen/ckpt/default outputs/llava/ckpt/default --output-dir gallery \
+        --input-json data/cc12m.jsonl
 
 Shows a seeded random sample of images, each with all its captions side by side, flagged captions
 highlighted (flags of utils/caption_qa.py), statistics per caption source and a histogram of
 caption lengths. Writes OUTPUT_DIR/index.html, OUTPUT_DIR/thumbs/ and OUTPUT_DIR/lengths.png; open
 index.html in a browser. Captions and paths are escaped, and the page allows no scripts at all.
+Images are found as captioning found them: image ids (paths, tar members, Parquet rows) relative to the
+image root of the run, --image-root or the root of the captioning input (--input-json).
 """
 import argparse
 import html
+import io
 import os
 import random
 import sys
@@ -17,7 +21,9 @@ import sys
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions  # noqa: E402
+from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags  # noqa: E402
+from utils.images import UnreadableImage  # noqa: E402
+from utils.inputs import InputError, expand_inputs, read_image_bytes  # noqa: E402
 from utils.records import RecordError, composed_file  # noqa: E402
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -35,9 +41,10 @@ def sample_rows(paths, names, size, seed, checker):
     sources, stats, sample, seen = [], {}, [], 0
     for number, path in enumerate(paths):
         wanted = {image: row for image, row in sample} if number else None
-        for image, captions, truncated in iter_file_captions(path):
+        for image, captions, truncated_field in iter_file_captions(path):
             if isinstance(captions, str):
                 captions = [captions]
+            truncated = truncated_flags(captions, truncated_field)
             for position, caption in enumerate(captions):
                 if len(paths) > 1:
                     source = names[number] if number < len(names) else path
@@ -47,7 +54,7 @@ def sample_rows(paths, names, size, seed, checker):
                 if source not in stats:
                     sources.append(source)
                     stats[source] = SourceStats(source, examples=0)
-                flags = checker.flags(caption, truncated if len(captions) == 1 else None)
+                flags = checker.flags(caption, truncated[position])
                 stats[source].add(image, caption, flags)
                 if number == 0:
                     captions[position] = (source, caption, flags)
@@ -65,15 +72,17 @@ def sample_rows(paths, names, size, seed, checker):
     return sources, sample, stats
 
 
-def thumbnail(image_path, target, size):
-    """Write a JPEG thumbnail; -> None, or why the image could not be shown."""
+def thumbnail(image_id, image_root, target, size):
+    """Write a JPEG thumbnail of an image file, tar member or Parquet row; -> None, or why it could not be shown."""
     try:
-        with Image.open(image_path) as image:
+        with Image.open(io.BytesIO(read_image_bytes(image_id, image_root))) as image:
             image = ImageOps.exif_transpose(image)
             image.thumbnail((size, size))
             image.convert("RGB").save(target, "JPEG", quality=85)
         return None
-    except Exception as e:  # any unreadable file: the page says so instead of failing
+    except UnreadableImage as e:
+        return str(e)
+    except Exception as e:  # any undecodable image: the page says so instead of failing
         return f"{type(e).__name__}: {e}"
 
 
@@ -182,8 +191,12 @@ def main(argv=None):
     parser.add_argument("--output-dir", required=True, help="folder for index.html, thumbs/ and lengths.png")
     parser.add_argument("--sample", type=int, default=50, help="images to show (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
-    parser.add_argument("--image-root", default=".",
-                        help="folder that relative image paths start from (default: the current folder)")
+    parser.add_argument("--input-json", metavar="INPUT",
+                        help="the captioning input (generate.sh's INPUT: JSON/JSONL, tar shards or Parquet): image ids "
+                             "are found from its image root, as captioning found them (its folder, or the folder "
+                             "holding its shards or Parquet files)")
+    parser.add_argument("--image-root", help="the captioning run's --image-root, if it had one: the folder image ids "
+                                             "start from (default: that of --input-json, else the current folder)")
     parser.add_argument("--names", help="comma-separated source names: the caption positions of a multi-caption "
                                         "JSONL, or the inputs in order")
     parser.add_argument("--thumb-size", type=int, default=256, help="longest thumbnail side in pixels (default 256)")
@@ -194,9 +207,10 @@ def main(argv=None):
         parser.error("--sample must be at least 1")
     names = args.names.split(",") if args.names else []
     try:
+        image_root = args.image_root or (expand_inputs(args.input_json).root if args.input_json else ".")
         paths = [composed_file(p) for p in args.inputs]
         sources, sample, stats = sample_rows(paths, names, args.sample, args.seed, Checker(args.prompt))
-    except RecordError as e:
+    except (RecordError, InputError) as e:
         sys.exit(f"gallery.py: error: {e}")
     except OSError as e:
         sys.exit(f"gallery.py: error: {e.filename or ''}: {e.strerror}")
@@ -206,7 +220,7 @@ def main(argv=None):
     thumbs = []
     for number, (image, _) in enumerate(sample):
         name = f"thumbs/{number:05d}.jpg"
-        problem = thumbnail(os.path.join(args.image_root, image), os.path.join(args.output_dir, name), args.thumb_size)
+        problem = thumbnail(image, image_root, os.path.join(args.output_dir, name), args.thumb_size)
         thumbs.append((name, problem))
     length_histogram(stats, sources, os.path.join(args.output_dir, "lengths.png"))
     with open(os.path.join(args.output_dir, "index.html"), "w", encoding="utf-8") as f:
@@ -214,6 +228,9 @@ def main(argv=None):
     shown = sum(problem is None for _, problem in thumbs)
     print(f"gallery.py: {len(sample)} images ({shown} shown, {len(sample) - shown} unreadable), "
           f"{len(sources)} caption sources -> {os.path.join(args.output_dir, 'index.html')}")
+    if not shown and not (args.image_root or args.input_json):
+        print(f"gallery.py: image ids were looked up from the current folder; pass --input-json (the captioning "
+              f"input) or --image-root to find them as captioning did", file=sys.stderr)
 
 
 if __name__ == "__main__":

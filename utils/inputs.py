@@ -15,6 +15,9 @@
         raises UnreadableImage with the reason to record.
     iter_tar_samples(path) -> TarSample(key, offset, members), ...; image_member(sample); read_member(path,
     member); tar_caption(path, sample): the tar shard reader underneath.
+    split_container(image_id, image_root) -> (tar or Parquet file, member name or row), or (None, None);
+    key_and_extension(member name) -> (webdataset key, extension): what the webdataset output needs to mirror
+    input shards.
 
 Image ids, the "image" of every output line, are stable strings relative to the image root:
     tar member        <shard>/<member name>, e.g. 00000.tar/000000123.jpg (a sample without an image
@@ -200,7 +203,7 @@ def _open_tar(path):
         raise InputError(f"{path}: not a readable tar file ({e})") from None
 
 
-def _key_and_extension(name):
+def key_and_extension(name):
     """webdataset's split of a member path: (key, lower-case extension), or None when it has no extension."""
     folder, _, base = name.rpartition("/")
     stem, dot, extension = base.partition(".")
@@ -222,7 +225,7 @@ def iter_tar_samples(path):
             if info is None:  # the end-of-archive zero blocks, or a header tarfile could not parse
                 damage = _damage_after_end(tar, path)
                 break
-            split = _key_and_extension(info.name) if info.isreg() else None
+            split = key_and_extension(info.name) if info.isreg() else None
             if split is None:
                 continue  # not a sample's file: a folder, a name without an extension
             key, extension = split
@@ -471,7 +474,7 @@ def _read_parquet_image(path, row, image_root):
 
 # -- image bytes from an id -------------------------------------------------------------------------------
 
-def _split_container(image_id, image_root):
+def split_container(image_id, image_root):
     """(the tar or Parquet file an id names, the rest of the id), or (None, None) for a plain file."""
     parts = image_id.split("/")
     for i, part in enumerate(parts[:-1]):
@@ -488,7 +491,7 @@ def read_image_bytes(image_id, image_root):
     Raises UnreadableImage with the reason to record. Each process keeps the member index of its last
     few shards and one streaming reader per Parquet file, so reading ids in input order is cheap.
     """
-    container, inner = _split_container(image_id, image_root)
+    container, inner = split_container(image_id, image_root)
     if container is None:
         return read_file(os.path.join(image_root, image_id))
     if _kind_of(container) == "tar":

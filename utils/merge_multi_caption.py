@@ -1,14 +1,24 @@
-"""Join the original captions with generated ones into multi-caption JSONL for CLIP training.
+"""Join the original captions with generated ones into multi-caption JSONL (or webdataset shards) for
+CLIP training.
 
     python utils/merge_multi_caption.py --original original.jsonl \\
         --index outputs/internvl/InternVL2-8B/detail --index outputs/internvl/InternVL2-8B/noun \\
         --output multi.jsonl
+    python utils/merge_multi_caption.py --original 'cc3m/{00000..00331}.tar' --index ... \\
+        --output-format webdataset --output cc3m-multi/
 
-writes {"image": p, "caption": [original, c1, ..., cN]} in the original file's order, c1..cN in
---index order. Memory stays bounded whatever the row count: the original and every index are split
-by a hash of the image path into buckets on disk (temporary files), each bucket is joined on its
-own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
-original order with the bucket number recorded for each original row.
+writes {"image": p, "caption": [original, c1, ..., cN], "truncated": [null, t1, ..., tN]} in the
+original file's order, c1..cN in --index order; t1..tN are the indexes' truncated flags (null where
+an index has none, as a composed_index.json), so caption_qa.py judges each caption as it did before.
+Memory stays bounded whatever the row count: the original and every index are split by a hash of the
+image path into buckets on disk (temporary files), each bucket is joined on its own (only one
+bucket's captions are in memory at a time), and the joined rows are put back in the original order
+with the bucket number recorded for each original row.
+
+The original is JSONL ({"image", "caption"} per line), or the captioning input itself when it is tar
+shards (caption from KEY.txt, else "caption" in KEY.json) or Parquet (a caption or text column); its rows
+carry the image ids that captioning wrote (utils/inputs.py), relative to the same image root. With
+--output-format webdataset the joined rows become tar shards (utils/webdataset_output.py).
 """
 import argparse
 import json
@@ -23,20 +33,19 @@ from array import array
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
-                              trim_to_sentence, write_report)
+                              trim_to_sentence, truncated_flags, write_report)
+from utils.inputs import InputError, expand_inputs, iter_samples  # noqa: E402
 from utils.records import (RecordError, composed_file, index_format, iter_json_lines,  # noqa: E402
                            iter_json_object)
+from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput  # noqa: E402
 
 # Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
 BYTES_PER_BUCKET = 32 << 20
 MAX_BUCKETS = 4000  # each bucket is an open file during passes 1, 2 and 4
 
 encode = json.encoder.encode_basestring
-ROW = '{{"image": {}, "caption": [{}]}}\n'
-
-
-class MergeError(Exception):
-    """A user mistake: reported as one line, exit status 1."""
+ROW = '{{"image": {}, "caption": [{}], "truncated": [{}]}}\n'
+FLAG_JSON = {True: "true", False: "false", None: "null"}
 
 
 def iter_index(path):
@@ -57,19 +66,28 @@ def iter_index(path):
         yield image, caption, truncated if type(truncated) is bool else None
 
 
-def iter_original(path):
-    """Yield (image, [captions]) from the original JSONL; a caption may already be a list (e.g. the
-    output of an earlier multi-caption merge)."""
+def iter_original(inputs, image_root):
+    """Yield (image, [captions], [truncated flags]) from the original: JSONL, or the samples of tar shards or
+    Parquet files with their original caption ("" where a sample has none) under the ids captioning gave them."""
+    if inputs.kind == "json":
+        yield from iter_original_lines(inputs.files[0])
+        return
+    for sample in iter_samples(inputs, image_root, captions=True):
+        yield sample.image, [sample.caption or ""], [None]
+
+
+def iter_original_lines(path):
+    """The rows of an original JSONL; a caption may already be a list (e.g. the output of an earlier
+    multi-caption merge, whose flags are kept)."""
     for number, record in iter_json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise RecordError(f"{path}:{number}: expected an object with an \"image\" string")
         caption = record.get("caption")
         if isinstance(caption, str):
-            yield record["image"], [caption]
-        elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):
-            yield record["image"], caption
-        else:
+            caption = [caption]
+        elif not (isinstance(caption, list) and all(isinstance(c, str) for c in caption)):
             raise RecordError(f"{path}:{number}: \"caption\" must be a string or a list of strings")
+        yield record["image"], caption, truncated_flags(caption, record.get("truncated"))
 
 
 def bucket_of(image):
@@ -77,23 +95,24 @@ def bucket_of(image):
     return zlib.crc32(image.encode("utf-8", "surrogatepass"))
 
 
-def split_original(path, work, num_buckets, qa):
-    """Pass 1: the original rows into buckets (image, then the captions as JSON texts joined by ", ",
-    on alternate lines); the bucket of each row, in order, into `order`."""
-    stats = SourceStats(path) if qa else None
+def split_original(name, inputs, image_root, work, num_buckets, qa):
+    """Pass 1: the original rows into buckets (three lines a row: the image, then the captions and then
+    their truncated flags as JSON texts joined by ", "); the bucket of each row, in order, into `order`."""
+    stats = SourceStats(name) if qa else None
     buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
     order, rows = array("H"), 0
     with open(os.path.join(work, "order"), "wb") as order_out:
-        for image, captions in iter_original(path):
+        for image, captions, flags in iter_original(inputs, image_root):
             b = bucket_of(image) % num_buckets
-            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n")
+            buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n"
+                             f"{', '.join(FLAG_JSON[flag] for flag in flags)}\n")
             order.append(b)
             if len(order) >= 1 << 20:
                 order.tofile(order_out)
                 del order[:]
             if qa:
-                for caption in captions:
-                    stats.add(image, caption, qa.flags(caption))
+                for caption, flag in zip(captions, flags):
+                    stats.add(image, caption, qa.flags(caption, flag))
             rows += 1
         order.tofile(order_out)
     for f in buckets:
@@ -102,7 +121,8 @@ def split_original(path, work, num_buckets, qa):
 
 
 def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
-    """Pass 2: one index into buckets: image and caption as JSON strings on alternate lines."""
+    """Pass 2: one index into buckets, three lines an entry: image and caption as JSON strings, the
+    truncated flag as JSON. A caption trimmed back to a complete sentence is no longer truncated."""
     stats = SourceStats(path) if qa else None
     counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
     buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
@@ -114,63 +134,99 @@ def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
             if trim_truncated and "truncated" in flags:
                 trimmed = trim_to_sentence(caption)
                 if trimmed != caption:
-                    caption = trimmed
+                    caption, truncated = trimmed, False
                     counts["trimmed"] += 1
             if drop_flags and any(flag in drop_flags for flag in flags):
                 counts["dropped_flagged"] += 1
                 continue  # treated as missing when joining, as the user asked
-        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n")
+        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n{FLAG_JSON[truncated]}\n")
     for f in buckets:
         f.close()
     return counts, stats
 
 
-def read_pairs(path):
-    """The two columns of a bucket file: JSON texts on alternate lines (image, then caption), which
-    str.split and slicing take apart without a Python loop per line."""
+def read_columns(path):
+    """The three columns of a bucket file: image, caption(s), truncated flag(s), one line each per entry,
+    which str.split and slicing take apart without a Python loop per line."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     os.remove(path)
-    return lines[0:-1:2], lines[1::2]
+    return lines[0:-1:3], lines[1::3], lines[2::3]
 
 
 def join_bucket(b, work, num_indexes, missing):
-    """Pass 3: one bucket: each index's captions into a dict (the last entry of an image wins, as
-    with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
+    """Pass 3: one bucket: each index's captions and flags into dicts (the last entry of an image wins,
+    as with json.load), looked up for every original row of the bucket; writes one line per row, "\n"
     for a dropped row. Whole columns at a time (map, zip, str.join), as per-row Python is slow."""
-    indexes = [dict(zip(*read_pairs(os.path.join(work, f"index{k}-{b}")))) for k in range(num_indexes)]
-    images, originals = read_pairs(os.path.join(work, f"original-{b}"))
-    columns = [list(map(index.get, images)) for index in indexes]
-    del indexes
+    columns, flag_columns = [], []
+    for k in range(num_indexes):
+        images, captions, flags = read_columns(os.path.join(work, f"index{k}-{b}"))
+        columns.append(dict(zip(images, captions)))
+        flag_columns.append(dict(zip(images, flags)))
+        del images, captions, flags
+    images, originals, original_flags = read_columns(os.path.join(work, f"original-{b}"))
+    columns = [list(map(index.get, images)) for index in columns]
+    flag_columns = [list(map(index.get, images)) for index in flag_columns]
     missed, incomplete = [], set()
-    for column in columns:
+    for column, flag_column in zip(columns, flag_columns):
         holes = [i for i, caption in enumerate(column) if caption is None] if None in column else []
         for i in holes:
-            column[i] = ""  # no JSON string is empty, so the row is recognised below
+            column[i] = flag_column[i] = ""  # no JSON value is empty, so the row is recognised below
         missed.append(len(holes))
         incomplete.update(holes)
-    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns))))
+    rows = list(map(ROW.format, images, map(", ".join, zip(originals, *columns)),
+                    map(", ".join, zip(original_flags, *flag_columns))))
     for i in incomplete:
         if missing == "drop":
             rows[i] = "\n"
         else:
-            rows[i] = ROW.format(images[i], ", ".join(c for c in (originals[i], *(column[i] for column in columns)) if c))
+            present = [(column[i], flag_column[i]) for column, flag_column in zip(columns, flag_columns) if column[i]]
+            rows[i] = ROW.format(images[i], ", ".join([originals[i], *(c for c, _ in present)]),
+                                 ", ".join([original_flags[i], *(f for _, f in present)]))
     with open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
         joined.writelines(rows)
     return missed
 
 
-def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
-          tmp_dir=None, num_buckets=None, workers=1):
-    """Write the multi-caption JSONL; return a summary dict.
+class JsonlOutput:
+    """Joined rows into one JSONL file, created when the rows come (a failed merge leaves none)."""
 
-    qa: a caption_qa.Checker to flag captions and gather statistics (trim_truncated and drop_flags
-    need it). workers: processes for passes 1 to 3 (the original and each index are split in
-    parallel, then the buckets joined in parallel).
+    def __init__(self, path):
+        self.path, self.file = path, None
+
+    def write(self, line):
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open(self.path, "w", encoding="utf-8")
+        self.file.write(line)
+
+    def close(self):
+        if self.file is None:
+            self.write("")  # no row: an empty file
+        self.file.close()
+        return {}
+
+
+def bucket_bytes(original, indexes):
+    """About what the buckets will hold: a JSONL original counts its size; tar shards and Parquet files
+    are mostly image bytes, so there the original counts as much as an average index (a row per image)."""
+    index_bytes = sum(os.path.getsize(p) for p in indexes)
+    if original.kind == "json":
+        return os.path.getsize(original.files[0]) + index_bytes
+    return index_bytes + index_bytes // len(indexes)
+
+
+def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_truncated=False, drop_flags=(),
+          tmp_dir=None, num_buckets=None, workers=1):
+    """Write the joined rows to `output` (JsonlOutput or WebdatasetOutput); return a summary dict.
+
+    original: the Inputs (utils/inputs.py) of --original; image_root: the folder its ids start from (as
+    in captioning: --image-root, else original.root). qa: a caption_qa.Checker to flag captions and gather statistics
+    (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
+    index are split in parallel, then the buckets joined in parallel).
     """
     if not num_buckets:
-        total_bytes = os.path.getsize(original) + sum(os.path.getsize(p) for p in indexes)
-        num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+        num_buckets = max(1, min(MAX_BUCKETS, bucket_bytes(original, indexes) // BYTES_PER_BUCKET + 1))
     # Every process holds one file per bucket open; raise the soft limit (often 1024) if needed.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < num_buckets + 64:
@@ -179,7 +235,8 @@ def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=Fal
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
     try:
-        jobs = [(split_original, (original, work, num_buckets, qa))]
+        name = original.files[0] if original.kind == "json" else os.path.commonpath(original.files)
+        jobs = [(split_original, (name, original, image_root, work, num_buckets, qa))]
         jobs += [(split_index, (k, p, work, num_buckets, qa, trim_truncated, drop_flags))
                  for k, p in enumerate(indexes)]
         split = starmap(call, jobs)
@@ -190,27 +247,9 @@ def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=Fal
             for counts, n in zip(summary["indexes"], missed):
                 counts["missing"] += n
 
-        # Pass 4: the joined rows back in the original order.
-        joined = [open(os.path.join(work, f"joined-{b}"), encoding="utf-8") for b in range(num_buckets)]
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(os.path.join(work, "order"), "rb") as order_in, open(output, "w", encoding="utf-8") as out:
-            while True:
-                order = array("H")
-                try:
-                    order.fromfile(order_in, 1 << 20)
-                except EOFError:
-                    pass  # the last, shorter chunk was read
-                if not order:
-                    break
-                for b in order:
-                    line = joined[b].readline()
-                    if line == "\n":
-                        summary["rows_dropped"] += 1
-                    else:
-                        out.write(line)
-                        summary["rows_out"] += 1
-        for f in joined:
-            f.close()
+        for line in ordered_rows(work, num_buckets, summary):
+            output.write(line)
+        summary["output"] = output.close()
     finally:
         if pool:
             pool.terminate()
@@ -220,6 +259,29 @@ def merge(original, indexes, output, missing="drop", qa=None, trim_truncated=Fal
     return summary
 
 
+def ordered_rows(work, num_buckets, summary):
+    """Pass 4: the joined rows back in the original order; dropped rows are counted, not yielded."""
+    joined = [open(os.path.join(work, f"joined-{b}"), encoding="utf-8") for b in range(num_buckets)]
+    with open(os.path.join(work, "order"), "rb") as order_in:
+        while True:
+            order = array("H")
+            try:
+                order.fromfile(order_in, 1 << 20)
+            except EOFError:
+                pass  # the last, shorter chunk was read
+            if not order:
+                break
+            for b in order:
+                line = joined[b].readline()
+                if line == "\n":
+                    summary["rows_dropped"] += 1
+                else:
+                    summary["rows_out"] += 1
+                    yield line
+    for f in joined:
+        f.close()
+
+
 def call(function, args):
     return function(*args)
 
@@ -227,14 +289,30 @@ def call(function, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
-                    "[original, c1, ..., cN]} per line, in the original file's order, c1..cN in --index order.")
-    parser.add_argument("--original", required=True, metavar="ORIG.jsonl",
+                    "[original, c1, ..., cN], \"truncated\": [...]} per line (or webdataset shards), in the "
+                    "original's order, c1..cN in --index order.")
+    parser.add_argument("--original", required=True, metavar="ORIGINAL",
                         help="JSONL with {\"image\", \"caption\"} per line (caption: a string, or a list that is "
-                             "extended)")
+                             "extended), or the captioning input when it is webdataset tar shards (a .tar, a folder "
+                             "of them, a brace pattern; caption from KEY.txt or KEY.json) or Parquet (a file or a "
+                             "folder; a caption or text column)")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="the captioning run's --image-root, if it had one: the folder image ids start from "
+                             "(default: the original's, as in captioning: its folder, or the folder holding its "
+                             "shards or Parquet files); used to name the rows of shards and Parquet files and to "
+                             "read images for --output-format webdataset")
     parser.add_argument("--index", action="append", required=True, metavar="FILE",
                         help="generated captions: a composed_index.json ({image: caption}), a composed.jsonl, "
                              "or a folder holding one (utils/merge.py's output). Repeat it; the order is kept")
-    parser.add_argument("--output", required=True, metavar="OUT.jsonl", help="the multi-caption JSONL to write")
+    parser.add_argument("--output", required=True, metavar="OUT",
+                        help="the multi-caption JSONL to write, or the folder of shards for --output-format webdataset")
+    parser.add_argument("--output-format", choices=("jsonl", "webdataset"), default="jsonl",
+                        help="jsonl (default), or webdataset: tar shards of KEY.<image ext> (the image bytes "
+                             "unchanged), KEY.json ({key, image, caption: [...], truncated: [...]}) and KEY.txt "
+                             "(the original caption); the shards mirror the original's when it is tar shards")
+    parser.add_argument("--shard-size", type=int, default=10000, metavar="N",
+                        help="samples per output shard for --output-format webdataset when the original is not "
+                             "tar shards (default 10000, as img2dataset's)")
     parser.add_argument("--missing", choices=("drop", "keep-shorter"), default="drop",
                         help="an image missing from some index: drop the row (default; every row then has "
                              "1 + N captions in a fixed order, as the original script required), or keep it "
@@ -263,18 +341,22 @@ def main(argv=None):
         parser.error("--workers must be at least 1")
     if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
         parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
+    if args.shard_size < 1:
+        parser.error("--shard-size must be at least 1")
     drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
     unknown = [f for f in drop_flags if f not in FLAGS]
     if unknown:
         parser.error(f"--drop-flagged: unknown flag {', '.join(unknown)} (known: {', '.join(FLAGS)})")
     try:
-        if not os.path.isfile(args.original):
-            raise MergeError(f"no such file: {args.original}")
+        original = expand_inputs(args.original)
+        image_root = args.image_root or original.root
         indexes = [composed_file(p) for p in args.index]
+        output = (WebdatasetOutput(args.output, original, image_root, args.shard_size)
+                  if args.output_format == "webdataset" else JsonlOutput(args.output))
         qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
-        summary = merge(args.original, indexes, args.output, args.missing, qa, args.trim_truncated, drop_flags,
+        summary = merge(original, image_root, indexes, output, args.missing, qa, args.trim_truncated, drop_flags,
                         args.tmp_dir, args.buckets, args.workers)
-    except (MergeError, RecordError) as e:
+    except (InputError, RecordError, OutputFolderInUse) as e:
         sys.exit(f"merge_multi_caption.py: error: {e}")
     except OSError as e:
         sys.exit(f"merge_multi_caption.py: error: {e.filename or ''}: {e.strerror}")
@@ -285,6 +367,11 @@ def main(argv=None):
               f"{counts['missing']} original images missing{extra}")
     print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "
           f"{summary['rows_dropped']} dropped (missing captions, --missing {args.missing}) -> {args.output}")
+    if args.output_format == "webdataset":
+        counts = summary["output"]
+        shards = f"{counts['shards']} shard{'s' * (counts['shards'] != 1)}"
+        print(f"merge_multi_caption.py: {counts['samples']} samples in {shards}, {counts['unreadable']} left out "
+              f"(image unreadable now)")
     if "qa" in summary:
         print_table(summary["qa"])
         if args.qa_report:
