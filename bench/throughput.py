@@ -1,6 +1,7 @@
 """GPU throughput of the captioning scripts against the seed's loop, on real-size random-weight models.
 
     python bench/throughput.py --models qwen --json bench/out/throughput.json
+    python bench/throughput.py --smoke [--lengths realistic] [--profile /tmp/trace]   # CPU check of the benchmark
 
 For each model: the real architecture (its published config) is built with random weights directly on
 the GPU, the tokenizer and processor files come from the tests' tiny checkpoints (token ids do not
@@ -15,11 +16,23 @@ Rows:
   ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
             images/s counts images, each with K captions.
 Columns: images/s, prefill and decode time of one batch, peak GPU memory, and model FLOPs utilisation
-(model FLOPs per caption x images/s / measured bf16 matmul peak).
+(model FLOPs per caption x images/s / measured bf16 matmul peak). Our rows also report the seconds inside
+caption() and those the main process waited on the data loader's workers.
 
---tiny runs the same code on the tests' tiny checkpoints on the CPU, to check the benchmark itself.
+Before the rows, the split: prefill and decode step time of one sorted batch, and for Qwen2-VL and MiniGPT-4
+the time of each part of the prefill (vision tower, Q-Former, language model, ...; GPU synchronised around
+each) with the rest of caption() outside them.
+
+--lengths realistic: captions end at lengths drawn per (image, prompt) instead (bench/caption_lengths.py);
+each row reports the share of decode steps spent on rows that had already ended, and what compacting the
+batch would save at most. --profile DIR: an extra row of ours whose steady-state batches are profiled as a
+timeline (bench/timeline.py, ranges from bench/instrument.py). --tiny runs the same code on the tests' tiny
+checkpoints on the CPU; --smoke does so with a few images for every model.
 """
 import argparse
+import contextlib
+import functools
+import importlib
 import json
 import os
 import sys
@@ -30,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.profiler import record_function
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -37,6 +51,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from utils.captioning import build_parser, caption_shard  # noqa: E402
 from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 from utils.images import open_image  # noqa: E402
+
+from caption_lengths import CaptionLengths  # noqa: E402
+from instrument import PREFIX, loader_wait, marked_regions, patched, timed  # noqa: E402
+from timeline import BatchProfile  # noqa: E402
+
+PROFILED_BATCHES = 3  # consecutive steady-state batches in the --profile DIR timeline
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
 IMAGE_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 576), (400, 600), (300, 300), (960, 640), (640, 427)]
@@ -264,31 +284,39 @@ def set_attention(model, implementation):
             module.set_attn_implementation(implementation)
 
 
-def seed_loop(captioner, paths, batch_size):
+def seed_loop(captioner, paths, batch_size, prompt_keys):
     """The seed's loop: each image opened and preprocessed in the loop itself, one generate() per batch, in
-    input order, one prompt."""
-    prompt = captioner.prompts[captioner.default_prompt]
-    for start in range(0, len(paths), batch_size):
-        captioner.caption([captioner.prepare(open_image(p)) for p in paths[start:start + batch_size]], [prompt])
+    input order, one prompt per pass over the images."""
+    for key in prompt_keys:
+        prompt = captioner.prompts[key]
+        for start in range(0, len(paths), batch_size):
+            captioner.caption([captioner.prepare(open_image(p)) for p in paths[start:start + batch_size]], [prompt])
 
 
+VISION_TOWER_AND_PROJECTOR = {"vision tower": "model.vision_tower", "projector": "model.multi_modal_projector"}
 MODELS = {
     "qwen": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2VLForConditionalGeneration",
                  checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
-                 prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head")),
+                 prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
+                 parts={"vision tower": "model.visual"}),
     "internvl": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
                      checkpoint=internvl_checkpoint, sizes=internvl_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
-                     multi_prompts="detail,noun,background,main,style"),
+                     multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR),
     "llava-7b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                      checkpoint=llava_checkpoint("7b"), sizes=llava_sizes,
-                     vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8),
+                     vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
+                     parts=VISION_TOWER_AND_PROJECTOR, generate_per_prompt=True),
     "llava-13b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                       checkpoint=llava_checkpoint("13b"), sizes=llava_sizes,
-                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8),
+                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
+                      parts=VISION_TOWER_AND_PROJECTOR, generate_per_prompt=True),
     "minigpt4": dict(script="minigpt4", captioner="MiniGPT4Captioner", model_class="LlamaForCausalLM",
                      checkpoint=minigpt4_checkpoint, sizes=minigpt4_sizes, checkpoint_flag="--cfg-path",
-                     vision_names=("vision_model", "ln_vision", "qformer", "query_tokens", "llama_proj"), seed_batch=3),
+                     vision_names=("vision_model", "ln_vision", "qformer", "query_tokens", "llama_proj"), seed_batch=3,
+                     prefill_parts=("vision_model", "ln_vision", "qformer", "llama_proj", "language_model"),
+                     parts={"vision tower (EVA ViT-g)": "vision_model", "ln_vision": "ln_vision", "Q-Former": "qformer",
+                            "llama_proj": "llama_proj"}),
 }
 
 
@@ -316,34 +344,23 @@ def prefill_and_decode(captioner, images, new_tokens, device):
 
 def prefill_parts(captioner, images, parts, device):
     """Seconds spent in each named part of the model (a submodule or a method, dotted from the model) during one
-    prefill (generate with one new token); the GPU is synchronised around each part."""
-    import functools
+    prefill (generate with one new token), the GPU synchronised around each part; outside_parts_s is the rest of
+    caption() (its inputs, the generate() loop, the text)."""
     seconds = dict.fromkeys(parts, 0.0)
-    undo = []
-    for name in parts:
-        owner_name, _, attribute = name.rpartition(".")
-        owner = captioner.model.get_submodule(owner_name) if owner_name else captioner.model
-        target = getattr(owner, attribute)
-        if isinstance(target, torch.nn.Module):
-            owner, attribute, target = target, "forward", target.forward
-
-        def timed(*args, _name=name, _target=target, **kwargs):
-            sync(device)
-            start = time.perf_counter()
-            result = _target(*args, **kwargs)
-            sync(device)
-            seconds[_name] += time.perf_counter() - start
-            return result
-        setattr(owner, attribute, functools.wraps(target)(timed))
-        undo.append((owner, attribute))
-    sync(device)
-    start = time.perf_counter()
-    caption_exactly(captioner, images, 1)
-    sync(device)
-    total = time.perf_counter() - start
-    for owner, attribute in undo:
-        del owner.__dict__[attribute]
-    return dict(total_s=round(total, 3), **{name: round(s, 3) for name, s in seconds.items()})
+    with contextlib.ExitStack() as stack:
+        for name in parts:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = captioner.model.get_submodule(owner_name) if owner_name else captioner.model
+            if isinstance(getattr(owner, attribute), torch.nn.Module):
+                owner, attribute = getattr(owner, attribute), "forward"
+            stack.enter_context(patched(owner, attribute, timed(seconds, name, functools.partial(sync, device))))
+        sync(device)
+        start = time.perf_counter()
+        caption_exactly(captioner, images, 1)
+        sync(device)
+        total = time.perf_counter() - start
+    return dict(total_s=round(total, 3), **{name: round(s, 3) for name, s in seconds.items()},
+                outside_parts_s=round(total - sum(seconds.values()), 3))
 
 
 def profile_decode(captioner, images, new_tokens, device):
@@ -363,135 +380,334 @@ def profile_decode(captioner, images, new_tokens, device):
     return sum(ms for ms, _ in decode)
 
 
-def run_model(name, spec, args, device, folder, names, peak):
-    import importlib
+def marked_generate(lengths):
+    """wrap for the generating class's generate: each call is the range "bench: generate"; with realistic lengths
+    (`lengths` not None), a call made by a planned caption() gets its rows' EndAtLength."""
+    def wrap(generate):
+        @functools.wraps(generate)
+        def bench_generate(module, *args, **kwargs):
+            with record_function(PREFIX + "generate"):
+                if lengths is None or not lengths.planned:
+                    return generate(module, *args, **kwargs)
+                return lengths.generate(generate, module, *args, **kwargs)
+        return bench_generate
+    return wrap
 
-    import transformers
-    module = importlib.import_module(spec["script"])
-    captioner_class = getattr(module, spec["captioner"])
-    model_class = getattr(transformers, spec["model_class"])
-    checkpoint = spec["checkpoint"](folder, args.tiny)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    model_class.from_pretrained = random_weights_loader(model_class, device, dtype)
-    paths = [folder / n for n in names]
 
-    def ours(batch_size, images, prompts):
-        out = folder / f"out-{name}-{batch_size}-{time.time()}"
-        cli = ["--input-json", str(folder / "input.json"), spec.get("checkpoint_flag", "--model"), str(checkpoint),
-               "--output-dir",
-               str(out), "--batch-size", str(batch_size),
-               "--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
-               "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
-               "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
-        parsed = build_parser(captioner_class).parse_args(cli)
-        # Time inside caption() (the GPU's work and the inputs it builds); the rest of the loop's time is waiting
-        # for prepared images, writing and starting.
-        caption = captioner_class.caption
-        in_caption = [0.0]
+def planned_lengths(lengths):
+    """wrap for caption(): draws the lengths of the call's rows before it runs."""
+    def wrap(caption):
+        @functools.wraps(caption)
+        def caption_at_lengths(captioner, images, prompts):
+            lengths.plan(images, prompts)
+            return caption(captioner, images, prompts)
+        return caption_at_lengths
+    return wrap
 
-        def timed_caption(self, *caption_args):
-            sync(device)
-            start = time.perf_counter()
-            try:
-                return caption(self, *caption_args)
-            finally:
-                sync(device)
-                in_caption[0] += time.perf_counter() - start
-        captioner_class.caption = timed_caption
-        try:
-            status = caption_shard(captioner_class, parsed, {key: captioner_class.prompts[key] for key in prompts},
-                                   0, 1, 0)
-        finally:
-            captioner_class.caption = caption
-        lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))
-        assert status == 0 and lines == images * len(prompts), (status, lines)
-        return in_caption[0]
 
-    # One captioner for the processor and the model (built once, shared by every row).
-    parsed = build_parser(captioner_class).parse_args(["--input-json", "x", spec.get("checkpoint_flag", "--model"),
-                                                        str(checkpoint),
-                                                        "--max-new-tokens", str(args.new_tokens),
-                                                        "--min-new-tokens", str(args.new_tokens), "--temperature", "0"])
-    parsed.dtype = dtype
-    captioner = captioner_class(parsed, device)
-    if device.type == "cuda" and "--no-cuda-graphs" not in args.ours_flags:  # the split measures our decoding
-        decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
-    flops = model_flops(captioner, [captioner.prepare(open_image(p)) for p in paths[:len(IMAGE_SIZES)]],
-                        spec["sizes"], spec["vision_names"], args.new_tokens)
-    batch = [captioner.prepare(open_image(p)) for p in paths[:2]]
-    captioner.caption(batch[:2], [captioner.prompts[captioner.default_prompt]])  # warm-up
-    split = {}
-    for size in args.split_batches:
-        # One batch as our loop forms it: the middle quarter of a read-ahead window of 4 batches sorted by length.
-        window = [captioner.prepare(open_image(p)) for p in paths[:4 * size]]
+def regions_marked(stack, parts):
+    """wrap for a captioner class's __init__: the model of the captioner that the loop builds (MiniGPT-4 builds a
+    new one; the others share the benchmark's) gets bench/instrument.py's ranges until `stack` closes."""
+    def wrap(init):
+        @functools.wraps(init)
+        def init_and_mark(captioner, *args, **kwargs):
+            init(captioner, *args, **kwargs)
+            stack.enter_context(marked_regions(captioner.model, language_model(captioner.model), parts))
+        return init_and_mark
+    return wrap
+
+
+class ModelBench:
+    """One model's measurements: the prefill/decode split, then the rows (the seed's loop, ours, and the profiled
+    run), all on one random-weight model built once."""
+
+    def __init__(self, name, spec, args, device, folder, names, peak):
+        import transformers
+        self.name, self.spec, self.args, self.device, self.folder, self.peak = name, spec, args, device, folder, peak
+        self.captioner_class = getattr(importlib.import_module(spec["script"]), spec["captioner"])
+        self.model_class = getattr(transformers, spec["model_class"])
+        self.checkpoint = spec["checkpoint"](folder, args.tiny)
+        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        self.model_class.from_pretrained = random_weights_loader(self.model_class, device, self.dtype)
+        self.paths = [folder / n for n in names]
+        self.lengths = None
+        if args.lengths == "realistic":
+            prompt_keys = {text: key for key, text in self.captioner_class.prompts.items()}
+            self.lengths = CaptionLengths(prompt_keys, args.new_tokens, args.lengths_seed,
+                                          spec.get("generate_per_prompt", False))
+        # fixed: every caption exactly --new-tokens long; realistic: EndAtLength decides
+        self.length_flags = ["--max-new-tokens", str(args.new_tokens)] + (
+            ["--min-new-tokens", str(args.new_tokens)] if self.lengths is None else [])
+        self.sync = functools.partial(sync, device)
+
+    def run(self):
+        """(rows, FLOPs per caption of --new-tokens tokens, prefill/decode split)"""
+        with patched(self.model_class, "generate", marked_generate(self.lengths)):
+            self.captioner = self.build_captioner()
+            self.sample = [self.captioner.prepare(open_image(p)) for p in self.paths[:len(IMAGE_SIZES)]]
+            flops = self.flops(self.args.new_tokens)
+            batch = [self.captioner.prepare(open_image(p)) for p in self.paths[:2]]
+            self.captioner.caption(batch[:2], [self.captioner.prompts[self.captioner.default_prompt]])  # warm-up
+            self.split = {size: self.measure_split(size) for size in self.args.split_batches}
+            rows = [self.run_variant(*variant) for variant in self.variants()]
+        return rows, flops, self.split
+
+    def build_captioner(self):
+        """One captioner for the processor and the model (built once, shared by every row)."""
+        flag = self.spec.get("checkpoint_flag", "--model")
+        parsed = build_parser(self.captioner_class).parse_args(
+            ["--input-json", "x", flag, str(self.checkpoint), *self.length_flags, "--temperature", "0"])
+        parsed.dtype = self.dtype
+        self.attn_implementation = parsed.attn_implementation
+        captioner = self.captioner_class(parsed, self.device)
+        if self.device.type == "cuda" and "--no-cuda-graphs" not in self.args.ours_flags:  # the split measures ours
+            decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
+        return captioner
+
+    def flops(self, new_tokens):
+        return model_flops(self.captioner, self.sample, self.spec["sizes"], self.spec["vision_names"], new_tokens)
+
+    def measure_split(self, size):
+        """Prefill and decode of one batch as our loop forms it: the middle quarter of a read-ahead window of 4
+        batches sorted by length."""
+        captioner, args = self.captioner, self.args
+        window = [captioner.prepare(open_image(p)) for p in self.paths[:4 * size]]
         if hasattr(captioner, "cost"):  # models whose prompt length varies per image
             window.sort(key=captioner.cost)
         images = window[len(window) * 3 // 8:][:size]
-        prefill, step = prefill_and_decode(captioner, images, args.new_tokens, device)
-        split[size] = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
-        if spec.get("prefill_parts"):
-            split[size]["prefill_parts"] = prefill_parts(captioner, images, spec["prefill_parts"], device)
-        if args.profile and device.type == "cuda":
-            split[size]["decode_gpu_busy_ms"] = round(profile_decode(captioner, images, 9, device), 2)
-        print(json.dumps({"model": name, "batch": size, **split[size]}), flush=True)
-    rows = []
-    default = [captioner_class.default_prompt]
-    variants = [("seed", batch, args.seed_images if batch == spec["seed_batch"] else args.images, default)
-                for batch in [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch] * (args.big_batch > 0)]
-    ours_images = args.ours_images or args.images
-    variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
-    if "multi_prompts" in spec and args.multi_batch:
-        variants.append(("ours", args.multi_batch, ours_images, spec["multi_prompts"].split(",")))
-    if args.oom_batch and device.type == "cuda":
-        variants.append(("oom", args.oom_batch, args.oom_batch, default))
-    for kind, batch_size, images, prompts in variants:
-        images = min(images, len(paths))
-        if device.type == "cuda":
+        prefill, step = prefill_and_decode(captioner, images, args.new_tokens, self.device)
+        split = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
+        if self.spec.get("prefill_parts"):
+            split["prefill_parts"] = prefill_parts(captioner, images, self.spec["prefill_parts"], self.device)
+        if args.profile is not None and self.device.type == "cuda":
+            split["decode_gpu_busy_ms"] = round(profile_decode(captioner, images, 9, self.device), 2)
+        print(json.dumps({"model": self.name, "batch": size, **split}), flush=True)
+        return split
+
+    def variants(self):
+        """(kind, batch size, images, prompt keys) of each row."""
+        args, spec = self.args, self.spec
+        default = [self.captioner_class.default_prompt]
+        multi = spec["multi_prompts"].split(",") if "multi_prompts" in spec else None
+        seed_batches = [spec["seed_batch"]] * (args.seed_images > 0) + [args.big_batch] * (args.big_batch > 0)
+        variants = [("seed", b, args.seed_images if b == spec["seed_batch"] else args.images, default)
+                    for b in seed_batches]
+        if self.lengths is not None and multi and args.big_batch:  # the passes differ in length: run all five
+            variants.append(("seed", args.big_batch, args.images, multi))
+        ours_images = args.ours_images or args.images
+        variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
+        if multi and args.multi_batch:
+            variants.append(("ours", args.multi_batch, ours_images, multi))
+        if args.oom_batch and self.device.type == "cuda":
+            variants.append(("oom", args.oom_batch, args.oom_batch, default))
+        if args.profile:
+            prompts = args.profile_prompts.split(",") if args.profile_prompts else default
+            variants.append(("profile", profile_batch(args), profiled_images(args), prompts))
+        return variants
+
+    def run_variant(self, kind, batch_size, images, prompts):
+        images = min(images, len(self.paths))
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        start = time.perf_counter()
-        in_caption = None
-        if kind == "seed":  # the seed ran transformers' plain sdpa and generate()
-            eager_decoding(captioner.model)
-            set_attention(captioner.model, "sdpa")
-            try:
-                seed_loop(captioner, paths[:images], batch_size)
-            except torch.cuda.OutOfMemoryError:  # the seed's loop has no way around it: it crashes
-                images = 0
-            set_attention(captioner.model, parsed.attn_implementation)
-            torch.cuda.empty_cache()
-        elif kind == "ours":
-            in_caption = ours(batch_size, images, prompts)
-        else:  # a batch that does not fit: the loop must halve it, and caption every image
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(args.oom_gib * 2 ** 30 / total)
-            in_caption = ours(batch_size, images, prompts)
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        sync(device)
-        seconds = time.perf_counter() - start
-        label = f"ours b{batch_size} in {args.oom_gib:g} GiB" if kind == "oom" else f"{kind} b{batch_size}"
+        if self.lengths is not None:
+            self.lengths.reset()
+        seconds = {}
+        profile = BatchProfile(self.args.profile_warmup, PROFILED_BATCHES, self.device) if kind == "profile" else None
+        with contextlib.ExitStack() as stack:
+            if self.lengths is not None:
+                stack.enter_context(patched(self.captioner_class, "caption", planned_lengths(self.lengths)))
+            self.sync()
+            start = time.perf_counter()
+            if kind == "seed":
+                images = self.seed(batch_size, images, prompts)
+            elif kind == "oom":  # a batch that does not fit: the loop must halve it, and caption every image
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(self.args.oom_gib * 2 ** 30 / total)
+                seconds = self.ours(batch_size, images, prompts)
+                torch.cuda.set_per_process_memory_fraction(1.0)
+            else:
+                seconds = self.ours(batch_size, images, prompts, profile)
+            self.sync()
+            elapsed = time.perf_counter() - start
+        row = self.row(kind, batch_size, images, prompts, elapsed, seconds)
+        if profile:
+            row["timeline"] = profile.report(os.path.join(self.args.profile, self.name))
+        print(json.dumps({key: value for key, value in row.items() if key != "timeline"}), flush=True)
+        if self.lengths is not None:
+            print_lengths(row, self.split if kind != "seed" else {})  # the split times our decoding
+        return row
+
+    def seed(self, batch_size, images, prompts):
+        """The seed's rows ran transformers' plain sdpa and generate(); returns the images captioned (0: it ran out
+        of memory, which the seed's loop does not survive)."""
+        eager_decoding(self.captioner.model)
+        set_attention(self.captioner.model, "sdpa")
+        try:
+            seed_loop(self.captioner, self.paths[:images], batch_size, prompts)
+        except torch.cuda.OutOfMemoryError:
+            images = 0
+        set_attention(self.captioner.model, self.attn_implementation)
+        torch.cuda.empty_cache()
+        return images
+
+    def ours(self, batch_size, images, prompts, profile=None):
+        """The real script's loop on the first `images` images, its batches profiled by `profile` (a BatchProfile)
+        if given; returns seconds inside caption() (the GPU's work and the inputs it builds; the rest of the loop's
+        time is waiting for prepared images, writing and starting) and in the DataLoader's __next__ (waiting on
+        the worker processes)."""
+        args, spec = self.args, self.spec
+        out = self.folder / f"out-{self.name}-{batch_size}-{time.time()}"
+        cli = ["--input-json", str(self.folder / "input.json"), spec.get("checkpoint_flag", "--model"),
+               str(self.checkpoint), "--output-dir", str(out), "--batch-size", str(batch_size), *self.length_flags,
+               "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
+               "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
+        parsed = build_parser(self.captioner_class).parse_args(cli)
+        seconds = dict(in_caption=0.0)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(patched(self.captioner_class, "caption", timed(seconds, "in_caption", self.sync)))
+            stack.enter_context(loader_wait(seconds))
+            if profile:
+                stack.enter_context(patched(self.captioner_class, "caption", profile))
+                stack.enter_context(patched(self.captioner_class, "__init__",
+                                            regions_marked(stack, spec.get("parts", {}))))
+            status = caption_shard(self.captioner_class, parsed,
+                                   {key: self.captioner_class.prompts[key] for key in prompts}, 0, 1, 0)
+            if profile:
+                profile.stop()  # when the run had no batch after the profiled ones
+        lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))
+        assert status == 0 and lines == images * len(prompts), (status, lines)
+        return seconds
+
+    def row(self, kind, batch_size, images, prompts, elapsed, seconds):
+        args, device = self.args, self.device
+        label = {"oom": f"ours b{batch_size} in {args.oom_gib:g} GiB", "profile": f"ours b{batch_size} profiled"}.get(
+            kind, f"{kind} b{batch_size}")
         label += "" if images else " (CUDA out of memory)"
-        row = dict(model=name, variant=label + (f" x{len(prompts)} prompts" if len(prompts) > 1 else ""),
-                   images=images, prompts=len(prompts), seconds=round(seconds, 2), images_per_s=round(images / seconds, 3),
+        label += f" x{len(prompts)} prompts" if len(prompts) > 1 else ""
+        label += " (a pass each)" if kind == "seed" and len(prompts) > 1 else ""
+        lengths = self.lengths.summary() if self.lengths is not None else None
+        flops = self.flops(self.args.new_tokens) if lengths is None else self.flops(mean_new_tokens(lengths))
+        row = dict(model=self.name, variant=label, images=images, prompts=len(prompts), seconds=round(elapsed, 2),
+                   images_per_s=round(images / elapsed, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
-                   mfu=round(flops * images * len(prompts) / seconds / (peak * 1e12), 4) if peak == peak else None,
-                   in_caption_s=in_caption and round(in_caption, 2))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows, flops, split
+                   mfu=round(flops * images * len(prompts) / elapsed / (self.peak * 1e12), 4) if self.peak == self.peak
+                   else None,
+                   in_caption_s=round(seconds["in_caption"], 2) if "in_caption" in seconds else None)
+        if "loader_wait" in seconds:
+            row["loader_wait_s"] = round(seconds["loader_wait"], 2)
+        if lengths is not None:
+            row["lengths"] = lengths
+        return row
+
+
+def profile_batch(args):
+    """Batch size of the profiled row."""
+    batch = args.profile_batch or next((b for b in args.ours_batches if b), 0)
+    if not batch:
+        raise SystemExit("--profile DIR needs --profile-batch or a non-zero --ours-batches")
+    return batch
+
+
+def profiled_images(args):
+    return profile_batch(args) * (args.profile_warmup + PROFILED_BATCHES + 1) if args.profile else 0
+
+
+def mean_new_tokens(lengths):
+    """Mean new tokens per caption of a realistic-lengths row: its caption tokens plus the end token where it
+    ended (for MFU: the model FLOPs actually asked for)."""
+    per_prompt = lengths["per_prompt"].values()
+    captions = sum(p["captions"] for p in per_prompt)
+    return sum(p["captions"] * (p["mean_tokens"] + 1 - p["truncated"]) for p in per_prompt) / max(captions, 1)
+
+
+def print_lengths(row, split):
+    """What decoding the row's static batches spent on rows that had already ended, and (given the split of our
+    decoding) what a batch compacted at each step would save at most: the finished rows' share of the decode time,
+    if a step's cost grew with its rows (at small batches a step is mostly the read of the weights, and compaction
+    saves less; refilling the freed rows with new captions would not have that limit)."""
+    lengths = row["lengths"]
+    if not lengths["row_steps"]:
+        return
+    per_prompt = ", ".join(f"{key} {p['mean_tokens']:.1f} tokens ({p['truncated'] * 100:.0f}% at the limit)"
+                           for key, p in lengths["per_prompt"].items())
+    print(f"  lengths ({row['variant']}): {per_prompt}; digest {lengths['lengths_digest']}")
+    print(f"  {lengths['finished_fraction'] * 100:.1f}% of decode row-steps were for rows that had ended "
+          f"({lengths['finished_row_steps']} of {lengths['row_steps']}, {lengths['generate_calls']} generate() "
+          f"calls, {lengths['decode_steps']} decode steps; {lengths['off_length']} rows did not end at their drawn "
+          "length)")
+    rows_per_step = lengths["row_steps"] / lengths["decode_steps"]
+    size = min(split, key=lambda s: abs(s - rows_per_step)) if split else None
+    if size and split[size]["decode_step_ms"] > 0:
+        decode_s = lengths["decode_steps"] * split[size]["decode_step_ms"] / 1000
+        saved = decode_s * lengths["finished_fraction"]
+        print(f"  compaction: decode ~ {lengths['decode_steps']} steps x {split[size]['decode_step_ms']} ms (split at "
+              f"b{size}, ~{rows_per_step:.0f} rows a step) = {decode_s:.1f} s of the row's {row['seconds']} s; "
+              f"skipping finished rows saves at most {saved:.1f} s ({saved / row['seconds'] * 100:.1f}% of the row)",
+              flush=True)
 
 
 def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    peak = measured_peak_tflops(device)
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak_tflops=peak,
+                   torch=torch.__version__, new_tokens=args.new_tokens, lengths=args.lengths, rows=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = make_images(folder, max(args.images, args.ours_images, args.seed_images, 4 * max(args.split_batches),
+                                        profiled_images(args)))
+        for name in args.models.split(","):
+            rows, flops, split = ModelBench(name, MODELS[name], args, device, folder, names, peak).run()
+            results["rows"] += rows
+            results.setdefault("flops_per_caption", {})[name] = flops
+            results.setdefault("prefill_decode", {})[name] = split
+    print_table(results["rows"])
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    if args.smoke:
+        with open(args.json) as f:
+            assert {row["model"] for row in json.load(f)["rows"]} == set(args.models.split(","))
+        print(f"smoke: every model ran; {args.json} written")
+
+
+def print_table(rows):
+    realistic = any("lengths" in r for r in rows)
+    print(f"\n{'model':10} {'variant':36} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}"
+          + (f" {'ended':>6}" if realistic else ""))
+    for r in rows:
+        ended = f" {r['lengths']['finished_fraction'] * 100:5.1f}%" if "lengths" in r else ""
+        print(f"{r['model']:10} {r['variant']:36} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
+              f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}%{ended}")
+    if realistic:
+        print("ended: share of decode row-steps spent on rows that had already ended (static batches)")
+
+
+SMOKE = dict(tiny=True, images=4, ours_images=0, seed_images=2, big_batch=2, ours_batches=[2], multi_batch=2,
+             split_batches=[2], new_tokens=16, num_workers=1, profile_batch=1)
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="qwen", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)} (default: qwen; "
+                        "with --smoke, all)")
     parser.add_argument("--images", type=int, default=512, help="images for the batch-128 rows")
     parser.add_argument("--ours-images", type=int, default=0,
                         help="images for our rows (default: --images); more than the seed's rows so that the start "
                         "(workers filling the first read-ahead window) weighs as little as in a long run")
     parser.add_argument("--seed-images", type=int, default=24, help="images for the seed's own batch size (0: skip)")
     parser.add_argument("--big-batch", type=int, default=128, help="batch size of the seed's second row (0: skip)")
-    parser.add_argument("--new-tokens", type=int, default=77)
+    parser.add_argument("--new-tokens", type=int, default=77, help="new tokens per caption (with --lengths "
+                        "realistic: the limit, --max-new-tokens)")
+    parser.add_argument("--lengths", choices=["fixed", "realistic"], default="fixed",
+                        help="fixed: every caption exactly --new-tokens long; realistic: each (image, prompt) ends at "
+                        "a length drawn from its prompt's distribution (bench/caption_lengths.py), and the rows "
+                        "report the decode steps spent on captions that had ended; with InternVL2, the seed's five "
+                        "passes get a row of their own")
+    parser.add_argument("--lengths-seed", type=int, default=0, help="seed of the realistic lengths' draw")
     parser.add_argument("--num-workers", type=int, default=8)
     parser.add_argument("--ours-batches", type=lambda v: [int(b) for b in v.split(",")], default=[128],
                         help="batch sizes for our rows, comma-separated")
@@ -504,31 +720,26 @@ def main():
     parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",")], default=[64],
                         help="batch sizes whose prefill/decode split is measured")
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
-    parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of a few decode steps")
+    parser.add_argument("--profile", nargs="?", const="", default=None, metavar="DIR",
+                        help="print the CUDA kernels of a few decode steps of each split batch; with DIR, also an "
+                        "extra row of ours whose batches after --profile-warmup are profiled as a timeline: the "
+                        f"table is printed, DIR/<model> gets trace.json.gz and timeline.json (bench/timeline.py)")
+    parser.add_argument("--profile-batch", type=int, default=0, help="batch size of the profiled row "
+                        "(default: the first of --ours-batches)")
+    parser.add_argument("--profile-prompts", default=None, metavar="KEY,KEY",
+                        help="prompt keys of the profiled row (default: the model's default prompt)")
+    parser.add_argument("--profile-warmup", type=int, default=2, help="batches of the profiled row before the "
+                        f"{PROFILED_BATCHES} profiled ones")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints on the CPU: checks the benchmark")
+    parser.add_argument("--smoke", action="store_true", help="--tiny with a few images and small batches, every "
+                        "model unless --models says otherwise: checks in about a minute that the benchmark runs and "
+                        "writes its JSON (add --lengths realistic, --profile DIR to check those)")
     parser.add_argument("--json", default="bench/out/throughput.json")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    peak = measured_peak_tflops(device)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-    results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak_tflops=peak,
-                   torch=torch.__version__, new_tokens=args.new_tokens, rows=[])
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        names = make_images(folder, max(args.images, args.ours_images, args.seed_images, 4 * max(args.split_batches)))
-        for name in args.models.split(","):
-            rows, flops, split = run_model(name, MODELS[name], args, device, folder, names, peak)
-            results["rows"] += rows
-            results.setdefault("flops_per_caption", {})[name] = flops
-            results.setdefault("prefill_decode", {})[name] = split
-    print(f"\n{'model':10} {'variant':22} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}")
-    for r in results["rows"]:
-        print(f"{r['model']:10} {r['variant']:22} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
-              f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}%")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    if args.smoke:
+        vars(args).update(SMOKE)
+    args.models = args.models or (",".join(MODELS) if args.smoke else "qwen")
+    return args
 
 
 if __name__ == "__main__":
