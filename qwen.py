@@ -7,22 +7,14 @@ to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` w
 generation config. The only differences: many images go through one `generate` call, left-padded, and
 the processor's image half (resize, normalise, cut into patches) runs in the loop's worker processes;
 the main process expands each image's placeholder as the processor does and lets it tokenize.
-
-Vision attention: transformers runs the vision tower's SDPA attention image by image (32 layers x 256
-images = 8,192 calls for a batch of 256). Where torch's varlen_attn runs (a CUDA GPU, float16 or bfloat16,
-torch 2.11: utils/attention.py), each layer instead makes one call over all images of the batch,
-packed; elsewhere, and with --no-packed-vision, the per-image path stays. The language model's
-attention is always the one --attn-implementation names.
 """
 import functools
-import sys
 from typing import NamedTuple
 
 import torch
 from qwen_vl_utils import fetch_image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from utils.attention import VARLEN_ATTENTION, varlen_unsupported
 from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit
 
 
@@ -42,20 +34,6 @@ def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
     return PreparedImage(processed["pixel_values"].to(dtype), grid, int(grid.prod()) // image_processor.merge_size ** 2)
 
 
-def pack_vision_attention(model, args, device):
-    """Give the vision tower one varlen attention call per layer for all images of a batch, where it can
-    replace transformers' per-image SDPA loop; returns how the vision tower's attention runs, for the log."""
-    if args.attn_implementation not in ("sdpa", "sdpa_grouped"):
-        return f"as {args.attn_implementation} runs it"
-    if args.no_packed_vision:
-        return "image by image (--no-packed-vision)"
-    unsupported = varlen_unsupported(args.dtype, device)
-    if unsupported:
-        return f"image by image: packed varlen attention {unsupported}"
-    model.set_attn_implementation({"vision_config": VARLEN_ATTENTION})
-    return "packed: one varlen attention call per layer for all images of a batch"
-
-
 class QwenCaptioner:
     name = "qwen"
     default_model = "Qwen/Qwen2-VL-7B-Instruct"
@@ -73,9 +51,6 @@ class QwenCaptioner:
         parser.add_argument("--max-pixels", type=int, default=None,
                             help="largest image area after resizing; lower it to save memory and time "
                             "(default: the checkpoint's processor setting)")
-        parser.add_argument("--no-packed-vision", action="store_true",
-                            help="run the vision tower's attention image by image, as transformers does, instead "
-                            "of one varlen call per layer for all images of a batch (on a GPU in bfloat16/float16)")
 
     def __init__(self, args, device):
         self.processor = AutoProcessor.from_pretrained(args.model)
@@ -88,7 +63,6 @@ class QwenCaptioner:
                                          image_processor=image_processor, dtype=args.dtype)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             args.model, dtype=args.dtype, attn_implementation=args.attn_implementation).to(device).eval()
-        print(f"qwen.py: vision attention {pack_vision_attention(self.model, args, device)}", file=sys.stderr)
         self.generation = generation_kwargs(args)
         end = self.model.generation_config.eos_token_id
         self.end_token_ids = set(end if isinstance(end, list) else [end])
