@@ -15,7 +15,7 @@ import torch
 from qwen_vl_utils import fetch_image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit
+from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit, to_device
 
 
 class PreparedImage(NamedTuple):
@@ -74,22 +74,40 @@ class QwenCaptioner:
     def cost(self, image):
         return image.tokens
 
+    def prompt_ids(self, prompt):
+        """Token ids of the chat text, its image placeholder once: the processor tokenizes the text with the
+        placeholder repeated once per image token, which gives these ids with the placeholder id repeated (a
+        special token: no merge crosses it), so each image's ids are made by repeating it, not by re-tokenizing."""
+        return self.processor.tokenizer(self.chat_text(prompt))["input_ids"]
+
+    def text_inputs(self, images, prompts):
+        """input_ids, attention_mask and mm_token_type_ids of every (image, prompt) row, left-padded, as the
+        processor's text half makes them."""
+        image_token = self.model.config.image_token_id
+        rows = []
+        for image in images:
+            for ids in map(self.prompt_ids, prompts):
+                at = ids.index(image_token)
+                rows.append(ids[:at] + [image_token] * image.tokens + ids[at + 1:])
+        length = max(map(len, rows))
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows])
+        attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "mm_token_type_ids": (input_ids == image_token).int()}
+
     def caption(self, images, prompts):
-        texts = [self.chat_text(prompt) for prompt in prompts]
-        pad = self.processor.image_token
-        # The processor's text half: each image's placeholder repeated once per image token, then tokenized.
-        inputs = self.processor(text=[text.replace(pad, pad * image.tokens, 1) for image in images for text in texts],
-                                padding=True, padding_side="left", return_tensors="pt")
-        inputs["pixel_values"] = torch.cat([image.pixel_values for image in images for _ in texts])
-        inputs["image_grid_thw"] = torch.cat([image.grid_thw for image in images for _ in texts])
-        output = self.model.generate(**inputs.to(self.model.device), **self.generation)
+        device = self.model.device
+        inputs = {name: tensor.to(device) for name, tensor in self.text_inputs(images, prompts).items()}
+        inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
+        inputs["image_grid_thw"] = torch.cat([image.grid_thw for image in images for _ in prompts]).to(device)
+        output = self.model.generate(**inputs, **self.generation)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
         captions = [Caption(text, stopped_at_limit(row, self.end_token_ids))
                     for text, row in zip(answers, new_tokens)]
         return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
-
 
 if __name__ == "__main__":
     run(QwenCaptioner)

@@ -288,6 +288,18 @@ def generation_kwargs(args, **model_defaults):
     return kwargs
 
 
+def to_device(tensors, device):
+    """The tensors concatenated on `device`, each copied straight into its place: no concatenated copy on the
+    CPU first, and from the loader's pinned memory the copies run while the CPU goes on."""
+    rows = sum(len(tensor) for tensor in tensors)
+    out = torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=device)
+    start = 0
+    for tensor in tensors:
+        out[start:start + len(tensor)].copy_(tensor, non_blocking=True)
+        start += len(tensor)
+    return out
+
+
 def stopped_at_limit(new_token_ids, end_token_ids):
     """True when a generated row holds no end token: generation ran into --max-new-tokens."""
     return not any(int(token) in end_token_ids for token in new_token_ids)
@@ -387,7 +399,7 @@ def load_captioner(captioner_cls, args, rank, local_rank):
     return captioner, graphs
 
 
-def prepared_windows(pending, image_root, prepare, args):
+def prepared_windows(pending, image_root, prepare, args, pin_memory):
     """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
     --sort-window batches long (load and batch). Workers prepare small chunks in parallel, enough in
     flight to fill the next window while the GPU works on this one."""
@@ -395,7 +407,7 @@ def prepared_windows(pending, image_root, prepare, args):
     chunk_size = min(8, args.batch_size)
     loader = torch.utils.data.DataLoader(
         ImageDataset(pending, image_root, prepare), batch_size=chunk_size, num_workers=args.num_workers,
-        collate_fn=list, worker_init_fn=_ignore_signals_in_worker,
+        collate_fn=list, worker_init_fn=_ignore_signals_in_worker, pin_memory=pin_memory,
         prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
     window = []
@@ -514,7 +526,8 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size)
     started = time.time()
     try:
-        for window in prepared_windows(work.pending, image_root, captioner.prepare, args):
+        for window in prepared_windows(work.pending, image_root, captioner.prepare, args,
+                                       pin_memory=torch.cuda.is_available()):
             batches.record_errors([(index, error) for index, _, error in window if error])
             good = [(index, prepared) for index, prepared, error in window if error is None]
             if hasattr(captioner, "cost"):  # similar lengths in one batch: less padding
