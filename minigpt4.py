@@ -374,6 +374,8 @@ class MiniGPT4Captioner:
     default_prompt = "default"
     defaults = {"batch_size": 3}  # the seed's; its max_new_tokens 77 is the loop's default
     default_dtype = "float16"  # the original runs the ViT (vit_precision fp16) and the LLM in float16
+    caption_flags = ("cfg_path", "model_type", "vit", "qformer", "blip2", "llm")
+    model_on_hub = False  # --model is the .pth file (or comes from --cfg-path), checked by resolve_files
 
     @staticmethod
     def add_arguments(parser):

@@ -9,24 +9,25 @@ the processor's image half (resize, normalise, cut into patches) runs in the loo
 the main process expands each image's placeholder as the processor does and lets it tokenize.
 """
 import functools
-from typing import NamedTuple
-
-import torch
-from qwen_vl_utils import fetch_image
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from typing import TYPE_CHECKING, NamedTuple
 
 from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit
 
+# torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
+if TYPE_CHECKING:
+    import torch
+
 
 class PreparedImage(NamedTuple):
-    pixel_values: torch.Tensor  # the processor's patches, already in the model's dtype (the vision tower's first step)
-    grid_thw: torch.Tensor  # (1, 3): frames, rows and columns of patches
+    pixel_values: "torch.Tensor"  # the processor's patches, already in the model's dtype (the vision tower's first step)
+    grid_thw: "torch.Tensor"  # (1, 3): frames, rows and columns of patches
     tokens: int  # image placeholder tokens in the prompt
 
 
 def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
     """qwen_vl_utils' resize (RGBA onto white, a multiple of 2 patches within the pixel budget), then the
     processor's image half, as the model card's processor call runs it."""
+    from qwen_vl_utils import fetch_image
     resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
                           image_patch_size=image_processor.patch_size)
     processed = image_processor(images=[resized], return_tensors="pt")
@@ -41,6 +42,7 @@ class QwenCaptioner:
     default_prompt = "default"
     defaults = {"batch_size": 16}
     default_dtype = "bfloat16"
+    caption_flags = ("min_pixels", "max_pixels")
     # generate() appends to it at every step; with the 3D positions generate() passes, decoding never reads it
     unread_in_decode = ("mm_token_type_ids",)
 
@@ -53,6 +55,7 @@ class QwenCaptioner:
                             "(default: the checkpoint's processor setting)")
 
     def __init__(self, args, device):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
         self.processor = AutoProcessor.from_pretrained(args.model)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.
@@ -75,6 +78,7 @@ class QwenCaptioner:
         return image.tokens
 
     def caption(self, images, prompts):
+        import torch
         texts = [self.chat_text(prompt) for prompt in prompts]
         pad = self.processor.image_token
         # The processor's text half: each image's placeholder repeated once per image token, then tokenized.
