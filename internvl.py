@@ -461,6 +461,7 @@ class InternVLCaptioner:
                                  "from_pretrained")
 
     def __init__(self, args, device):
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         if args.max_tiles < 1:
             raise UserError("--max-tiles must be at least 1")
         folder = resolve_checkpoint(args.model)

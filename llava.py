@@ -193,6 +193,8 @@ class LlavaCaptioner:
 
     def __init__(self, args, device):
         from transformers import AutoTokenizer, CLIPImageProcessorPil, LlamaTokenizer, LlavaForConditionalGeneration
+
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         folder = local_checkpoint(args.model, "checkpoint")
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):

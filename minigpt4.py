@@ -41,6 +41,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
 from utils.captioning import Caption, UserError, generation_kwargs, run
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -56,6 +56,8 @@ class QwenCaptioner:
 
     def __init__(self, args, device):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         self.processor = AutoProcessor.from_pretrained(args.model)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.

@@ -422,7 +422,7 @@ def plan_work(captioner_cls, args, prompts, rank, world):
 def load_captioner(captioner_cls, args, rank, device):
     """The model on this process's device, its decode steps as CUDA graphs where there is a GPU."""
     import torch
-    import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
+
     from utils.cuda_graphs import decode_with_cuda_graphs
     torch.manual_seed(args.seed + rank)
     args.dtype = getattr(torch, args.dtype)
