@@ -102,6 +102,7 @@ def test_help_and_mistakes_answer_without_torch(mistakes, case, tmp_path):
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, lines
         if case == "unreachable hub":
             assert "--model DIR" in lines[0]
+        assert not (tmp_path / "out").exists(), "output folders made for a run that cannot start"
     else:
         assert expected in result.stdout
     assert seconds < 30, f"{seconds:.1f} s"  # generous for a loaded CI machine; a hub retry loop takes minutes

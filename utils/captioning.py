@@ -373,10 +373,14 @@ def remove_earlier_outputs(model_dir, prompts, rank, world):
             old.unlink(missing_ok=True)
 
 
-def check_destination(captioner_cls, args, prompts):
-    """Before anything loads: --model names a checkpoint that exists (a hub id: reachable, or cached) and every
-    output folder can be created and written. Imports neither torch nor transformers."""
+def check_checkpoint(captioner_cls, args):
+    """Before anything loads: --model names a checkpoint that exists (a hub id: reachable, or cached)."""
     checkpoint_identity(args.model, getattr(captioner_cls, "model_on_hub", True))
+
+
+def check_output_folders(captioner_cls, args, prompts):
+    """Before anything loads (and once the input is known to be good): every output folder can be created and
+    written."""
     model_dir = output_dir(captioner_cls, args)
     for folder in [model_dir, *(model_dir / key for key in prompts)]:
         probe = folder / f".write-test-{os.getpid()}"
@@ -564,8 +568,9 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     """Check, plan, settle the run records, load the model and caption this rank's pending images."""
     tag = f"[{captioner_cls.name} rank {rank}/{world}]"
     stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
-    check_destination(captioner_cls, args, prompts)
+    check_checkpoint(captioner_cls, args)
     work = plan_work(captioner_cls, args, prompts, rank, world)
+    check_output_folders(captioner_cls, args, prompts)
     device = pick_device(local_rank)
     args.dtype = resolved_dtype(captioner_cls, args.dtype, device.type)
     settle_outputs(captioner_cls, args, prompts, rank, world)
@@ -633,8 +638,9 @@ def check_only(captioner_cls, args, prompts):
     """--check-input, which generate.sh runs once before it starts several processes: the input, the checkpoint,
     the output folders and their run records, loading nothing (torch is imported only to resolve --dtype for a
     comparison with earlier records)."""
-    check_destination(captioner_cls, args, prompts)
+    check_checkpoint(captioner_cls, args)
     _, total = read_shard(args.input_json, 0, 1, args.limit)
+    check_output_folders(captioner_cls, args, prompts)
     folders = output_folders(output_dir(captioner_cls, args), prompts)
     if not args.overwrite and any(map(is_used, folders)):
         import torch
