@@ -6,8 +6,8 @@
 # ARGS go to MODEL.py (see `python MODEL.py --help`). Processes never talk to each other: each takes
 # its rank and world size from the environment and captions its own shard of INPUT.
 #   NUM_GPUS      processes on this node (default: the GPUs that CUDA_VISIBLE_DEVICES leaves; with no
-#                 GPU, one process on the CPU)
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several nodes, as for torchrun
+#                 GPU, one process on the CPU), started by utils/launch.py
+#   NNODES, NODE_RANK   several nodes: run this on each, NODE_RANK 0 to NNODES-1 (no MASTER_ADDR needed)
 #   Under SLURM (srun sets SLURM_PROCID/SLURM_NTASKS), each task runs its one process directly.
 set -euo pipefail
 
@@ -41,14 +41,15 @@ if [ -z "${NUM_GPUS:-}" ]; then
   fi
 fi
 NNODES=${NNODES:-1}
-if [ "$NUM_GPUS" -le 1 ] && [ "$NNODES" -eq 1 ]; then
+[ "$NUM_GPUS" -ge 1 ] || NUM_GPUS=1
+if [ "$NUM_GPUS" -eq 1 ] && [ "$NNODES" -eq 1 ]; then
   exec "$PYTHON" "${SCRIPT[@]}"
 fi
-# One check before the launch: a mistake then reads as one line, not once per process plus torchrun's report.
-RANK=0 WORLD_SIZE=$((NUM_GPUS * NNODES)) "$PYTHON" "${SCRIPT[@]}" --check-input
-if [ "$NNODES" -eq 1 ]; then
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS" "${SCRIPT[@]}"
+if [ "$NNODES" -gt 1 ] && [ -z "${NODE_RANK:-}" ]; then
+  echo "generate.sh: set NODE_RANK (0 to $((NNODES - 1))) for several nodes" >&2
+  exit 2
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK for several nodes}" \
-  --nproc_per_node "$NUM_GPUS" --master_addr "${MASTER_ADDR:?set MASTER_ADDR for several nodes}" \
-  --master_port "${MASTER_PORT:-29500}" "${SCRIPT[@]}"
+# One check before the launch: a mistake then reads as one line, not once per process.
+RANK=0 WORLD_SIZE=$((NUM_GPUS * NNODES)) "$PYTHON" "${SCRIPT[@]}" --check-input
+exec "$PYTHON" "$HERE/utils/launch.py" --nproc "$NUM_GPUS" --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" \
+  -- "$PYTHON" "${SCRIPT[@]}"

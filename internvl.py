@@ -24,16 +24,12 @@ import sys
 
 import numpy as np
 import sentencepiece as spm
-import torch
-import transformers
-from huggingface_hub import snapshot_download
 from PIL import Image
 from safetensors import safe_open
-from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
-                          LlamaConfig, Phi3Config, Qwen2Config)
 
-from utils import shared_prefix
-from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit, to_device
+from utils.captioning import Caption, UserError, generation_kwargs, inference_mode, run, stopped_at_limit, to_device
+
+# torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
 TILE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,17 +89,19 @@ def tile_grid(width, height, max_tiles, tile_size=TILE_SIZE):
 
 def to_tensor(image):
     """ToTensor + ImageNet Normalize, in float32 as torchvision does."""
+    import torch
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return pixels.sub(mean).div(std)
 
 
-def prepare_image(image, max_tiles, dtype=torch.float32):
-    """PIL image -> tensor (tiles, 3, 448, 448), normalised in float32 and then cast to the model's dtype (as the
+def prepare_image(image, max_tiles, dtype=None):
+    """PIL image -> tensor (tiles, 3, 448, 448), normalised in float32 and then cast to `dtype`, the model's (as the
     original casts before the vision tower; here in the worker, so that half the bytes go to the GPU): the tiles
     row by row, then the thumbnail if more than one tile. PIL resizes with bicubic as the original (PIL's
     default; its torchvision Resize is a no-op on 448 px tiles)."""
+    import torch
     image = image.convert("RGB")
     columns, rows = tile_grid(*image.size, max_tiles)
     resized = image.resize((columns * TILE_SIZE, rows * TILE_SIZE), Image.Resampling.BICUBIC)
@@ -111,7 +109,8 @@ def prepare_image(image, max_tiles, dtype=torch.float32):
              for r in range(rows) for c in range(columns)]
     if len(tiles) > 1:
         tiles.append(image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC))
-    return torch.stack([to_tensor(tile) for tile in tiles]).to(dtype)
+    tiles = torch.stack([to_tensor(tile) for tile in tiles])
+    return tiles if dtype is None else tiles.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,6 +195,7 @@ def load_tokenizer(folder):
     config = read_json(os.path.join(folder, "tokenizer_config.json"))
     if config is None:
         raise UserError(f"{folder} has no tokenizer_config.json")
+    import transformers
     tokenizer_class = config.get("tokenizer_class")
     if tokenizer_class == "InternLM2Tokenizer":
         return InternLM2Tokenizer(folder)
@@ -214,8 +214,8 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
                     "bos_token_id", "eos_token_id", "pad_token_id", "attention_bias", "mlp_bias",
                     "use_sliding_window", "sliding_window", "max_window_layers",
                     "original_max_position_embeddings", "partial_rotary_factor")
-TEXT_CONFIG_CLASSES = {"InternLM2ForCausalLM": LlamaConfig, "LlamaForCausalLM": LlamaConfig,
-                       "Qwen2ForCausalLM": Qwen2Config, "Phi3ForCausalLM": Phi3Config}
+TEXT_CONFIG_CLASSES = {"InternLM2ForCausalLM": "LlamaConfig", "LlamaForCausalLM": "LlamaConfig",
+                       "Qwen2ForCausalLM": "Qwen2Config", "Phi3ForCausalLM": "Phi3Config"}  # transformers' names
 
 
 def rope_parameters(llm_config):
@@ -230,6 +230,8 @@ def rope_parameters(llm_config):
 
 def native_config(original):
     """InternVLConfig from an original internvl_chat config.json (as a dict)."""
+    import transformers
+    from transformers import InternVLConfig, InternVLVisionConfig
     if original.get("ps_version", "v1") != "v2":
         raise UserError("only ps_version v2 checkpoints are supported (all InternVL2 releases); "
                         f"this one has {original.get('ps_version', 'v1')!r}")
@@ -243,7 +245,7 @@ def native_config(original):
     text = {k: llm[k] for k in TEXT_CONFIG_KEYS if k in llm}
     if architecture == "InternLM2ForCausalLM":
         text.update(attention_bias=llm.get("bias", True), mlp_bias=False)  # InternLM2's bias is only wqkv/wo
-    text_config = TEXT_CONFIG_CLASSES[architecture](
+    text_config = getattr(transformers, TEXT_CONFIG_CLASSES[architecture])(
         **text, rope_parameters=rope_parameters(llm), tie_word_embeddings=False)
     vision_config = InternVLVisionConfig(
         hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
@@ -346,6 +348,7 @@ def convert_state_dict(folder, config, architecture):
 
 def load_model(folder, dtype, device, image_token_id, attention="sdpa"):
     """InternVLForConditionalGeneration from an original or a native folder."""
+    from transformers import InternVLForConditionalGeneration
     config = read_json(os.path.join(folder, "config.json"))
     if config is None:
         raise UserError(f"{folder} has no config.json")
@@ -381,6 +384,7 @@ def convert_checkpoint(folder, out_dir):
         raise UserError(f"{folder} is not an original InternVL2 checkpoint (model_type internvl_chat)")
     if os.path.exists(os.path.join(out_dir, "config.json")):
         raise UserError(f"{out_dir} already holds a checkpoint")
+    import torch
     tokenizer = load_tokenizer(folder)
     dtype = getattr(torch, config.get("torch_dtype") or "bfloat16")
     model = load_model(folder, dtype, "cpu", tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
@@ -397,6 +401,7 @@ def resolve_checkpoint(name):
         return name
     if os.path.exists(name) or name.startswith((".", "/")):
         raise UserError(f"checkpoint folder {name} not found")
+    from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
     except Exception as e:
@@ -443,6 +448,7 @@ class InternVLCaptioner:
     default_prompt = "detail"
     defaults = {"batch_size": 20}  # the seed's
     default_dtype = "bfloat16"
+    caption_flags = ("max_tiles",)
 
     @staticmethod
     def add_arguments(parser):
@@ -457,6 +463,7 @@ class InternVLCaptioner:
                                  "from_pretrained")
 
     def __init__(self, args, device):
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         if args.max_tiles < 1:
             raise UserError("--max-tiles must be at least 1")
         folder = resolve_checkpoint(args.model)
@@ -518,8 +525,9 @@ class InternVLCaptioner:
         features = [tiles.flatten(0, 1) for tiles in features.split([len(tiles) for tiles in images])]
         return [[self.prompt_ids(prompt, len(tiles)) for prompt in prompts] for tiles in images], features
 
-    @torch.inference_mode()
+    @inference_mode
     def caption(self, images, prompts):
+        from utils import shared_prefix
         ids, features = self.prompt_inputs(images, prompts)
         self.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + self.generation["max_new_tokens"])
         # with several prompts, the tokens before the question are prefilled once per image

@@ -12,14 +12,11 @@ import json
 import os
 import re
 
-import huggingface_hub
-import safetensors.torch
-import torch
 from PIL import Image
-from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlamaTokenizer,
-                          LlavaConfig, LlavaForConditionalGeneration)
 
-from utils.captioning import Caption, UserError, generation_kwargs, run, stopped_at_limit
+from utils.captioning import Caption, UserError, generation_kwargs, inference_mode, run, stopped_at_limit
+
+# torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
 # The llava_v1 conversation of llava/conversation.py (sep " ", sep2 "</s>"), for one user turn that
 # starts with the image, as LLaVA-1.5's evaluation scripts build it: "<image>\n" + question.
@@ -72,6 +69,7 @@ def local_checkpoint(name_or_path, what):
     """A local folder for a folder path or a hub id (downloads configs, tokenizer and one weight format)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    import huggingface_hub
     patterns = ["*.json", "tokenizer.model"]
     try:
         files = huggingface_hub.list_repo_files(name_or_path)
@@ -89,6 +87,8 @@ def local_checkpoint(name_or_path, what):
 
 def read_weights(folder):
     """All tensors of a checkpoint folder, safetensors or PyTorch pickles, sharded or not."""
+    import safetensors.torch
+    import torch
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if os.path.isfile(os.path.join(folder, index)):
@@ -117,6 +117,8 @@ def convert_original(folder, config, vision_tower):
 
     The original has no `<image>` token: the native model gets one more embedding row (zeros; the image
     features replace it) at id = the original vocabulary size. Its output row is never generated."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     for key, (default, supported) in LLAVA_15_SETTINGS.items():
         if config.get(key, default) not in supported:
             raise UserError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 "
@@ -170,6 +172,7 @@ class LlavaCaptioner:
     # call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image).
     defaults = {"batch_size": 8, "temperature": 0.2}
     default_dtype = "float16"
+    caption_flags = ("vision_tower",)
 
     @staticmethod
     def add_arguments(parser):
@@ -189,6 +192,9 @@ class LlavaCaptioner:
                  "one the checkpoint names in mm_vision_tower (openai/clip-vit-large-patch14-336 for LLaVA-1.5)")
 
     def __init__(self, args, device):
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, LlamaTokenizer, LlavaForConditionalGeneration
+
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         folder = local_checkpoint(args.model, "checkpoint")
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
@@ -247,9 +253,10 @@ class LlavaCaptioner:
         return [self.tokenizer.bos_token_id, *encode(before), *[self.image_token_id] * self.num_image_tokens,
                 *encode(after)]
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, pixel_values, id_lists):
         """Greedy or sampled captions for images with their prompt ids, in one left-padded batch."""
+        import torch
         length = max(map(len, id_lists))
         input_ids = torch.tensor([[self.pad_token_id] * (length - len(ids)) + ids for ids in id_lists])
         attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in id_lists])
@@ -263,6 +270,7 @@ class LlavaCaptioner:
                 for text, row in zip(texts, new_tokens)]
 
     def caption(self, images, prompts):
+        import torch
         pixel_values = torch.stack(images)
         # one generate call per prompt: every sequence of a call has the same ids, and the batch size
         # bounds the memory whatever the number of prompts

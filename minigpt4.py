@@ -46,6 +46,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
 from utils.captioning import Caption, UserError, generation_kwargs, run
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -417,6 +418,8 @@ class MiniGPT4Captioner:
     default_prompt = "default"
     defaults = {"batch_size": 3}  # the seed's; its max_new_tokens 77 is the loop's default
     default_dtype = "float16"  # the original runs the ViT (vit_precision fp16) and the LLM in float16
+    caption_flags = ("cfg_path", "model_type", "vit", "qformer", "blip2", "llm")
+    model_on_hub = False  # --model is the .pth file (or comes from --cfg-path), checked by resolve_files
 
     @staticmethod
     def add_arguments(parser):

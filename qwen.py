@@ -6,27 +6,29 @@ The model card: the chat template with the image before the text, `qwen_vl_utils
 to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` with the checkpoint's
 generation config. The only differences: many images go through one `generate` call, left-padded, and
 the processor's image half (resize, normalise, cut into patches) runs in the loop's worker processes;
-the main process expands each image's placeholder as the processor does and lets it tokenize.
+the main process repeats each image's placeholder id once per image token, which is what the processor's
+tokenization of the expanded text gives.
 """
 import functools
-from typing import NamedTuple
-
-import torch
-from qwen_vl_utils import fetch_image
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from typing import TYPE_CHECKING, NamedTuple
 
 from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit, to_device
 
+# torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
+if TYPE_CHECKING:
+    import torch
+
 
 class PreparedImage(NamedTuple):
-    pixel_values: torch.Tensor  # the processor's patches, already in the model's dtype (the vision tower's first step)
-    grid_thw: torch.Tensor  # (1, 3): frames, rows and columns of patches
+    pixel_values: "torch.Tensor"  # the processor's patches, already in the model's dtype (the vision tower's first step)
+    grid_thw: "torch.Tensor"  # (1, 3): frames, rows and columns of patches
     tokens: int  # image placeholder tokens in the prompt
 
 
 def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
     """qwen_vl_utils' resize (RGBA onto white, a multiple of 2 patches within the pixel budget), then the
     processor's image half, as the model card's processor call runs it."""
+    from qwen_vl_utils import fetch_image
     resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
                           image_patch_size=image_processor.patch_size)
     processed = image_processor(images=[resized], return_tensors="pt")
@@ -41,6 +43,7 @@ class QwenCaptioner:
     default_prompt = "default"
     defaults = {"batch_size": 16}
     default_dtype = "bfloat16"
+    caption_flags = ("min_pixels", "max_pixels")
     # generate() appends to it at every step; with the 3D positions generate() passes, decoding never reads it
     unread_in_decode = ("mm_token_type_ids",)
 
@@ -53,6 +56,9 @@ class QwenCaptioner:
                             "(default: the checkpoint's processor setting)")
 
     def __init__(self, args, device):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         self.processor = AutoProcessor.from_pretrained(args.model)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.
@@ -83,6 +89,7 @@ class QwenCaptioner:
     def text_inputs(self, images, prompts):
         """input_ids, attention_mask and mm_token_type_ids of every (image, prompt) row, left-padded, as the
         processor's text half makes them."""
+        import torch
         image_token = self.model.config.image_token_id
         rows = []
         for image in images:
@@ -97,6 +104,7 @@ class QwenCaptioner:
                 "mm_token_type_ids": (input_ids == image_token).int()}
 
     def caption(self, images, prompts):
+        import torch
         device = self.model.device
         inputs = {name: tensor.to(device) for name, tensor in self.text_inputs(images, prompts).items()}
         inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)

@@ -40,8 +40,17 @@ The contract a captioner class fulfils:
     cost(self, prepared) -> number
                            optional: the prompt length an image gives, roughly; the loop sorts
                            --sort-window batches by it so that batches pad less.
+    caption_flags: tuple   optional: argparse dests of the class's own flags that change captions
+                           (e.g. ("max_pixels",)); they go into the run record (utils/run_record.py)
+    model_on_hub: bool     optional, default True: --model may be a Hugging Face hub id, checked before
+                           the model loads; False where --model is a local file the class checks itself
+
+Parsing, --help, --check-input and the checks of the checkpoint, the input and the output folders import
+neither torch nor transformers (model scripts import them inside the functions that need them), so that
+mistakes are reported at once.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -51,18 +60,18 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-# Batches differ in shape (and each generate() allocates its KV cache for the batch): let the CUDA allocator grow
-# segments instead of fragmenting into blocks that no later batch fits. Read when CUDA is first used.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-from utils.cuda_graphs import decode_with_cuda_graphs
+from utils.checkpoints import checkpoint_identity
+from utils.errors import UserError
 from utils.images import UnreadableImage, decode_image
 from utils.inputs import InputError, check_inputs, expand_inputs, iter_samples, read_image_bytes
 from utils.records import RecordError, iter_records
+from utils.run_record import check_records, is_used, output_folders, run_settings, settle_records
+
+# Batches differ in shape (and each generate() allocates its KV cache for the batch): let the CUDA allocator grow
+# segments instead of fragmenting into blocks that no later batch fits. Read when CUDA is first used.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 class Caption(NamedTuple):
@@ -70,8 +79,15 @@ class Caption(NamedTuple):
     truncated: bool
 
 
-class UserError(Exception):
-    """A mistake in the command or the input: reported as one line, exit status 2."""
+def inference_mode(method):
+    """torch.inference_mode() for a method, importing torch when the method first runs, not when its module
+    is imported."""
+    @functools.wraps(method)
+    def without_autograd(*args, **kwargs):
+        import torch
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+    return without_autograd
 
 
 # Output line fields written by the loop; input keys of the same name are kept as "input_<key>".
@@ -82,7 +98,7 @@ def build_parser(captioner):
     parser = argparse.ArgumentParser(
         prog=f"{captioner.name}.py",
         description=f"Caption the images of an input file with {captioner.name} "
-        f"(one shard per process when launched by torchrun/SLURM; see README.md).",
+        f"(one shard per process when launched by generate.sh or SLURM; see README.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -120,11 +136,12 @@ def build_parser(captioner):
         "the first replays a CUDA graph (utils/cuda_graphs.py), which gives the same tokens faster")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
-        "number of processes (torchrun's WORLD_SIZE or SLURM_NTASKS)")
-    add("--overwrite", action="store_true", help="delete this model/prompt's earlier outputs and start afresh "
-        "(default: resume, skipping what is done)")
-    add("--check-input", action="store_true", help="only check the flags and the input file, then exit "
-        "(generate.sh does this once before it starts several processes)")
+        "number of processes (WORLD_SIZE or SLURM_NTASKS)")
+    add("--overwrite", action="store_true", help="delete this model/prompt's earlier outputs and their run records "
+        "and start afresh (default: resume, skipping what is done, when the run record matches)")
+    add("--check-input", action="store_true", help="only check the flags, the input file, the checkpoint, the "
+        "output folders and their run records, then exit (generate.sh does this once before it starts several "
+        "processes)")
     add("--retry-errors", action="store_true", help="try again images that an earlier run recorded as unreadable")
     if hasattr(captioner, "add_arguments"):
         captioner.add_arguments(parser)
@@ -133,7 +150,8 @@ def build_parser(captioner):
 
 
 def distributed_env():
-    """(rank, world size, local rank) from torchrun's variables or SLURM's; (0, 1, 0) when neither."""
+    """(rank, world size, local rank) from generate.sh's launcher (utils/launch.py, torchrun's variable names) or
+    SLURM's; (0, 1, 0) when neither."""
     for rank_var, world_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
                                            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
         if rank_var in os.environ and world_var in os.environ:
@@ -229,30 +247,55 @@ def model_tag(model):
 OUT_OF_MEMORY = "CUDA out of memory, even alone"  # recorded, but retried by the next run: not the image's fault
 
 
+def complete_lines(file):
+    """The lines of a file opened in binary mode that end with a newline: a partial tail (a writer killed or
+    out of disk space mid-line, maybe inside a UTF-8 character, or one still writing) is never decoded."""
+    for line in file:
+        if not line.endswith(b"\n"):
+            return
+        yield line
+
+
 def recorded_images(folder, pattern, keep):
     """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
     found = set()
     for file in sorted(Path(folder).glob(pattern)):
-        with open(file, encoding="utf-8") as f:
-            for line in f:
+        if not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            for line in complete_lines(f):
                 try:
                     row = json.loads(line)
                     image = row["image"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a killed writer's partial last line
+                except (ValueError, KeyError, TypeError):
+                    continue  # not one of ours
                 if image in keep and row.get("error") != OUT_OF_MEMORY:
                     found.add(image)
     return found
 
 
+def cut_partial_tail(path, chunk=1 << 16):
+    """Truncate a file after its last newline, reading only its end (the file may be gigabytes)."""
+    with open(path, "rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end:
+            start = max(0, end - chunk)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            f.truncate(end)
+
+
 def open_for_append(path):
-    """Open a JSONL file for appending, first cutting off a partial last line left by a killed run."""
+    """Open this rank's JSONL file for appending, first cutting off a partial last line left by a killed run
+    (what recorded_images did not count)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+    if path.is_file():
+        cut_partial_tail(path)
     return open(path, "a", encoding="utf-8")
 
 
@@ -291,6 +334,7 @@ def generation_kwargs(args, **model_defaults):
 def to_device(tensors, device):
     """The tensors concatenated on `device`, each copied straight into its place: no concatenated copy on the
     CPU first, and from the loader's pinned memory the copies run while the CPU goes on."""
+    import torch
     rows = sum(len(tensor) for tensor in tensors)
     out = torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=device)
     start = 0
@@ -305,9 +349,10 @@ def stopped_at_limit(new_token_ids, end_token_ids):
     return not any(int(token) in end_token_ids for token in new_token_ids)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset:
     """Opens and prepares one image per item, by its id (a file, a tar member, a Parquet row: see
-    utils/inputs.py); runs in the DataLoader's worker processes, each reading only the bytes of its images."""
+    utils/inputs.py); runs in the DataLoader's worker processes, each reading only the bytes of its images (a
+    map-style dataset: the DataLoader needs only __len__ and __getitem__, so this module does not import torch)."""
 
     def __init__(self, items, image_root, prepare):
         self.items, self.image_root, self.prepare = items, image_root, prepare
@@ -333,6 +378,7 @@ def _ignore_signals_in_worker(worker_id):
 
 
 def pick_device(local_rank):
+    import torch
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -347,6 +393,13 @@ class Work(NamedTuple):
     input_summary: str  # what the whole input holds, e.g. "30 images" or "12 tar shards, 3.1 GB"
     caption_files: dict  # prompt key -> this rank's captions file
     error_file: Path
+
+
+def resolved_dtype(captioner_cls, dtype, device_type):
+    """--dtype auto: the model's GPU dtype on CUDA, float32 on a CPU."""
+    if dtype != "auto":
+        return dtype
+    return captioner_cls.default_dtype if device_type == "cuda" else "float32"
 
 
 def output_dir(captioner_cls, args):
@@ -364,6 +417,35 @@ def remove_earlier_outputs(model_dir, prompts, rank, world):
             old.unlink(missing_ok=True)
 
 
+def check_checkpoint(captioner_cls, args):
+    """Before anything loads: --model names a checkpoint that exists (a hub id: reachable, or cached)."""
+    checkpoint_identity(args.model, getattr(captioner_cls, "model_on_hub", True))
+
+
+def check_output_folders(captioner_cls, args, prompts):
+    """Before anything loads (and once the input is known to be good): every output folder can be created and
+    written."""
+    model_dir = output_dir(captioner_cls, args)
+    for folder in [model_dir, *(model_dir / key for key in prompts)]:
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"\n")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"--output-dir {args.output_dir}: cannot write in {folder}: "
+                            f"{error.strerror or error}") from None
+
+
+def settle_outputs(captioner_cls, args, prompts, rank, world):
+    """The run records, before the model loads (args.dtype resolved): with --overwrite the earlier outputs go
+    first, then the records are replaced; otherwise every folder's record must match this run's."""
+    model_dir = output_dir(captioner_cls, args)
+    if args.overwrite:
+        remove_earlier_outputs(model_dir, prompts, rank, world)
+    settle_records(output_folders(model_dir, prompts), run_settings(captioner_cls, args), args.overwrite)
+
+
 def plan_work(captioner_cls, args, prompts, rank, world):
     """Read this rank's shard and leave out what earlier runs did (read and skip)."""
     shard, input_summary = read_shard(args.input_json, rank, world, args.limit, args.image_root)
@@ -371,8 +453,7 @@ def plan_work(captioner_cls, args, prompts, rank, world):
     suffix = f"{rank:05d}-of-{world:05d}.jsonl"
     caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
     shard_images = {image for image, _ in shard}
-    if args.overwrite:
-        remove_earlier_outputs(model_dir, prompts, rank, world)
+    if args.overwrite:  # settle_outputs removes the earlier outputs: none is read
         done, failed = {key: set() for key in prompts}, set()
     else:
         done = {key: recorded_images(model_dir / key, "captions-*.jsonl", shard_images) for key in prompts}
@@ -386,12 +467,12 @@ def plan_work(captioner_cls, args, prompts, rank, world):
     return Work(pending, len(shard) - len(pending), input_summary, caption_files, model_dir / f"errors-{suffix}")
 
 
-def load_captioner(captioner_cls, args, rank, local_rank):
+def load_captioner(captioner_cls, args, rank, device):
     """The model on this process's device, its decode steps as CUDA graphs where there is a GPU."""
+    import torch
+
+    from utils.cuda_graphs import decode_with_cuda_graphs
     torch.manual_seed(args.seed + rank)
-    device = pick_device(local_rank)
-    if args.dtype == "auto":
-        args.dtype = captioner_cls.default_dtype if device.type == "cuda" else "float32"
     args.dtype = getattr(torch, args.dtype)
     captioner = captioner_cls(args, device)
     graphs = (decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
@@ -399,15 +480,17 @@ def load_captioner(captioner_cls, args, rank, local_rank):
     return captioner, graphs
 
 
-def prepared_windows(pending, image_root, prepare, args, pin_memory):
+def prepared_windows(pending, image_root, prepare, args):
     """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
     --sort-window batches long (load and batch). Workers prepare small chunks in parallel, enough in
-    flight to fill the next window while the GPU works on this one."""
+    flight to fill the next window while the GPU works on this one; with a GPU their tensors arrive in
+    pinned memory, so that copies to the GPU (to_device) run while the CPU goes on."""
+    import torch
     window_size = args.batch_size * args.sort_window
     chunk_size = min(8, args.batch_size)
     loader = torch.utils.data.DataLoader(
         ImageDataset(pending, image_root, prepare), batch_size=chunk_size, num_workers=args.num_workers,
-        collate_fn=list, worker_init_fn=_ignore_signals_in_worker, pin_memory=pin_memory,
+        collate_fn=list, worker_init_fn=_ignore_signals_in_worker, pin_memory=torch.cuda.is_available(),
         prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
     window = []
@@ -436,16 +519,30 @@ class StopRequest:
 
 
 class ShardWriter:
-    """This rank's caption and error files: whole lines, flushed and fsync'd per batch (write)."""
+    """This rank's caption and error files: whole lines, flushed and fsync'd per batch (write). A failed write
+    (a full disk) ends the run with one line; what was written before stays, and the next run resumes there."""
 
     def __init__(self, work, model_name):
         self.work, self.model_name = work, model_name
-        self.outputs = {key: open_for_append(path) for key, path in work.caption_files.items()}
-        self.errors = open_for_append(work.error_file)
+        self.outputs, self.errors = {}, None
+        try:
+            self.outputs = {key: open_for_append(path) for key, path in work.caption_files.items()}
+            self.errors = open_for_append(work.error_file)
+        except OSError as error:
+            self.close()
+            raise UserError(f"cannot write {error.filename}: {error.strerror or error}") from None
+
+    @staticmethod
+    def write(file, rows):
+        try:
+            write_lines(file, rows)
+        except OSError as error:
+            raise UserError(f"cannot write {file.name}: {error.strerror or error}; the lines written before are "
+                            "kept: make room and run the same command again to resume") from None
 
     def write_errors(self, indexed_errors):
-        write_lines(self.errors, [{"image": self.work.pending[index][0], "error": error}
-                                  for index, error in indexed_errors])
+        self.write(self.errors, [{"image": self.work.pending[index][0], "error": error}
+                                 for index, error in indexed_errors])
 
     def write_captions(self, indexes, wanted, results):
         """results[i][j]: the Caption of image pending[indexes[i]] for prompt key wanted[j]."""
@@ -456,11 +553,14 @@ class ShardWriter:
                 if key in missing:
                     rows.append({"image": image, "caption": per_prompt[j].text, "model": self.model_name,
                                  "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
-            write_lines(self.outputs[key], rows)
+            self.write(self.outputs[key], rows)
 
     def close(self):
         for file in (*self.outputs.values(), self.errors):
-            file.close()
+            try:
+                file and file.close()
+            except OSError:
+                pass  # only a failed write leaves data to flush, and it was reported; the next run cuts the rest
 
 
 class BatchCaptioner:
@@ -480,6 +580,7 @@ class BatchCaptioner:
 
     def caption(self, items):
         """Caption [(index into pending, prepared image)] and write the lines."""
+        import torch
         pending = self.writer.work.pending
         wanted = [key for key in self.prompts if any(key in pending[index][2] for index, _ in items)]
         try:
@@ -494,6 +595,7 @@ class BatchCaptioner:
         self.progress.update(len(items))
 
     def retry_in_halves(self, items):
+        import torch
         torch.cuda.empty_cache()
         if len(items) == 1:
             self.record_errors([(items[0][0], OUT_OF_MEMORY)])
@@ -508,8 +610,15 @@ class BatchCaptioner:
 
 
 def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
+    """Check, plan, settle the run records, load the model and caption this rank's pending images."""
     tag = f"[{captioner_cls.name} rank {rank}/{world}]"
+    stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
+    check_checkpoint(captioner_cls, args)
     work = plan_work(captioner_cls, args, prompts, rank, world)
+    check_output_folders(captioner_cls, args, prompts)
+    device = pick_device(local_rank)
+    args.dtype = resolved_dtype(captioner_cls, args.dtype, device.type)
+    settle_outputs(captioner_cls, args, prompts, rank, world)
     print(f"{tag} {len(work.pending) + work.skipped} images in this shard (input: {work.input_summary}); "
           f"{work.skipped} already done or recorded as failed; {len(work.pending)} to caption into "
           f"{work.error_file.parent}",
@@ -517,17 +626,23 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     if not work.pending:
         print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
         return 0
-    captioner, graphs = load_captioner(captioner_cls, args, rank, local_rank)
+    captioner, graphs = load_captioner(captioner_cls, args, rank, device)
+    return caption_work(captioner, graphs, work, args, prompts, tag, stop)
+
+
+def caption_work(captioner, graphs, work, args, prompts, tag, stop):
+    """The loop over the pending images: windows of prepared images, batches, lines; a signal stops it after
+    the current batch."""
     image_root = args.image_root or expand_inputs(args.input_json).root
-    stop = StopRequest(tag)
     writer = ShardWriter(work, args.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
     batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size)
     started = time.time()
     try:
-        for window in prepared_windows(work.pending, image_root, captioner.prepare, args,
-                                       pin_memory=torch.cuda.is_available()):
+        for window in prepared_windows(work.pending, image_root, captioner.prepare, args):
+            if stop.signal is not None:  # came while the model loaded
+                break
             batches.record_errors([(index, error) for index, _, error in window if error])
             good = [(index, prepared) for index, prepared, error in window if error is None]
             if hasattr(captioner, "cost"):  # similar lengths in one batch: less padding
@@ -554,26 +669,46 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     return 0
 
 
+def check_flags(args, world):
+    if args.numgpus is not None and args.numgpus != world:
+        raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
+                        f"(WORLD_SIZE or SLURM_NTASKS); drop --numgpus or launch {args.numgpus}")
+    for flag in ("batch_size", "max_new_tokens", "num_beams", "sort_window"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.num_workers < 0:
+        raise UserError("--num-workers must be 0 or more")
+
+
+def check_only(captioner_cls, args, prompts):
+    """--check-input, which generate.sh runs once before it starts several processes: the input, the checkpoint,
+    the output folders and their run records, loading nothing (torch is imported only to resolve --dtype for a
+    comparison with earlier records)."""
+    check_checkpoint(captioner_cls, args)
+    summary = check_input(args.input_json, args.limit)
+    check_output_folders(captioner_cls, args, prompts)
+    folders = output_folders(output_dir(captioner_cls, args), prompts)
+    if not args.overwrite and any(map(is_used, folders)):
+        import torch
+        args.dtype = resolved_dtype(captioner_cls, args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        check_records(folders, run_settings(captioner_cls, args))
+    print(f"{args.input_json}: {summary}, prompts: {', '.join(prompts)}", file=sys.stderr)
+
+
 def run(captioner_cls):
     """Command-line entry point of a model script."""
     args = build_parser(captioner_cls).parse_args()
     try:
         rank, world, local_rank = distributed_env()
-        if args.numgpus is not None and args.numgpus != world:
-            raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
-                            f"(torchrun/SLURM world size); drop --numgpus or launch {args.numgpus}")
-        for flag in ("batch_size", "max_new_tokens", "num_beams", "sort_window"):
-            if getattr(args, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-        if args.num_workers < 0:
-            raise UserError("--num-workers must be 0 or more")
+        check_flags(args, world)
         prompts = resolve_prompts(args, captioner_cls)
         if args.check_input:
-            print(f"{args.input_json}: {check_input(args.input_json, args.limit)}, prompts: {', '.join(prompts)}",
-                  file=sys.stderr)
+            check_only(captioner_cls, args, prompts)
             sys.exit(0)
         status = caption_shard(captioner_cls, args, prompts, rank, world, local_rank)
     except UserError as e:
         print(f"{captioner_cls.name}.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler (the checks, generate.sh's --check-input)
+        sys.exit(128 + signal.SIGINT)
     sys.exit(status)

@@ -4,8 +4,8 @@
     python utils/merge.py outputs/qwen/Qwen2-VL-7B-Instruct/default
     python utils/merge.py in_qwenvl_cc12m_*.json --output-dir merged/
 
-Reads our captioning output (captions-RRRRR-of-WWWWW.jsonl, a partial last line of a killed writer
-is skipped and counted) and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when
+Reads our captioning output (captions-RRRRR-of-WWWWW.jsonl; a partial last line of a killed writer,
+also one cut inside a UTF-8 character or a complete one that lost its newline, is skipped and counted) and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when
 cut off). Memory stays bounded whatever the row count: rows are streamed to the outputs in the order
 they are read, and duplicates are found by partitioning the image paths into hash buckets on disk
 and checking one bucket at a time.
@@ -130,7 +130,8 @@ def iter_rows(path, on_partial):
         records = ((f"element {i}", record) for i, record in
                    enumerate(iter_json_array(path, allow_truncated=True, on_partial=on_partial)))
     else:
-        records = iter_json_lines(path, allow_partial_last=True, on_partial=on_partial)
+        # our writer ends every line with a newline: a last line without one is partial even when it parses
+        records = iter_json_lines(path, allow_partial_last=True, on_partial=on_partial, require_newline=True)
     for where, record in records:
         try:
             image, caption = record["image"], record["caption"]

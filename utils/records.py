@@ -3,7 +3,11 @@
 Inputs and outputs can hold tens of millions of rows, so nothing here loads a whole file: a JSON
 array (the seed's input format and the original scripts' per-rank outputs) is decoded one element
 at a time, a JSONL file one line at a time.
+
+Files that a killed writer (or a full disk) left cut off may end inside a UTF-8 character: the readers
+decode only what is complete, so such a tail reads as a partial ending, not as a decoding error.
 """
+import codecs
 import json
 import os
 import re
@@ -20,12 +24,12 @@ class RecordError(ValueError):
 
 def detect_format(path):
     """'array' for a JSON array, 'lines' for JSONL, from the first non-blank character."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         while True:
             chunk = f.read(4096)
             if not chunk:
                 raise RecordError(f"{path}: the file is empty")
-            stripped = chunk.lstrip(_WHITESPACE + "\ufeff")
+            stripped = chunk.decode("utf-8", "ignore").lstrip(_WHITESPACE + "\ufeff")
             if stripped:
                 break
     if stripped[0] == "[":
@@ -42,14 +46,21 @@ def iter_json_array(path, allow_truncated=False, on_partial=None):
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
     on_partial: called with a description when that happens, so callers can report it.
     """
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         buf, pos, eof = "", 0, False
+        decoder = codecs.getincrementaldecoder("utf-8")()
 
         def fill():
             nonlocal buf, pos, eof
             chunk = f.read(_CHUNK)
             eof = not chunk
-            buf = buf[pos:] + chunk
+            try:
+                text = decoder.decode(chunk, final=eof)
+            except UnicodeDecodeError as e:
+                if not (eof and e.reason == "unexpected end of data"):
+                    raise RecordError(f"{path}: not UTF-8 text") from None
+                text = ""  # the file ends inside a character: the element it is in is half-written
+            buf = buf[pos:] + text
             pos = 0
 
         def skip_blank():
@@ -102,31 +113,52 @@ def iter_json_array(path, allow_truncated=False, on_partial=None):
                 raise RecordError(f"{path}: not valid JSON after element {index - 1}: expected ',' or ']'")
 
 
-def iter_json_lines(path, allow_partial_last=False, on_partial=None):
+_BLANK, _PARTIAL = object(), object()
+
+
+def _parse_line(path, number, raw, partial_allowed, scan=_decoder.scan_once):
+    """One JSONL line (bytes) -> its object, _BLANK, or _PARTIAL for a partial last line where allowed.
+    scan is the C scanner behind json.loads, without its Python wrappers."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if partial_allowed:
+            return _PARTIAL
+        raise RecordError(f"{path}:{number}: not UTF-8 text") from None
+    try:
+        record, end = scan(line, 0)
+        if end < len(line) and not line[end:].isspace():
+            raise StopIteration
+    except (StopIteration, json.JSONDecodeError):  # not one JSON value at column 0: json.loads decides
+        if not line.strip():
+            return _BLANK
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if partial_allowed:
+                return _PARTIAL
+            raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+    return record
+
+
+def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_newline=False):
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
-    allow_partial_last: a last line without its newline that does not parse (a writer killed
-    mid-line) is skipped instead of raising; on_partial, if given, is called with its line number.
+    allow_partial_last: a last line without its newline that does not decode or parse (a writer
+    killed mid-line, maybe inside a UTF-8 character) is skipped instead of raising; on_partial, if
+    given, is called with its line number. require_newline: such a line is skipped even when it
+    parses (files of our writer, which ends every line with one: the rest of the line may be lost).
     """
-    scan = _decoder.scan_once  # the C scanner behind json.loads, without its Python wrappers
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record, end = scan(line, 0)
-                if end < len(line) and not line[end:].isspace():
-                    raise StopIteration
-            except (StopIteration, json.JSONDecodeError):  # not one JSON value at column 0: json.loads decides
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if allow_partial_last and not line.endswith("\n"):
-                        if on_partial:
-                            on_partial(number)
-                        return
-                    raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
-            yield number, record
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            partial_allowed = allow_partial_last and not raw.endswith(b"\n")
+            record = _PARTIAL if partial_allowed and require_newline else _parse_line(path, number, raw, partial_allowed)
+            if record is _PARTIAL:
+                if on_partial:
+                    on_partial(number)
+                return
+            if record is not _BLANK:
+                yield number, record
 
 
 def iter_records(path, allow_truncated=False):

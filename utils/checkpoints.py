@@ -1,0 +1,118 @@
+"""What --model names, checked before the model loads, and a cheap identity of its contents for the run record.
+
+A value that exists on disk, or that starts with / . ~ or has more than one /, is a local path; anything else
+shaped like "name" or "org/name" is a Hugging Face hub id. A hub id is asked of the hub with a short timeout;
+when the hub cannot be reached, its cached snapshot is used and this process stays offline, because
+transformers would otherwise retry for minutes before it falls back to the cache.
+"""
+import functools
+import hashlib
+import os
+import re
+import sys
+
+from utils.errors import UserError
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+HUB_TIMEOUT = 10  # seconds for the hub to answer; huggingface_hub's own default for metadata requests
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".yaml", ".yml", ".tiktoken")
+LARGEST_HASHED = 64 << 20  # a larger file counts by name and size, whatever its kind
+
+
+def is_hub_id(value):
+    return HUB_ID.fullmatch(value) is not None and "--" not in value and ".." not in value and value[-1] not in ".-"
+
+
+def file_digest(path):
+    """A weight file (or any file over LARGEST_HASHED) by its size; a config or tokenizer file by its contents."""
+    size = os.path.getsize(path)
+    if path.endswith(WEIGHT_SUFFIXES) or size > LARGEST_HASHED:
+        return f"size {size}"
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def content_identity(path):
+    """sha256 over a file, or over a folder's config, tokenizer and weight files (its top level: a checkpoint's
+    files), each by name and digest. Reads only the small files: milliseconds for a 70B checkpoint."""
+    if os.path.isdir(path):
+        names = sorted(name for name in os.listdir(path) if not name.startswith(".")
+                       and name.endswith(CONFIG_SUFFIXES + WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, name)))
+        files = [(name, os.path.join(path, name)) for name in names]
+    else:
+        files = [(os.path.basename(path), path)]
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(f"{name}\0{file_digest(file)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def cached_snapshot(repo_id):
+    """The folder of a hub id's cached snapshot with its config and weights, or None."""
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    folder = os.path.dirname(config)
+    return folder if any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(folder)) else None
+
+
+def stay_offline():
+    """From now on huggingface_hub (and transformers through it) reads only the cache in this process."""
+    from huggingface_hub import constants
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+def current_commit(repo_id):
+    """(the hub's current commit of a hub id, None), or (None, why not) when the hub cannot be reached."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    try:
+        return get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT).commit_hash, None
+    except GatedRepoError:
+        raise UserError(f"--model {repo_id}: a gated model on the Hugging Face hub; accept its terms on the hub "
+                        "and log in (hf auth login), or pass --model /path/to/a/local/copy") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {repo_id}: no such local folder, and no such model on the Hugging Face hub "
+                        "(a private one needs hf auth login)") from None
+    except EntryNotFoundError:
+        raise UserError(f"--model {repo_id}: this hub repository has no config.json; it is not a checkpoint") from None
+    except Exception as error:  # no network, a proxy, a timeout, a hub outage: all mean "not reachable"
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def hub_commit(repo_id):
+    """The commit of a hub id that the model will load: the hub's current one, or the cached one when the hub
+    cannot be reached (then this process stays offline)."""
+    from huggingface_hub import constants
+    commit, reason = (None, "HF_HUB_OFFLINE is set") if constants.HF_HUB_OFFLINE else current_commit(repo_id)
+    if commit:
+        return commit
+    snapshot = cached_snapshot(repo_id)
+    if snapshot is None:
+        raise UserError(f"--model {repo_id}: no such local folder; the Hugging Face hub cannot be reached ({reason}) "
+                        f"and the local cache ({constants.HF_HUB_CACHE}) has no copy: download it where there is "
+                        f"network (hf download {repo_id} --local-dir DIR) and pass --model DIR")
+    if not constants.HF_HUB_OFFLINE:
+        print(f"the Hugging Face hub cannot be reached ({reason}): using the cached {repo_id} ({snapshot})",
+              file=sys.stderr, flush=True)
+        stay_offline()
+    return os.path.basename(snapshot)
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_identity(model, on_hub=True):
+    """What a --model value holds: "sha256:..." of a local file or folder, "hub:org/name@commit" of a hub id.
+
+    on_hub False: the value is a local file or a placeholder that the captioner resolves and checks itself
+    (MiniGPT-4's --model); a value that is not on disk is then its own identity."""
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        return content_identity(path)
+    if not on_hub:
+        return model
+    if not is_hub_id(model):
+        raise UserError(f"--model {model}: no such file or folder")
+    return f"hub:{model}@{hub_commit(model)}"
