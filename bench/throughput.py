@@ -261,9 +261,11 @@ def minigpt4_sizes(captioner, prepared):
     return 32 + 40, (224 // 14) ** 2 + 1
 
 
-def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
-    """Model FLOPs per caption: 2 x parameters x tokens for the language model and the vision tower, plus
-    attention (4 x layers x hidden size x context, per token)."""
+def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens, prompts=1):
+    """Model FLOPs per image with `prompts` captions: 2 x parameters x tokens for the language model and the
+    vision tower, plus attention (4 x layers x hidden size x context, per token). The work a task needs: the
+    image and its prompt are counted once, then each caption's new tokens (the questions of further prompts,
+    10 to 30 tokens each, are left out), so rows that recompute the prompt per caption do not score higher."""
     model = captioner.model
     vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in vision_names))
     embeddings = language_model(model).get_input_embeddings().weight.numel()
@@ -272,9 +274,9 @@ def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens):
     total = 0
     for prepared in prepared_images:
         prompt, patches = sizes(captioner, prepared)
-        tokens = prompt + new_tokens
-        attention = 4 * config.num_hidden_layers * config.hidden_size * tokens * tokens / 2
-        total += 2 * text * tokens + 2 * vision * patches + attention
+        context = prompt * prompt / 2 + prompts * new_tokens * (prompt + new_tokens / 2)
+        attention = 4 * config.num_hidden_layers * config.hidden_size * context
+        total += 2 * text * (prompt + prompts * new_tokens) + 2 * vision * patches + attention
     return total / len(prepared_images)
 
 
@@ -464,8 +466,9 @@ class ModelBench:
             decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
         return captioner
 
-    def flops(self, new_tokens):
-        return model_flops(self.captioner, self.sample, self.spec["sizes"], self.spec["vision_names"], new_tokens)
+    def flops(self, new_tokens, prompts=1):
+        return model_flops(self.captioner, self.sample, self.spec["sizes"], self.spec["vision_names"], new_tokens,
+                           prompts)
 
     def measure_split(self, size):
         """Prefill and decode of one batch as our loop forms it: the middle quarter of a read-ahead window of 4
@@ -587,11 +590,12 @@ class ModelBench:
         label += f" x{len(prompts)} prompts" if len(prompts) > 1 else ""
         label += " (a pass each)" if kind == "seed" and len(prompts) > 1 else ""
         lengths = self.lengths.summary() if self.lengths is not None else None
-        flops = self.flops(self.args.new_tokens) if lengths is None else self.flops(mean_new_tokens(lengths))
+        new_tokens = self.args.new_tokens if lengths is None else mean_new_tokens(lengths)
+        flops = self.flops(new_tokens, len(prompts))
         row = dict(model=self.name, variant=label, images=images, prompts=len(prompts), seconds=round(elapsed, 2),
                    images_per_s=round(images / elapsed, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
-                   mfu=round(flops * images * len(prompts) / elapsed / (self.peak * 1e12), 4) if self.peak == self.peak
+                   mfu=round(flops * images / elapsed / (self.peak * 1e12), 4) if self.peak == self.peak
                    else None,
                    in_caption_s=round(seconds["in_caption"], 2) if "in_caption" in seconds else None)
         if "loader_wait" in seconds:

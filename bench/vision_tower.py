@@ -70,7 +70,7 @@ def main():
     config = Qwen2VLConfig(vision_config=vision, text_config=TINY_TEXT)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype,
-                                                             attn_implementation="sdpa_grouped").eval()
+                                                             attn_implementation="sdpa").eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.model.visual(pixel_values, grid_thw=grid)
     flops = counter.get_total_flops()
