@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Caption an input file with one model, one process per GPU:
+# Caption a dataset (a JSON/JSONL list, webdataset tar shards or Parquet) with one model, one process per GPU:
 #
 #   bash generate.sh INPUT MODEL [ARGS...]      MODEL: internvl, qwen, llava or minigpt4
 #

@@ -134,7 +134,8 @@ class StopOnText(StoppingCriteria):
         self.tokenizer, self.stop = tokenizer, stop
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = [self.stop in self.tokenizer.decode(row.tolist()) for row in input_ids]
+        # one copy of the batch to the CPU per step (not one per row: each is a wait on the GPU)
+        done = [self.stop in self.tokenizer.decode(row) for row in input_ids.tolist()]
         return torch.tensor(done, device=input_ids.device)
 
 

@@ -727,7 +727,7 @@ def parse_args():
     parser.add_argument("--profile", nargs="?", const="", default=None, metavar="DIR",
                         help="print the CUDA kernels of a few decode steps of each split batch; with DIR, also an "
                         "extra row of ours whose batches after --profile-warmup are profiled as a timeline: the "
-                        f"table is printed, DIR/<model> gets trace.json.gz and timeline.json (bench/timeline.py)")
+                        "table is printed, DIR/<model> gets trace.json.gz and timeline.json (bench/timeline.py)")
     parser.add_argument("--profile-batch", type=int, default=0, help="batch size of the profiled row "
                         "(default: the first of --ours-batches)")
     parser.add_argument("--profile-prompts", default=None, metavar="KEY,KEY",

@@ -15,6 +15,15 @@ def _pattern(width, height, seed):
     return ((np.stack(channels, -1) + 2) * 63).astype(np.uint8)
 
 
+def write_pattern_images(folder, count, seed):
+    """`count` small patterned PNGs of a few sizes, photo-00.png ..., and an input file listing them."""
+    names = []
+    for i in range(count):
+        names.append(f"photo-{i:02d}.png")
+        Image.fromarray(_pattern(40 + 7 * (i % 5), 40 + 5 * (i % 3), seed + i)).save(folder / names[-1])
+    return write_input(folder / "input.json", names), names
+
+
 def make_good_images(folder):
     """Readable images of many kinds; returns their paths relative to `folder`."""
     os.makedirs(folder, exist_ok=True)

@@ -7,20 +7,14 @@ import time
 
 import pytest
 from conftest import REPO, read_jsonl, run_command
-from PIL import Image
-from sample_images import _pattern, write_input
+from sample_images import write_pattern_images
 
 COUNT = 30
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dataset")
-    names = []
-    for i in range(COUNT):
-        names.append(f"photo-{i:02d}.png")
-        Image.fromarray(_pattern(40 + 7 * (i % 5), 40 + 5 * (i % 3), 100 + i)).save(folder / names[-1])
-    return write_input(folder / "input.json", names), names
+    return write_pattern_images(tmp_path_factory.mktemp("dataset"), COUNT, seed=100)
 
 
 def command(checkpoint, input_file, out, *extra):

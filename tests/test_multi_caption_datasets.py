@@ -3,26 +3,19 @@ webdataset shards as output, run as a user runs it. The indexes name images by t
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_command
 from sample_images import image_bytes, write_tar_shard
 
 from utils.inputs import iter_tar_samples
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run(*args, ok=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "utils", "merge_multi_caption.py"), *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    if ok:
-        assert result.returncode == 0, result.stderr
-    return result
+    return run_command(["python", "utils/merge_multi_caption.py", *map(str, args)], check=ok, timeout=120)
 
 
 def write_lines(path, records):

@@ -10,8 +10,7 @@ import time
 
 import pytest
 from conftest import REPO, read_jsonl, run_command
-from PIL import Image
-from sample_images import _pattern, write_input
+from sample_images import write_input, write_pattern_images
 
 COUNT = 12
 CHECKPOINT = "tiny-qwen2-vl"  # the folder name of the session's checkpoint, so the output folder's name
@@ -19,12 +18,7 @@ CHECKPOINT = "tiny-qwen2-vl"  # the folder name of the session's checkpoint, so 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resume-dataset")
-    names = []
-    for i in range(COUNT):
-        names.append(f"photo-{i:02d}.png")
-        Image.fromarray(_pattern(40 + 7 * (i % 5), 40 + 5 * (i % 3), 200 + i)).save(folder / names[-1])
-    return write_input(folder / "input.json", names)
+    return write_pattern_images(tmp_path_factory.mktemp("resume-dataset"), COUNT, seed=200)[0]
 
 
 def command(checkpoint, input_file, out, *extra):

@@ -229,8 +229,8 @@ def main(argv=None):
     print(f"gallery.py: {len(sample)} images ({shown} shown, {len(sample) - shown} unreadable), "
           f"{len(sources)} caption sources -> {os.path.join(args.output_dir, 'index.html')}")
     if not shown and not (args.image_root or args.input_json):
-        print(f"gallery.py: image ids were looked up from the current folder; pass --input-json (the captioning "
-              f"input) or --image-root to find them as captioning did", file=sys.stderr)
+        print("gallery.py: image ids were looked up from the current folder; pass --input-json (the captioning "
+              "input) or --image-root to find them as captioning did", file=sys.stderr)
 
 
 if __name__ == "__main__":
