@@ -248,6 +248,23 @@ def test_sigterm_to_a_two_process_run_resumes_exactly(qwen_checkpoint, dataset, 
     assert all_rows(out) == reference
 
 
+def test_two_nodes_started_at_once_caption_every_image_once(qwen_checkpoint, dataset, reference, tmp_path):
+    """NNODES=2 on one host, as two launches of generate.sh: disjoint rank files that make up the whole input."""
+    out = tmp_path / "out"
+    launch = ["bash", "generate.sh", str(dataset), "qwen", *command(qwen_checkpoint, dataset, out, "--batch-size", "2")[4:]]
+    nodes = [subprocess.Popen(launch, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "NUM_GPUS": "1", "NNODES": "2",
+                                   "NODE_RANK": str(rank), "PYTHON": sys.executable, "TOKENIZERS_PARALLELISM": "false"})
+             for rank in range(2)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=180)
+        assert node.returncode == 0, stderr
+    assert [path.name for path in caption_files(out)] == ["captions-00000-of-00002.jsonl", "captions-00001-of-00002.jsonl"]
+    per_rank = [{row["image"] for row in read_jsonl(path)} for path in caption_files(out)]
+    assert not per_rank[0] & per_rank[1]
+    assert all_rows(out) == reference
+
+
 def test_launcher_sets_ranks_and_reports_a_failed_one(tmp_path):
     script = ("import os, sys; e = os.environ; os.write(1, f\"{e['RANK']} {e['WORLD_SIZE']} {e['LOCAL_RANK']}\\n\".encode()); "
               "sys.exit(3 if e['LOCAL_RANK'] == '1' else 0)")
