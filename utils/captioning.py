@@ -65,7 +65,7 @@ from tqdm import tqdm
 from utils.checkpoints import checkpoint_identity
 from utils.errors import UserError
 from utils.images import UnreadableImage, decode_image
-from utils.inputs import InputError, check_inputs, expand_inputs, iter_samples, read_image_bytes
+from utils.inputs import check_inputs, expand_inputs, iter_samples, read_image_bytes
 from utils.records import RecordError, iter_records
 from utils.run_record import check_records, is_used, output_folders, run_settings, settle_records
 
@@ -186,30 +186,26 @@ def shard_bounds(total, rank, world):
 
 
 def read_shard(path, rank, world, limit, image_root=None):
-    """This rank's slice of the input as [(image id, extra keys or None)], and a one-line summary of the input.
+    """This rank's slice of the input as [(image id, extra keys or None)], a one-line summary of the input, and
+    the image root (image_root, else the folder the input's ids are relative to).
 
     JSON is validated whole and split as the seed split it (shard_bounds); tar shards and Parquet files are
     checked file by file and split as utils/inputs.py describes, each sample's extra keys being {"key"}.
     """
-    try:
-        inputs = expand_inputs(path)
-        if inputs.kind == "json":
-            return read_json_shard(path, rank, world, limit)
-        summary = check_inputs(inputs)
-        samples = iter_samples(inputs, image_root or inputs.root, rank, world, limit)
-        return [(sample.image, {"key": sample.key}) for sample in samples], summary
-    except InputError as e:
-        raise UserError(str(e)) from None
+    inputs = expand_inputs(path)
+    image_root = image_root or inputs.root
+    if inputs.kind == "json":
+        return (*read_json_shard(path, rank, world, limit), image_root)
+    summary = check_inputs(inputs)
+    samples = iter_samples(inputs, image_root, rank, world, limit)
+    return [(sample.image, {"key": sample.key}) for sample in samples], summary, image_root
 
 
 def check_input(path, limit):
     """--check-input: the input's one-line summary, after validating a JSON input whole or opening each shard
     or Parquet file (reading no shard through: that is each rank's work)."""
-    try:
-        inputs = expand_inputs(path)
-        return read_json_shard(path, 0, 1, limit)[1] if inputs.kind == "json" else check_inputs(inputs)
-    except InputError as e:
-        raise UserError(str(e)) from None
+    inputs = expand_inputs(path)
+    return read_json_shard(path, 0, 1, limit)[1] if inputs.kind == "json" else check_inputs(inputs)
 
 
 def read_json_shard(path, rank, world, limit):
@@ -391,6 +387,7 @@ class Work(NamedTuple):
     pending: list  # [(image, extra keys or None, [prompt keys still missing])], in input order
     skipped: int  # shard images already done or recorded as failed
     input_summary: str  # what the whole input holds, e.g. "30 images" or "12 tar shards, 3.1 GB"
+    image_root: str  # the folder that the pending image ids are relative to
     caption_files: dict  # prompt key -> this rank's captions file
     error_file: Path
 
@@ -448,7 +445,7 @@ def settle_outputs(captioner_cls, args, prompts, rank, world):
 
 def plan_work(captioner_cls, args, prompts, rank, world):
     """Read this rank's shard and leave out what earlier runs did (read and skip)."""
-    shard, input_summary = read_shard(args.input_json, rank, world, args.limit, args.image_root)
+    shard, input_summary, image_root = read_shard(args.input_json, rank, world, args.limit, args.image_root)
     model_dir = output_dir(captioner_cls, args)
     suffix = f"{rank:05d}-of-{world:05d}.jsonl"
     caption_files = {key: model_dir / key / f"captions-{suffix}" for key in prompts}
@@ -464,7 +461,8 @@ def plan_work(captioner_cls, args, prompts, rank, world):
         if missing and image not in failed and image not in seen:
             pending.append((image, extra, missing))
         seen.add(image)
-    return Work(pending, len(shard) - len(pending), input_summary, caption_files, model_dir / f"errors-{suffix}")
+    return Work(pending, len(shard) - len(pending), input_summary, image_root, caption_files,
+                model_dir / f"errors-{suffix}")
 
 
 def load_captioner(captioner_cls, args, rank, device):
@@ -633,14 +631,13 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
 def caption_work(captioner, graphs, work, args, prompts, tag, stop):
     """The loop over the pending images: windows of prepared images, batches, lines; a signal stops it after
     the current batch."""
-    image_root = args.image_root or expand_inputs(args.input_json).root
     writer = ShardWriter(work, args.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
     batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size)
     started = time.time()
     try:
-        for window in prepared_windows(work.pending, image_root, captioner.prepare, args):
+        for window in prepared_windows(work.pending, work.image_root, captioner.prepare, args):
             if stop.signal is not None:  # came while the model loaded
                 break
             batches.record_errors([(index, error) for index, _, error in window if error])

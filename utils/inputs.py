@@ -63,6 +63,7 @@ import sys
 import tarfile
 from typing import NamedTuple
 
+from utils.errors import UserError
 from utils.images import UnreadableImage, read_file
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
@@ -70,7 +71,7 @@ _CONTAINERS = (".tar", ".parquet")
 _BATCH_ROWS = 16  # Parquet rows per record batch: a few images' bytes at a time
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The input cannot be read as given; the message is one line naming the file."""
 
 
