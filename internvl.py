@@ -506,7 +506,6 @@ class InternVLCaptioner:
     def decode(self, new_tokens):
         """The answer as the original gives it: special tokens dropped, cut at the end token (and at its text),
         stripped."""
-        new_tokens = new_tokens.tolist()
         truncated = stopped_at_limit(new_tokens, self.end_token_ids)
         if not truncated:
             new_tokens = new_tokens[:min(new_tokens.index(end) for end in self.end_token_ids if end in new_tokens)]
@@ -533,7 +532,8 @@ class InternVLCaptioner:
         # with several prompts, the tokens before the question are prefilled once per image
         output = shared_prefix.generate(self.model, ids, features, self.image_token_id, self.pad_token_id,
                                         eos_token_id=self.end_token_ids, **self.generation)
-        captions = [self.decode(row) for row in output]  # generate() returns only the new tokens here
+        # generate() returns only the new tokens here; one copy to the CPU
+        captions = [self.decode(row) for row in output.tolist()]
         return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
 
 

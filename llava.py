@@ -264,7 +264,7 @@ class LlavaCaptioner:
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             pixel_values=pixel_values.to(self.device, self.model.dtype), pad_token_id=self.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **self.generation)
-        new_tokens = output[:, length:]
+        new_tokens = output[:, length:].tolist()  # one copy to the CPU
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [Caption(text.strip(), stopped_at_limit(row, {self.tokenizer.eos_token_id}))
                 for text, row in zip(texts, new_tokens)]

@@ -457,31 +457,38 @@ class MiniGPT4Captioner:
         self.tokenizer = SlowLlamaTokenizer(os.path.join(files["llm"], "tokenizer.model"))
         self.prepare = functools.partial(preprocess, size=files["image_size"])
         self.generation = generation_kwargs(args, **CHAT_GENERATION)
+        self.segment_ids = functools.lru_cache(maxsize=64)(self.segment_ids)  # the same few prompts in every batch
 
-    def context(self, image_embeds, prompt):
-        """The original's get_context_emb: text before the image with BOS, the image embeddings, text after it
-        without BOS, each text segment tokenized on its own."""
+    def segment_ids(self, prompt):
+        """The ids of the text before the image (with BOS) and after it (without), each tokenized on its own."""
         segments = TEMPLATES[self.model_type].format(prompt).split("<ImageHere>")
         if len(segments) != 2:
             raise UserError("a prompt must not contain <ImageHere>")
+        return tuple(self.tokenizer.encode(text, bos=i == 0) for i, text in enumerate(segments))
+
+    def contexts(self, image_embeds, prompt):
+        """The original's get_context_emb for every image with one prompt: the text segments' embeddings around
+        each image's, the start cut off where it is too long. The segments are the same for every image, so
+        they are embedded once."""
         embed = self.model.language_model.get_input_embeddings()
-        before, after = (torch.tensor(self.tokenizer.encode(text, bos=i == 0), device=self.device)
-                         for i, text in enumerate(segments))
-        context = torch.cat([embed(before), image_embeds, embed(after)])
-        return context[-(MAX_LENGTH - self.generation["max_new_tokens"]):]
+        before, after = (embed(torch.tensor(ids, device=self.device)).expand(len(image_embeds), -1, -1)
+                         for ids in self.segment_ids(prompt))
+        contexts = torch.cat([before, image_embeds, after], dim=1)
+        return contexts[:, -(MAX_LENGTH - self.generation["max_new_tokens"]):]
 
     @torch.inference_mode()
     def caption(self, images, prompts):
         pixel_values = torch.stack(images).to(self.device, self.dtype)
         image_embeds = self.model.encode_images(pixel_values)
-        contexts = [self.context(embeds, prompt) for embeds in image_embeds for prompt in prompts]
-        # left padding: zero embeddings, masked out
-        length = max(len(context) for context in contexts)
-        inputs = image_embeds.new_zeros(len(contexts), length, image_embeds.shape[-1])
-        mask = torch.zeros(len(contexts), length, dtype=torch.long, device=self.device)
-        for row, context in enumerate(contexts):
-            inputs[row, length - len(context):] = context
-            mask[row, length - len(context):] = 1
+        by_prompt = [self.contexts(image_embeds, prompt) for prompt in prompts]
+        # rows image-major, left padding: zero embeddings, masked out
+        length = max(contexts.shape[1] for contexts in by_prompt)
+        inputs = image_embeds.new_zeros(len(images), len(prompts), length, image_embeds.shape[-1])
+        mask = torch.zeros(len(images), len(prompts), length, dtype=torch.long, device=self.device)
+        for j, contexts in enumerate(by_prompt):
+            inputs[:, j, length - contexts.shape[1]:] = contexts
+            mask[:, j, length - contexts.shape[1]:] = 1
+        inputs, mask = inputs.flatten(0, 1), mask.flatten(0, 1)
         eos = self.tokenizer.eos_id
         outputs = self.model.language_model.generate(
             inputs_embeds=inputs, attention_mask=mask,
@@ -489,7 +496,7 @@ class MiniGPT4Captioner:
             logits_processor=LogitsProcessorList([RepetitionPenaltyWithBos(REPETITION_PENALTY, self.tokenizer.bos_id)]),
             bos_token_id=self.tokenizer.bos_id, eos_token_id=eos, pad_token_id=eos, **self.generation,
         )
-        captions = [self.answer(row.tolist()) for row in outputs]
+        captions = [self.answer(row) for row in outputs.tolist()]
         return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
 
     def answer(self, ids):

@@ -103,14 +103,28 @@ class QwenCaptioner:
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "mm_token_type_ids": (input_ids == image_token).int()}
 
+    def position_ids(self, text, grid_thw):
+        """The position ids generate() makes for Qwen2-VL (its _prepare_position_ids_for_generation: the text
+        positions from the mask, then get_rope_index's three rows of image-aware positions), computed on the CPU:
+        get_rope_index loops over the rows, and on the GPU each row waits for the GPU several times."""
+        import torch
+        mask = text["attention_mask"]
+        text_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        image_positions, _ = self.model.model.get_rope_index(text["input_ids"], text["mm_token_type_ids"], grid_thw,
+                                                             attention_mask=mask)
+        return torch.cat([text_positions[None], image_positions])
+
     def caption(self, images, prompts):
         import torch
         device = self.model.device
-        inputs = {name: tensor.to(device) for name, tensor in self.text_inputs(images, prompts).items()}
+        text = self.text_inputs(images, prompts)
+        grid_thw = torch.cat([image.grid_thw for image in images for _ in prompts])
+        inputs = {name: tensor.to(device) for name, tensor in text.items()}
+        inputs["position_ids"] = self.position_ids(text, grid_thw).to(device)
         inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
-        inputs["image_grid_thw"] = torch.cat([image.grid_thw for image in images for _ in prompts]).to(device)
+        inputs["image_grid_thw"] = grid_thw.to(device)
         output = self.model.generate(**inputs, **self.generation)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()  # one copy to the CPU
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
         captions = [Caption(text, stopped_at_limit(row, self.end_token_ids))

@@ -341,8 +341,9 @@ def to_device(tensors, device):
 
 
 def stopped_at_limit(new_token_ids, end_token_ids):
-    """True when a generated row holds no end token: generation ran into --max-new-tokens."""
-    return not any(int(token) in end_token_ids for token in new_token_ids)
+    """True when a generated row (a list: a GPU tensor would cost a wait on the GPU per token) holds no end
+    token: generation ran into --max-new-tokens."""
+    return not any(token in end_token_ids for token in new_token_ids)
 
 
 class ImageDataset:

@@ -86,8 +86,7 @@ class DecodeStepGraph:
                        for name, value in kwargs.items()}
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):  # records only: nothing runs, the cache is not touched
-                self.outputs = self.model(**self.inputs)
+            self.outputs = capture(graph, functools.partial(self.model, **self.inputs))
         except torch.cuda.OutOfMemoryError:
             self.reset()
             raise
@@ -100,6 +99,25 @@ class DecodeStepGraph:
                   "decoding eagerly", file=sys.stderr, flush=True)
             return
         self.graph = graph
+
+
+@functools.cache
+def capture_stream():
+    return torch.cuda.Stream()  # a capture needs a stream other than the default one
+
+
+def capture(graph, forward):
+    """Record forward() into graph and return its outputs; nothing runs, the cache is not touched. What
+    torch.cuda.graph() does, less its emptying of the CUDA and pinned-memory caches first: at every batch that
+    freed the loader's pinned memory (cudaFreeHost, 0.7 s in one gap, bench/RESULTS.md) and the memory the next
+    batch then allocates again."""
+    torch.cuda.synchronize()  # the eager work before the capture has finished
+    with torch.cuda.stream(capture_stream()):
+        graph.capture_begin()
+        try:
+            return forward()
+        finally:
+            graph.capture_end()
 
 
 def decode_with_cuda_graphs(model, unread_inputs=()):
