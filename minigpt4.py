@@ -128,15 +128,23 @@ class SlowLlamaTokenizer:
 
 class StopOnText(StoppingCriteria):
     """Ends a row once its text holds `stop`. The original stops on two id sequences of '###'; text after the
-    first '###' is cut off either way, so the answers are the same."""
+    first '###' is cut off either way, so the answers are the same.
 
-    def __init__(self, tokenizer, stop):
+    A row's text can come to hold `stop` only at a step whose token decodes to text with stop's last character
+    (sentencepiece text grows piece by piece; '#' is one byte, so no byte-fallback sequence makes one late).
+    Such tokens are marked once for the whole vocabulary, and only rows that just generated one are decoded:
+    decoding every row at every step took 1 s of each batch of 128 images (bench/RESULTS.md)."""
+
+    def __init__(self, tokenizer, stop, device):
         self.tokenizer, self.stop = tokenizer, stop
+        self.may_end_text = torch.tensor([stop[-1] in tokenizer.decode([i]) for i in range(tokenizer.sp.get_piece_size())],
+                                         device=device)
 
     def __call__(self, input_ids, scores, **kwargs):
-        # one copy of the batch to the CPU per step (not one per row: each is a wait on the GPU)
-        done = [self.stop in self.tokenizer.decode(row) for row in input_ids.tolist()]
-        return torch.tensor(done, device=input_ids.device)
+        done = torch.zeros(len(input_ids), dtype=torch.bool)
+        for row in self.may_end_text[input_ids[:, -1]].nonzero().flatten().tolist():  # one wait on the GPU
+            done[row] = self.stop in self.tokenizer.decode(input_ids[row].tolist())
+        return done.to(input_ids.device)
 
 
 class RepetitionPenaltyWithBos(LogitsProcessor):
@@ -458,6 +466,7 @@ class MiniGPT4Captioner:
         self.prepare = functools.partial(preprocess, size=files["image_size"])
         self.generation = generation_kwargs(args, **CHAT_GENERATION)
         self.segment_ids = functools.lru_cache(maxsize=64)(self.segment_ids)  # the same few prompts in every batch
+        self.stop_on_text = StopOnText(self.tokenizer, STOP, device)
 
     def segment_ids(self, prompt):
         """The ids of the text before the image (with BOS) and after it (without), each tokenized on its own."""
@@ -492,7 +501,7 @@ class MiniGPT4Captioner:
         eos = self.tokenizer.eos_id
         outputs = self.model.language_model.generate(
             inputs_embeds=inputs, attention_mask=mask,
-            stopping_criteria=StoppingCriteriaList([StopOnText(self.tokenizer, STOP)]),
+            stopping_criteria=StoppingCriteriaList([self.stop_on_text]),
             logits_processor=LogitsProcessorList([RepetitionPenaltyWithBos(REPETITION_PENALTY, self.tokenizer.bos_id)]),
             bos_token_id=self.tokenizer.bos_id, eos_token_id=eos, pad_token_id=eos, **self.generation,
         )

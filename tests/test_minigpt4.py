@@ -151,9 +151,26 @@ def test_answer_cleaning_and_stops(captioners):
     assert answer(" A dog runs. ###Human: what") == ("A dog runs.", False)
     assert answer("The image shows Assistant: a cat ") == ("a cat", True)
     assert answer(" A dog runs.", eos=True) == ("A dog runs.", False)
-    stop = minigpt4.StopOnText(tokenizer, "###")
+    stop = minigpt4.StopOnText(tokenizer, "###", "cpu")
     rows = torch.tensor([tokenizer.encode("a ###", bos=False)[-2:], tokenizer.encode("a dog", bos=False)[-2:]])
     assert stop(rows, None).tolist() == [True, False]
+
+
+def test_stop_on_text_ends_each_row_at_the_step_its_text_first_holds_the_stop(captioners):
+    """StopOnText decodes only rows whose newest token may end the stop text; each row must still end at the
+    first step at which its whole decoded text holds '###', as a check of every row at every step finds."""
+    tokenizer = captioners["vicuna0"].tokenizer
+    stop = minigpt4.StopOnText(tokenizer, "###", "cpu")
+    hashes = [i for i in range(tokenizer.sp.get_piece_size()) if "#" in tokenizer.decode([i])]
+    assert hashes, "the tiny vocabulary needs pieces with '#'"
+    words = tokenizer.encode(" a dog runs on the grass", bos=False)
+    generator = torch.Generator().manual_seed(0)
+    choices = torch.tensor(hashes * 3 + words)  # '#' often, so that '###' forms from several pieces
+    rows = choices[torch.randint(len(choices), (64, 12), generator=generator)]
+    for row in range(len(rows)):
+        expected = next((t for t in range(1, 13) if "###" in tokenizer.decode(rows[row, :t].tolist())), None)
+        ended = next((t for t in range(1, 13) if stop(rows[row:row + 1, :t], None).item()), None)
+        assert ended == expected, tokenizer.decode(rows[row].tolist())
 
 
 def test_repetition_penalty_includes_bos(captioners):
