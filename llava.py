@@ -6,6 +6,10 @@ vision tower named in `mm_vision_tower`) is converted at load time; nothing of t
 needed. Images, prompt and token ids are prepared as LLaVA-1.5's own inference does: pad to a square
 filled with the image-processor mean colour, CLIP preprocessing, the llava_v1 conversation, and
 `tokenizer_image_token` (the prompt is split at the image and each piece tokenized on its own).
+
+With several prompts, the vision tower runs once per image and the tokens its prompts share (system text, the
+576 image tokens, the text before the question) are prefilled once per image; each (image, prompt) row then
+prefills only its question and all rows decode together (utils/shared_prefix.py).
 """
 import functools
 import json
@@ -169,7 +173,8 @@ class LlavaCaptioner:
     prompts = {"default": "Describe the <image> in English in detail:"}
     default_prompt = "default"
     # The seed sampled at temperature 0.2 (top_p None, one beam) with one image per call; 8 images per
-    # call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image).
+    # call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image and prompt;
+    # with several prompts, a batch that runs out of memory is split and retried).
     defaults = {"batch_size": 8, "temperature": 0.2}
     default_dtype = "float16"
     caption_flags = ("vision_tower",)
@@ -253,29 +258,38 @@ class LlavaCaptioner:
         return [self.tokenizer.bos_token_id, *encode(before), *[self.image_token_id] * self.num_image_tokens,
                 *encode(after)]
 
+    def image_features(self, pixel_values):
+        """One block of image features (image tokens x hidden size) per image, with the feature layer and
+        selection of the config, as LlavaForConditionalGeneration's forward computes them."""
+        config = self.model.config
+        return self.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.model.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+
     @inference_mode
     def generate(self, pixel_values, id_lists):
-        """Greedy or sampled captions for images with their prompt ids, in one left-padded batch."""
-        import torch
-        length = max(map(len, id_lists))
-        input_ids = torch.tensor([[self.pad_token_id] * (length - len(ids)) + ids for ids in id_lists])
-        attention_mask = torch.tensor([[0] * (length - len(ids)) + [1] * len(ids) for ids in id_lists])
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            pixel_values=pixel_values.to(self.device, self.model.dtype), pad_token_id=self.pad_token_id,
+        """Greedy or sampled captions of (image, prompt) rows. id_lists: the prompt ids of every row, image-major,
+        the same number of rows for each image. The vision tower runs once per image; with several prompts per
+        image, the tokens they share (system text, image, the text before the question) are prefilled once
+        (utils/shared_prefix.py)."""
+        from utils import shared_prefix
+        per_image = len(id_lists) // len(pixel_values)
+        prompt_ids = [id_lists[i:i + per_image] for i in range(0, len(id_lists), per_image)]
+        output = shared_prefix.generate(
+            self.model, prompt_ids, self.image_features(pixel_values), self.image_token_id, self.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **self.generation)
-        new_tokens = output[:, length:].tolist()  # one copy to the CPU
+        new_tokens = output.tolist()  # generate() from embeddings returns only the new tokens; one copy to the CPU
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [Caption(text.strip(), stopped_at_limit(row, {self.tokenizer.eos_token_id}))
                 for text, row in zip(texts, new_tokens)]
 
     def caption(self, images, prompts):
         import torch
-        pixel_values = torch.stack(images)
-        # one generate call per prompt: every sequence of a call has the same ids, and the batch size
-        # bounds the memory whatever the number of prompts
-        by_prompt = [self.generate(pixel_values, [self.prompt_ids(prompt)] * len(images)) for prompt in prompts]
-        return [list(captions) for captions in zip(*by_prompt)]
+        ids = [self.prompt_ids(prompt) for prompt in prompts]
+        # all (image, prompt) rows in one generate(): images x prompts sequences decode together
+        captions = self.generate(torch.stack(images), ids * len(images))
+        return [captions[i:i + len(prompts)] for i in range(0, len(captions), len(prompts))]
 
 
 if __name__ == "__main__":

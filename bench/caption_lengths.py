@@ -87,10 +87,9 @@ class CaptionLengths:
     """Draws the lengths of each caption() call's rows, hands them to its generate() calls, and counts, over a
     benchmark row, the decode steps spent on rows that had already ended."""
 
-    def __init__(self, prompt_keys, max_new_tokens, seed, generate_per_prompt):
+    def __init__(self, prompt_keys, max_new_tokens, seed):
         self.prompt_keys = prompt_keys  # prompt text -> preset key
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.generate_per_prompt = generate_per_prompt  # one generate() per prompt (LLaVA) or one for all rows
         self.planned = []  # row lengths of the generate() calls still to come in this caption() call
         self.reset()
 
@@ -106,8 +105,8 @@ class CaptionLengths:
         return max(shortest, int(round(rng.normal(mean, deviation))))
 
     def plan(self, images, prompts):
-        """Lengths for the rows of one caption(images, prompts), in the order its generate() calls take them:
-        image by image with all its prompts, or (generate_per_prompt) one call per prompt over all images."""
+        """Lengths for the rows of one caption(images, prompts), in the order its generate() call takes them:
+        image by image with all its prompts."""
         keys = [self.prompt_keys[prompt] for prompt in prompts]
         prints = [fingerprint(image) for image in images]
         lengths = [[self.draw(image_print, key) for key in keys] for image_print in prints]
@@ -115,10 +114,7 @@ class CaptionLengths:
             for key, length in zip(keys, row):
                 self.drawn.add((image_print, key, length))
                 self.by_prompt[key].append(length)
-        if self.generate_per_prompt:
-            self.planned = [[row[j] for row in lengths] for j in range(len(keys))]
-        else:
-            self.planned = [[length for row in lengths for length in row]]
+        self.planned = [[length for row in lengths for length in row]]
 
     def generate(self, generate, module, *args, **kwargs):
         """module's generate(), the next planned lengths forced by an EndAtLength after any logits processors the

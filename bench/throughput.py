@@ -308,11 +308,11 @@ MODELS = {
     "llava-7b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                      checkpoint=llava_checkpoint("7b"), sizes=llava_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
-                     parts=VISION_TOWER_AND_PROJECTOR, generate_per_prompt=True),
+                     parts=VISION_TOWER_AND_PROJECTOR),
     "llava-13b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                       checkpoint=llava_checkpoint("13b"), sizes=llava_sizes,
                       vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
-                      parts=VISION_TOWER_AND_PROJECTOR, generate_per_prompt=True),
+                      parts=VISION_TOWER_AND_PROJECTOR),
     "minigpt4": dict(script="minigpt4", captioner="MiniGPT4Captioner", model_class="LlamaForCausalLM",
                      checkpoint=minigpt4_checkpoint, sizes=minigpt4_sizes, checkpoint_flag="--cfg-path",
                      vision_names=("vision_model", "ln_vision", "qformer", "query_tokens", "llama_proj"), seed_batch=3,
@@ -435,8 +435,7 @@ class ModelBench:
         self.lengths = None
         if args.lengths == "realistic":
             prompt_keys = {text: key for key, text in self.captioner_class.prompts.items()}
-            self.lengths = CaptionLengths(prompt_keys, args.new_tokens, args.lengths_seed,
-                                          spec.get("generate_per_prompt", False))
+            self.lengths = CaptionLengths(prompt_keys, args.new_tokens, args.lengths_seed)
         # fixed: every caption exactly --new-tokens long; realistic: EndAtLength decides
         self.length_flags = ["--max-new-tokens", str(args.new_tokens)] + (
             ["--min-new-tokens", str(args.new_tokens)] if self.lengths is None else [])

@@ -38,3 +38,24 @@ def image_folder(tmp_path_factory):
     from sample_images import make_broken_entries, make_good_images
     folder = tmp_path_factory.mktemp("images")
     return folder, make_good_images(folder), make_broken_entries(folder)
+
+
+def tokens_of_both_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
+    """{(decoding, path): new tokens} of utils/shared_prefix.py's shared-prefix path and of plain generate() over
+    the full left-padded sequences, decoding eagerly and as CUDA graphs (on the GPU: decode_with_cuda_graphs
+    stays on `model`). With graphs, both paths must decode through them (the shared one with its own static
+    cache)."""
+    import torch
+    from utils import shared_prefix
+    from utils.cuda_graphs import decode_with_cuda_graphs
+    tokens = {}
+    for mode in ("eager", "graphs"):
+        steps = decode_with_cuda_graphs(model) if mode == "graphs" else []
+        for path in (shared_prefix.generate_left_padded, shared_prefix.generate_with_shared_prefix):
+            replays = sum(step.replays for step in steps)
+            with torch.inference_mode():
+                tokens[mode, path.__name__] = path(model, prompt_ids, image_features, image_token_id, pad_token_id,
+                                                   **generate_kwargs).tolist()
+            assert mode == "eager" or sum(step.replays for step in steps) > replays, path.__name__
+        assert all(not step.recording_failed for step in steps)
+    return tokens

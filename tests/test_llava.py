@@ -141,6 +141,46 @@ def test_batched_equals_one_by_one(form, captioners, images, one_by_one):
     assert batched == one_by_one[form]
 
 
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_several_prompts_prefill_their_shared_prefix_once(form, captioners, images, one_by_one):
+    """Prompts of different question lengths in one caption(): each image's tokens before the question (system
+    text, 576 image tokens) are prefilled once (utils/shared_prefix.py), and every caption is the one of that
+    prompt alone."""
+    captioner = captioners[form]
+    prompts = [PROMPTS[1], "What?", PROMPTS[0]]
+    assert len({len(captioner.prompt_ids(prompt)) for prompt in prompts}) == 3
+    expected = [[one_by_one[form][i][1], captioner.caption([captioner.prepare(image)], ["What?"])[0][0],
+                 one_by_one[form][i][0]] for i, image in enumerate(images[:3])]
+    prefills = []  # (sequences, tokens) of every language-model call that is not a decode step
+    hook = captioner.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+        if kwargs["inputs_embeds"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        batched = captioner.caption([captioner.prepare(image) for image in images[:3]], prompts)
+    finally:
+        hook.remove()
+    assert len(prefills) == 2 and prefills[0][0] == 3 and prefills[0][1] > 576
+    assert prefills[1][0] == 9 and prefills[1][1] < 30
+    assert batched == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoints, images):
+    """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
+    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs."""
+    from conftest import tokens_of_both_paths
+    model, vision_tower = (checkpoints.hf, None) if form == "hf" else (checkpoints.original, checkpoints.vision_tower)
+    captioner = llava.LlavaCaptioner(make_args(model, vision_tower), torch.device("cuda"))
+    ids = [[captioner.prompt_ids(prompt) for prompt in [PROMPTS[1], "What?", PROMPTS[0]]]] * len(images)
+    with torch.inference_mode():
+        features = captioner.image_features(torch.stack([captioner.prepare(image) for image in images]))
+    tokens = tokens_of_both_paths(captioner.model, ids, features, captioner.image_token_id, captioner.pad_token_id,
+                                  eos_token_id=captioner.tokenizer.eos_token_id, **captioner.generation)
+    assert len({str(rows) for rows in tokens.values()}) == 1, tokens
+    assert len(tokens["eager", "generate_left_padded"]) == 3 * len(images)
+
+
 def test_left_padded_mixed_prompts_equal_one_by_one(captioners, images):
     captioner = captioners["original"]
     pixels = torch.stack([captioner.prepare(image) for image in images[:3]])
