@@ -97,8 +97,8 @@ def embed(model, id_lists, features, image_token_id, pad_token_id):
     ids = torch.tensor([[pad_token_id] * (length - len(x)) + x for x in id_lists], device=model.device)
     mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in id_lists], device=model.device)
     embeds = model.get_input_embeddings()(ids)
-    for row, row_features in enumerate(features):
-        embeds[row, ids[row] == image_token_id] = row_features.to(embeds.dtype)
+    # the image tokens in row-major order take the rows' features in order: one scatter, not one per row
+    embeds[ids == image_token_id] = torch.cat(list(features)).to(embeds.dtype)
     return embeds, mask
 
 
