@@ -135,10 +135,12 @@ class StopOnText(StoppingCriteria):
     Such tokens are marked once for the whole vocabulary, and only rows that just generated one are decoded:
     decoding every row at every step took 1 s of each batch of 128 images (bench/RESULTS.md)."""
 
-    def __init__(self, tokenizer, stop, device):
+    def __init__(self, tokenizer, stop, vocab_size, device):
+        """vocab_size: the language model's, which may have ids past the tokenizer's pieces (never marked)."""
         self.tokenizer, self.stop = tokenizer, stop
-        self.may_end_text = torch.tensor([stop[-1] in tokenizer.decode([i]) for i in range(tokenizer.sp.get_piece_size())],
-                                         device=device)
+        pieces = tokenizer.sp.get_piece_size()
+        self.may_end_text = torch.tensor([i < pieces and stop[-1] in tokenizer.decode([i])
+                                          for i in range(max(vocab_size, pieces))], device=device)
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.zeros(len(input_ids), dtype=torch.bool)
@@ -466,7 +468,7 @@ class MiniGPT4Captioner:
         self.prepare = functools.partial(preprocess, size=files["image_size"])
         self.generation = generation_kwargs(args, **CHAT_GENERATION)
         self.segment_ids = functools.lru_cache(maxsize=64)(self.segment_ids)  # the same few prompts in every batch
-        self.stop_on_text = StopOnText(self.tokenizer, STOP, device)
+        self.stop_on_text = StopOnText(self.tokenizer, STOP, self.model.language_model.config.vocab_size, device)
 
     def segment_ids(self, prompt):
         """The ids of the text before the image (with BOS) and after it (without), each tokenized on its own."""

@@ -151,7 +151,7 @@ def test_answer_cleaning_and_stops(captioners):
     assert answer(" A dog runs. ###Human: what") == ("A dog runs.", False)
     assert answer("The image shows Assistant: a cat ") == ("a cat", True)
     assert answer(" A dog runs.", eos=True) == ("A dog runs.", False)
-    stop = minigpt4.StopOnText(tokenizer, "###", "cpu")
+    stop = minigpt4.StopOnText(tokenizer, "###", tokenizer.sp.get_piece_size() + 5, "cpu")
     rows = torch.tensor([tokenizer.encode("a ###", bos=False)[-2:], tokenizer.encode("a dog", bos=False)[-2:]])
     assert stop(rows, None).tolist() == [True, False]
 
@@ -160,7 +160,7 @@ def test_stop_on_text_ends_each_row_at_the_step_its_text_first_holds_the_stop(ca
     """StopOnText decodes only rows whose newest token may end the stop text; each row must still end at the
     first step at which its whole decoded text holds '###', as a check of every row at every step finds."""
     tokenizer = captioners["vicuna0"].tokenizer
-    stop = minigpt4.StopOnText(tokenizer, "###", "cpu")
+    stop = minigpt4.StopOnText(tokenizer, "###", tokenizer.sp.get_piece_size() + 5, "cpu")
     hashes = [i for i in range(tokenizer.sp.get_piece_size()) if "#" in tokenizer.decode([i])]
     assert hashes, "the tiny vocabulary needs pieces with '#'"
     words = tokenizer.encode(" a dog runs on the grass", bos=False)
