@@ -49,7 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from utils.captioning import build_parser, caption_shard  # noqa: E402
-from utils import cuda_graphs  # noqa: E402
 from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 from utils.images import open_image  # noqa: E402
 
@@ -120,7 +119,7 @@ def random_weights_loader(model_class, device, dtype):
 def eager_decoding(model):
     """Undo decode_with_cuda_graphs: the seed's rows decode as plain generate() does."""
     for module in model.modules():
-        for name in ("generate", "get_compiled_call", "_decode_step_graph", "_get_stopping_criteria"):
+        for name in ("generate", "get_compiled_call", "_decode_step_graph"):
             module.__dict__.pop(name, None)
 
 
@@ -501,8 +500,6 @@ class ModelBench:
         variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
         if multi and args.multi_batch:
             variants.append(("ours", args.multi_batch, ours_images, multi))
-        if args.uncompacted:  # the same rows, ended rows kept in the decode batch to the end
-            variants += [("ours uncompacted", *variant[1:]) for variant in variants if variant[0] == "ours"]
         if args.oom_batch and self.device.type == "cuda":
             variants.append(("oom", args.oom_batch, args.oom_batch, default))
         if args.profile:
@@ -522,8 +519,6 @@ class ModelBench:
         with contextlib.ExitStack() as stack:
             if self.lengths is not None:
                 stack.enter_context(patched(self.captioner_class, "caption", planned_lengths(self.lengths)))
-            if kind == "ours uncompacted":
-                stack.enter_context(patched(cuda_graphs, "COMPACT_AT", lambda share: 0.0))
             self.sync()
             start = time.perf_counter()
             if kind == "seed":
@@ -721,9 +716,6 @@ def parse_args():
                         help="batch sizes for our rows, comma-separated")
     parser.add_argument("--multi-batch", type=int, default=32,
                         help="batch size of the several-prompts row (InternVL2's five merge prompts; 0: skip)")
-    parser.add_argument("--uncompacted", action="store_true",
-                        help="also run each row of ours with ended rows kept in the decode batch to the end (no "
-                        "compaction, utils/cuda_graphs.py), to measure what dropping them gains")
     parser.add_argument("--oom-batch", type=int, default=0,
                         help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
                         "out-of-memory backoff (0: skip)")

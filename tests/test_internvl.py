@@ -20,7 +20,6 @@ from internvl_checkpoint import build_checkpoint
 
 sys.path.insert(0, str(REPO))
 import internvl  # noqa: E402
-from utils import cuda_graphs  # noqa: E402
 from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -206,30 +205,6 @@ def test_answers_end_at_the_end_token(variant, early_end_checkpoints):
     for i, image in enumerate(images):
         for j, prompt in enumerate(prompts):
             assert batched[i][j] == captioner.caption([image], [prompt])[0][0], (i, j)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_rows_that_ended_leave_the_decode_batch_and_the_tokens_stay(device, early_end_checkpoints, monkeypatch):
-    """utils/cuda_graphs.py drops ended rows from the decode batch (here as soon as a quarter of the rows has
-    ended): every caption is the one of the whole batch decoded to the end, float32. On the GPU the steps are CUDA
-    graphs, recorded again for each smaller batch; on the CPU they run eagerly."""
-    monkeypatch.setattr(cuda_graphs, "COMPACT_AT", 0.75)
-    monkeypatch.setattr(cuda_graphs, "MIN_STEPS_LEFT", 1)
-    captioner = internvl.InternVLCaptioner(make_args(early_end_checkpoints["internlm2"], max_new_tokens=20,
-                                                     attn_implementation="sdpa_grouped"), torch.device(device))
-    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    prompts = [internvl.PROMPTS[key] for key in ("detail", "noun", "style")]
-    expected = captioner.caption(images, prompts)  # plain generate(): every row decodes to the last step
-    steps = cuda_graphs.decode_with_cuda_graphs(captioner.model)
-    if device == "cpu":  # generate() hands its decode steps over only on accelerators; here they run eagerly
-        monkeypatch.setattr(captioner.model, "_valid_auto_compile_criteria", lambda *args, **kwargs: True)
-        for step in steps:
-            step.recording_failed = True
-    assert captioner.caption(images, prompts) == expected
-    assert sum(step.compactions for step in steps) >= 1
-    assert {caption.truncated for row in expected for caption in row} == {True, False}
-    assert device == "cpu" or sum(step.replays for step in steps) > 0
 
 
 RECIPE = ("detail", "noun", "background", "main", "style")  # the paper's five prompts, 5 to 19 words

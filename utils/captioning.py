@@ -656,8 +656,7 @@ def caption_work(captioner, graphs, work, args, prompts, tag, stop):
         progress.close()
         writer.close()
     seconds = time.time() - started
-    replayed = (f", {sum(g.replays for g in graphs)} decode steps replayed from CUDA graphs, "
-                f"{sum(g.compactions for g in graphs)} batches compacted as rows ended" if graphs else "")
+    replayed = f", {sum(g.replays for g in graphs)} decode steps replayed from CUDA graphs" if graphs else ""
     print(f"{tag} captioned {batches.captioned}, failed {batches.failed}, skipped {work.skipped}, {seconds:.1f} s, "
           f"{batches.captioned / max(seconds, 1e-9):.2f} images/s{replayed}", file=sys.stderr, flush=True)
     if stop.signal is not None:
