@@ -646,7 +646,8 @@ def print_lengths(row, split):
         saved = decode_s * lengths["finished_fraction"]
         print(f"  compaction: decode ~ {lengths['decode_steps']} steps x {split[size]['decode_step_ms']} ms (split at "
               f"b{size}, ~{rows_per_step:.0f} rows a step) = {decode_s:.1f} s of the row's {row['seconds']} s; "
-              f"skipping finished rows saves at most {saved:.1f} s ({saved / row['seconds'] * 100:.1f}% of the row)",
+              f"if a step cost in proportion to its rows, skipping finished rows would save {saved:.1f} s "
+              f"({saved / row['seconds'] * 100:.1f}% of the row; run 23 in bench/RESULTS.md measured less)",
               flush=True)
 
 
