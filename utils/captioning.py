@@ -3,8 +3,10 @@
 A model script (qwen.py, internvl.py, llava.py, minigpt4.py) defines one class and ends with
 ``run(TheCaptioner)``. The class holds everything specific to that model; this module holds the
 rest: command line, rank/world size from the environment, reading and sharding the input (JSON, tar
-shards or Parquet: utils/inputs.py), skipping what is already done, loading images in worker processes,
-batching, writing, progress, signals.
+shards or Parquet: utils/inputs.py), skipping what is already done, loading images in worker processes
+(utils/loader.py), batching, writing (utils/writer.py), progress, signals. The data flows one way:
+input reader (read_shard, plan_work) -> image workers (prepared_windows) -> batcher and model
+(BatchCaptioner) -> writer (ShardWriter).
 
 The contract a captioner class fulfils:
 
@@ -52,7 +54,6 @@ mistakes are reported at once.
 import argparse
 import functools
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -64,10 +65,11 @@ from tqdm import tqdm
 
 from utils.checkpoints import checkpoint_identity
 from utils.errors import UserError
-from utils.images import UnreadableImage, decode_image
-from utils.inputs import check_inputs, expand_inputs, iter_samples, read_image_bytes
+from utils.inputs import check_inputs, expand_inputs, iter_samples
+from utils.loader import prepared_windows
 from utils.records import RecordError, iter_records
 from utils.run_record import check_records, is_used, output_folders, run_settings, settle_records
+from utils.writer import OUT_OF_MEMORY, ShardWriter, recorded_images
 
 # Batches differ in shape (and each generate() allocates its KV cache for the batch): let the CUDA allocator grow
 # segments instead of fragmenting into blocks that no later batch fits. Read when CUDA is first used.
@@ -240,68 +242,6 @@ def model_tag(model):
     return Path(model.rstrip("/")).name or "model"
 
 
-OUT_OF_MEMORY = "CUDA out of memory, even alone"  # recorded, but retried by the next run: not the image's fault
-
-
-def complete_lines(file):
-    """The lines of a file opened in binary mode that end with a newline: a partial tail (a writer killed or
-    out of disk space mid-line, maybe inside a UTF-8 character, or one still writing) is never decoded."""
-    for line in file:
-        if not line.endswith(b"\n"):
-            return
-        yield line
-
-
-def recorded_images(folder, pattern, keep):
-    """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
-    found = set()
-    for file in sorted(Path(folder).glob(pattern)):
-        if not file.is_file():
-            continue
-        with open(file, "rb") as f:
-            for line in complete_lines(f):
-                try:
-                    row = json.loads(line)
-                    image = row["image"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # not one of ours
-                if image in keep and row.get("error") != OUT_OF_MEMORY:
-                    found.add(image)
-    return found
-
-
-def cut_partial_tail(path, chunk=1 << 16):
-    """Truncate a file after its last newline, reading only its end (the file may be gigabytes)."""
-    with open(path, "rb+") as f:
-        size = end = f.seek(0, os.SEEK_END)
-        while end:
-            start = max(0, end - chunk)
-            f.seek(start)
-            newline = f.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
-        if end < size:
-            f.truncate(end)
-
-
-def open_for_append(path):
-    """Open this rank's JSONL file for appending, first cutting off a partial last line left by a killed run
-    (what recorded_images did not count)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        cut_partial_tail(path)
-    return open(path, "a", encoding="utf-8")
-
-
-def write_lines(file, rows):
-    for row in rows:
-        file.write(json.dumps(row, ensure_ascii=False) + "\n")
-    file.flush()
-    os.fsync(file.fileno())
-
-
 def generation_kwargs(args, **model_defaults):
     """generate() kwargs from the common decoding flags; a flag left unset keeps the model's default.
 
@@ -344,34 +284,6 @@ def stopped_at_limit(new_token_ids, end_token_ids):
     """True when a generated row (a list: a GPU tensor would cost a wait on the GPU per token) holds no end
     token: generation ran into --max-new-tokens."""
     return not any(token in end_token_ids for token in new_token_ids)
-
-
-class ImageDataset:
-    """Opens and prepares one image per item, by its id (a file, a tar member, a Parquet row: see
-    utils/inputs.py); runs in the DataLoader's worker processes, each reading only the bytes of its images (a
-    map-style dataset: the DataLoader needs only __len__ and __getitem__, so this module does not import torch)."""
-
-    def __init__(self, items, image_root, prepare):
-        self.items, self.image_root, self.prepare = items, image_root, prepare
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        image_id = self.items[index][0]
-        try:
-            prepared = self.prepare(decode_image(read_image_bytes(image_id, self.image_root)))
-        except UnreadableImage as e:
-            return index, None, str(e)
-        except Exception as e:  # the model's own preprocessing refused this image (e.g. aspect ratio)
-            return index, None, f"cannot preprocess: {type(e).__name__}: {e}"
-        return index, prepared, None
-
-
-def _ignore_signals_in_worker(worker_id):
-    # The main process decides when to stop; a worker killed by Ctrl-C would lose its batch noisily.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pick_device(local_rank):
@@ -479,29 +391,6 @@ def load_captioner(captioner_cls, args, rank, device):
     return captioner, graphs
 
 
-def prepared_windows(pending, image_root, prepare, args):
-    """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
-    --sort-window batches long (load and batch). Workers prepare small chunks in parallel, enough in
-    flight to fill the next window while the GPU works on this one; with a GPU their tensors arrive in
-    pinned memory, so that copies to the GPU (to_device) run while the CPU goes on."""
-    import torch
-    window_size = args.batch_size * args.sort_window
-    chunk_size = min(8, args.batch_size)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(pending, image_root, prepare), batch_size=chunk_size, num_workers=args.num_workers,
-        collate_fn=list, worker_init_fn=_ignore_signals_in_worker, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
-    )
-    window = []
-    for chunk in loader:
-        window += chunk
-        if len(window) >= window_size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
 class StopRequest:
     """SIGTERM/SIGINT: remember the signal and let the current batch finish; a second one ends at once."""
 
@@ -515,51 +404,6 @@ class StopRequest:
         signal.signal(signum, signal.SIG_DFL)
         print(f"\n{self.tag} {signal.Signals(signum).name}: finishing the current batch, then stopping",
               file=sys.stderr, flush=True)
-
-
-class ShardWriter:
-    """This rank's caption and error files: whole lines, flushed and fsync'd per batch (write). A failed write
-    (a full disk) ends the run with one line; what was written before stays, and the next run resumes there."""
-
-    def __init__(self, work, model_name):
-        self.work, self.model_name = work, model_name
-        self.outputs, self.errors = {}, None
-        try:
-            self.outputs = {key: open_for_append(path) for key, path in work.caption_files.items()}
-            self.errors = open_for_append(work.error_file)
-        except OSError as error:
-            self.close()
-            raise UserError(f"cannot write {error.filename}: {error.strerror or error}") from None
-
-    @staticmethod
-    def write(file, rows):
-        try:
-            write_lines(file, rows)
-        except OSError as error:
-            raise UserError(f"cannot write {file.name}: {error.strerror or error}; the lines written before are "
-                            "kept: make room and run the same command again to resume") from None
-
-    def write_errors(self, indexed_errors):
-        self.write(self.errors, [{"image": self.work.pending[index][0], "error": error}
-                                 for index, error in indexed_errors])
-
-    def write_captions(self, indexes, wanted, results):
-        """results[i][j]: the Caption of image pending[indexes[i]] for prompt key wanted[j]."""
-        for j, key in enumerate(wanted):
-            rows = []
-            for index, per_prompt in zip(indexes, results):
-                image, extra, missing = self.work.pending[index]
-                if key in missing:
-                    rows.append({"image": image, "caption": per_prompt[j].text, "model": self.model_name,
-                                 "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
-            self.write(self.outputs[key], rows)
-
-    def close(self):
-        for file in (*self.outputs.values(), self.errors):
-            try:
-                file and file.close()
-            except OSError:
-                pass  # only a failed write leaves data to flush, and it was reported; the next run cuts the rest
 
 
 class BatchCaptioner:
