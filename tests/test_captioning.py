@@ -1,4 +1,5 @@
 """The shared loop through a real script (qwen.py on a tiny checkpoint): sharding, resume, signals, errors."""
+import argparse
 import json
 import signal
 import subprocess
@@ -8,6 +9,8 @@ import time
 import pytest
 from conftest import REPO, read_jsonl, run_command
 from sample_images import write_pattern_images
+
+from utils.loader import prepared_windows
 
 COUNT = 30
 
@@ -137,3 +140,21 @@ def test_command_mistakes_give_one_clear_line(dataset, args, problem):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_first_window_is_one_batch_and_later_ones_read_ahead(dataset, workers):
+    """The model starts as soon as one batch is prepared; later windows hold --sort-window batches; every image
+    comes once, with its index."""
+    folder = dataset[0].parent
+    pending = [(name, None, ["default"]) for name in dataset[1]]
+    args = argparse.Namespace(batch_size=4, sort_window=3, num_workers=workers)
+    windows = list(prepared_windows(pending, str(folder), _image_size, args))
+    assert [len(window) for window in windows] == [4, 12, 12, 2]
+    assert sorted(index for window in windows for index, _, _ in window) == list(range(COUNT))
+    assert all(error is None and size == (40 + 7 * (index % 5), 40 + 5 * (index % 3))
+               for window in windows for index, size, error in window)
+
+
+def _image_size(image):  # a picklable `prepare` for the worker processes
+    return image.size

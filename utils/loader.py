@@ -36,9 +36,11 @@ def _ignore_signals_in_worker(worker_id):
 
 def prepared_windows(pending, image_root, prepare, args):
     """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
-    --sort-window batches long (load and batch). Workers prepare small chunks in parallel, enough in
-    flight to fill the next window while the GPU works on this one; with a GPU their tensors arrive in
-    pinned memory, so that copies to the GPU (to_device) run while the CPU goes on."""
+    --sort-window batches long but the first, which is one batch: the model starts as soon as one batch is
+    prepared (in bench/RESULTS.md's run 23, InternVL2 at batch 128 waited 4 s for its first window). Workers
+    prepare small chunks in parallel, enough in flight to fill the next window while the GPU works on this one;
+    with a GPU their tensors arrive in pinned memory, so that copies to the GPU (to_device) run while the CPU
+    goes on."""
     import torch
     window_size = args.batch_size * args.sort_window
     chunk_size = min(8, args.batch_size)
@@ -47,11 +49,11 @@ def prepared_windows(pending, image_root, prepare, args):
         collate_fn=list, worker_init_fn=_ignore_signals_in_worker, pin_memory=torch.cuda.is_available(),
         prefetch_factor=max(2, -(-window_size // (chunk_size * args.num_workers))) if args.num_workers else None,
     )
-    window = []
+    window, size = [], args.batch_size
     for chunk in loader:
         window += chunk
-        if len(window) >= window_size:
+        if len(window) >= size:
             yield window
-            window = []
+            window, size = [], window_size
     if window:
         yield window
