@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import llava
+from conftest import tokens_of_both_paths
 from llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
 from utils.captioning import UserError, build_parser, generation_kwargs
 from utils.images import open_image
@@ -169,7 +170,6 @@ def test_several_prompts_prefill_their_shared_prefix_once(form, captioners, imag
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoints, images):
     """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
     left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs."""
-    from conftest import tokens_of_both_paths
     model, vision_tower = (checkpoints.hf, None) if form == "hf" else (checkpoints.original, checkpoints.vision_tower)
     captioner = llava.LlavaCaptioner(make_args(model, vision_tower), torch.device("cuda"))
     ids = [[captioner.prompt_ids(prompt) for prompt in [PROMPTS[1], "What?", PROMPTS[0]]]] * len(images)
