@@ -91,9 +91,10 @@ class QwenCaptioner:
         processor's text half makes them."""
         import torch
         image_token = self.model.config.image_token_id
+        prompt_ids = [self.prompt_ids(prompt) for prompt in prompts]  # the template and tokenizer once a prompt
         rows = []
         for image in images:
-            for ids in map(self.prompt_ids, prompts):
+            for ids in prompt_ids:
                 at = ids.index(image_token)
                 rows.append(ids[:at] + [image_token] * image.tokens + ids[at + 1:])
         length = max(map(len, rows))

@@ -301,7 +301,7 @@ def _shard_starts(files, bases):
 def _tar_slice(files, rank, world, limit):
     """(shard, TarSample) of the samples whose first header lies in this rank's byte range."""
     sizes = [os.path.getsize(f) for f in files]
-    bases = [sum(sizes[:i]) for i in range(len(files))]
+    bases = list(itertools.accumulate(sizes, initial=0))[:-1]  # where each shard starts, shards laid end to end
     end = sum(sizes)
     if limit is not None:  # the byte where sample number `limit` starts: only the first `limit` come before it
         after_limit = next(itertools.islice(_shard_starts(files, bases), limit, None), None)
@@ -386,7 +386,7 @@ def parquet_layout(path):
     key = next((name for name in ("key", "id") if name in kinds and name != image), None)
     caption = next((name for name in ("caption", "text") if kinds.get(name) == "path" and name != image), None)
     counts = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
-    return ParquetLayout(image, kinds[image], key, caption, [sum(counts[:i]) for i in range(len(counts) + 1)])
+    return ParquetLayout(image, kinds[image], key, caption, list(itertools.accumulate(counts, initial=0)))
 
 
 def _read_rows(path, layout, columns, start, stop):
