@@ -27,7 +27,8 @@ import sentencepiece as spm
 from PIL import Image
 from safetensors import safe_open
 
-from utils.captioning import Caption, UserError, generation_kwargs, inference_mode, run, stopped_at_limit, to_device
+from utils.captioning import (Caption, UserError, by_image, generation_kwargs, inference_mode, run, stopped_at_limit,
+                               to_device)
 
 # torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
@@ -534,7 +535,7 @@ class InternVLCaptioner:
                                         eos_token_id=self.end_token_ids, **self.generation)
         # generate() returns only the new tokens here; one copy to the CPU
         captions = [self.decode(row) for row in output.tolist()]
-        return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
+        return by_image(captions, prompts)
 
 
 def convert_command():

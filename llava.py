@@ -18,7 +18,7 @@ import re
 
 from PIL import Image
 
-from utils.captioning import Caption, UserError, generation_kwargs, inference_mode, run, stopped_at_limit
+from utils.captioning import Caption, UserError, by_image, generation_kwargs, inference_mode, run, stopped_at_limit
 
 # torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
@@ -268,14 +268,11 @@ class LlavaCaptioner:
             vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
 
     @inference_mode
-    def generate(self, pixel_values, id_lists):
-        """Greedy or sampled captions of (image, prompt) rows. id_lists: the prompt ids of every row, image-major,
-        the same number of rows for each image. The vision tower runs once per image; with several prompts per
-        image, the tokens they share (system text, image, the text before the question) are prefilled once
-        (utils/shared_prefix.py)."""
+    def generate(self, pixel_values, prompt_ids):
+        """Greedy or sampled captions of (image, prompt) rows, image-major. prompt_ids[i]: the prompt ids of
+        image i's rows. The vision tower runs once per image; with several prompts per image, the tokens they
+        share (system text, image, the text before the question) are prefilled once (utils/shared_prefix.py)."""
         from utils import shared_prefix
-        per_image = len(id_lists) // len(pixel_values)
-        prompt_ids = [id_lists[i:i + per_image] for i in range(0, len(id_lists), per_image)]
         output = shared_prefix.generate(
             self.model, prompt_ids, self.image_features(pixel_values), self.image_token_id, self.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **self.generation)
@@ -288,8 +285,7 @@ class LlavaCaptioner:
         import torch
         ids = [self.prompt_ids(prompt) for prompt in prompts]
         # all (image, prompt) rows in one generate(): images x prompts sequences decode together
-        captions = self.generate(torch.stack(images), ids * len(images))
-        return [captions[i:i + len(prompts)] for i in range(0, len(captions), len(prompts))]
+        return by_image(self.generate(torch.stack(images), [ids] * len(images)), prompts)
 
 
 if __name__ == "__main__":

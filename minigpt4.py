@@ -47,7 +47,7 @@ from transformers import (
 )
 
 import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-from utils.captioning import Caption, UserError, generation_kwargs, run
+from utils.captioning import Caption, UserError, by_image, generation_kwargs, run
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -508,7 +508,7 @@ class MiniGPT4Captioner:
             bos_token_id=self.tokenizer.bos_id, eos_token_id=eos, pad_token_id=eos, **self.generation,
         )
         captions = [self.answer(row) for row in outputs.tolist()]
-        return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
+        return by_image(captions, prompts)
 
     def answer(self, ids):
         """Chat.answer's cleaning: decode without special tokens, cut at '###', keep what follows the last

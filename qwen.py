@@ -12,7 +12,7 @@ tokenization of the expanded text gives.
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
-from utils.captioning import Caption, generation_kwargs, run, stopped_at_limit, to_device
+from utils.captioning import Caption, by_image, generation_kwargs, run, stopped_at_limit, to_device
 
 # torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class QwenCaptioner:
                                               clean_up_tokenization_spaces=False)
         captions = [Caption(text, stopped_at_limit(row, self.end_token_ids))
                     for text, row in zip(answers, new_tokens)]
-        return [captions[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(images))]
+        return by_image(captions, prompts)
 
 if __name__ == "__main__":
     run(QwenCaptioner)

@@ -186,8 +186,8 @@ def test_left_padded_mixed_prompts_equal_one_by_one(captioners, images):
     pixels = torch.stack([captioner.prepare(image) for image in images[:3]])
     id_lists = [captioner.prompt_ids(p) for p in ["Describe the image.", "What?", PROMPTS[1]]]
     assert len({len(ids) for ids in id_lists}) == 3
-    batched = captioner.generate(pixels, id_lists)
-    assert batched == [captioner.generate(pixels[i:i + 1], [ids])[0] for i, ids in enumerate(id_lists)]
+    batched = captioner.generate(pixels, [[ids] for ids in id_lists])
+    assert batched == [captioner.generate(pixels[i:i + 1], [[ids]])[0] for i, ids in enumerate(id_lists)]
 
 
 def test_default_decoding_is_the_seeds_sampling_at_temperature_0_2():

@@ -280,6 +280,11 @@ def to_device(tensors, device):
     return out
 
 
+def by_image(captions, prompts):
+    """Captions of image-major (image, prompt) rows as caption() returns them: result[i][j] for image i, prompt j."""
+    return [captions[i:i + len(prompts)] for i in range(0, len(captions), len(prompts))]
+
+
 def stopped_at_limit(new_token_ids, end_token_ids):
     """True when a generated row (a list: a GPU tensor would cost a wait on the GPU per token) holds no end
     token: generation ran into --max-new-tokens."""
