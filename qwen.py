@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class PreparedImage(NamedTuple):
-    pixel_values: "torch.Tensor"  # the processor's patches, already in the model's dtype (the vision tower's first step)
+    pixel_values: "torch.Tensor"  # the processor's patches, already in the model's dtype (the vision tower's cast)
     grid_thw: "torch.Tensor"  # (1, 3): frames, rows and columns of patches
     tokens: int  # image placeholder tokens in the prompt
 

@@ -6,9 +6,10 @@
 Flags (a caption can have several; flags only report, they never remove anything):
   empty       nothing but whitespace
   truncated   generation stopped at the token limit: the record's "truncated" field when it has one (in a
-              multi-caption row, its entry for the caption's position); otherwise the text ends without . ! ? (or a closing quote/bracket after one) although it
-              already holds a complete sentence or is at least TRUNCATED_MIN_WORDS words long (short
-              noun lists and web alt-texts without a final full stop are not flagged)
+              multi-caption row, its entry for the caption's position); otherwise the text ends without
+              . ! ? (or a closing quote/bracket after one) although it already holds a complete sentence or
+              is at least TRUNCATED_MIN_WORDS words long (short noun lists and web alt-texts without a final
+              full stop are not flagged)
   repetition  a looping model: some word 4-gram repeats so that at least REPEATED_FRACTION of the
               caption's 4-grams are repeats, or one word or phrase comes three times in a row
   refusal     "I'm sorry", "I cannot", "As an AI", ...

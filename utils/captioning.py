@@ -281,7 +281,7 @@ def to_device(tensors, device):
 
 
 def by_image(captions, prompts):
-    """Captions of image-major (image, prompt) rows as caption() returns them: result[i][j] for image i, prompt j."""
+    """Captions of image-major (image, prompt) rows as caption() returns them: result[i][j], image i, prompt j."""
     return [captions[i:i + len(prompts)] for i in range(0, len(captions), len(prompts))]
 
 

@@ -5,10 +5,11 @@
     python utils/merge.py in_qwenvl_cc12m_*.json --output-dir merged/
 
 Reads our captioning output (captions-RRRRR-of-WWWWW.jsonl; a partial last line of a killed writer,
-also one cut inside a UTF-8 character or a complete one that lost its newline, is skipped and counted) and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when
-cut off). Memory stays bounded whatever the row count: rows are streamed to the outputs in the order
-they are read, and duplicates are found by partitioning the image paths into hash buckets on disk
-and checking one bucket at a time.
+also one cut inside a UTF-8 character or a complete one that lost its newline, is skipped and counted)
+and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when cut off). Memory stays
+bounded whatever the row count: rows are streamed to the outputs in the order they are read, and
+duplicates are found by partitioning the image paths into hash buckets on disk and checking one bucket
+at a time.
 """
 import argparse
 import json

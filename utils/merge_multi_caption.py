@@ -221,8 +221,8 @@ def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_t
     """Write the joined rows to `output` (JsonlOutput or WebdatasetOutput); return a summary dict.
 
     original: the Inputs (utils/inputs.py) of --original; image_root: the folder its ids start from (as
-    in captioning: --image-root, else original.root). qa: a caption_qa.Checker to flag captions and gather statistics
-    (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
+    in captioning: --image-root, else original.root). qa: a caption_qa.Checker to flag captions and gather
+    statistics (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
     index are split in parallel, then the buckets joined in parallel).
     """
     if not num_buckets:

@@ -81,7 +81,11 @@ class WebdatasetOutput:
         if shard is None:
             raise UnreadableImage("not a member of the input shards")
         key, extension = key_and_extension(member)
-        return os.path.relpath(os.path.abspath(shard), os.path.abspath(self.input_root)), key, extension
+        return self.mirrored(shard), key, extension
+
+    def mirrored(self, input_shard):
+        """The output shard of an input shard: its path relative to the folder holding the input shards."""
+        return os.path.relpath(os.path.abspath(input_shard), os.path.abspath(self.input_root))
 
     def open_shard(self, shard):
         if shard == self.shard:
@@ -108,7 +112,7 @@ class WebdatasetOutput:
         """Finish the last shard and write the mirrored shards that got no sample; -> counts for the summary."""
         self.close_shard()
         for path in self.input_shards or ():
-            shard = os.path.relpath(os.path.abspath(path), os.path.abspath(self.input_root))
+            shard = self.mirrored(path)
             if shard not in self.written:
                 self.open_shard(shard)
                 self.close_shard()
