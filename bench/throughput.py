@@ -123,6 +123,12 @@ def eager_decoding(model):
             module.__dict__.pop(name, None)
 
 
+def unknown_ids_as_unk(tokenizer_class, size):
+    """Random weights emit ids past a tiny tokenizer's vocabulary: its decode reads those as id 0 (<unk>)."""
+    decode = tokenizer_class.decode
+    tokenizer_class.decode = lambda self, ids, **kwargs: decode(self, [i if i < size else 0 for i in ids], **kwargs)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -165,21 +171,16 @@ INTERNVL2_8B_LLM = dict(hidden_size=4096, intermediate_size=14336, num_attention
 def internvl_checkpoint(folder, tiny):
     """A native InternVL2 folder: the tests' tiny original checkpoint converted, then (not tiny) given the
     InternVL2-8B architecture (InternViT-300M + InternLM2.5-7B)."""
-    from internvl import native_config
+    import internvl
     from internvl_checkpoint import build_checkpoint
-    from internvl import convert_checkpoint
     original = Path(build_checkpoint(str(folder / "internvl-original")))
-    native = Path(convert_checkpoint(str(original), str(folder / "internvl")))
+    native = Path(internvl.convert_checkpoint(str(original), str(folder / "internvl")))
     if not tiny:
-        # Random weights emit ids past the tiny tokenizer's vocabulary: decode those as <unk> (id 0).
-        import internvl
-        decode = internvl.InternLM2Tokenizer.decode
-        size = internvl.load_tokenizer(str(native)).sp.get_piece_size()
-        internvl.InternLM2Tokenizer.decode = lambda self, ids, **kw: decode(self, [i if i < size else 0 for i in ids], **kw)
+        unknown_ids_as_unk(internvl.InternLM2Tokenizer, internvl.load_tokenizer(str(native)).sp.get_piece_size())
         config = json.loads((original / "config.json").read_text())
         config["vision_config"].update(INTERNVL2_8B_VISION)
         config["llm_config"].update(INTERNVL2_8B_LLM)
-        native_config(config).save_pretrained(native)
+        internvl.native_config(config).save_pretrained(native)
     return native
 
 
@@ -234,9 +235,8 @@ def minigpt4_checkpoint(folder, tiny):
     os.environ["TORCH_HOME"] = f"{root}/torch_home"
     if not tiny:
         minigpt4.load_model = minigpt4_real_size
-        size = minigpt4.SlowLlamaTokenizer(f"{root}/vicuna/tokenizer.model").sp.get_piece_size()
-        decode = minigpt4.SlowLlamaTokenizer.decode  # random weights emit ids past the tiny vocabulary
-        minigpt4.SlowLlamaTokenizer.decode = lambda self, ids: decode(self, [i if i < size else 0 for i in ids])
+        unknown_ids_as_unk(minigpt4.SlowLlamaTokenizer,
+                           minigpt4.SlowLlamaTokenizer(f"{root}/vicuna/tokenizer.model").sp.get_piece_size())
     return f"{root}/repo/eval_configs/minigpt4_eval.yaml"
 
 
