@@ -450,6 +450,7 @@ class InternVLCaptioner:
     defaults = {"batch_size": 20}  # the seed's
     default_dtype = "bfloat16"
     caption_flags = ("max_tiles",)
+    refills_rows = True
 
     @staticmethod
     def add_arguments(parser):
@@ -482,6 +483,7 @@ class InternVLCaptioner:
             self.end_token_ids = [self.tokenizer.convert_tokens_to_ids(self.template["sep"].strip())]
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.generation = generation_kwargs(args, temperature=0.0)  # the seed: greedy, one beam
+        self.decode_rows = args.decode_rows
         self.prepare = functools.partial(prepare_image, max_tiles=args.max_tiles, dtype=args.dtype)
         # a few (prompt, tiles) pairs recur in every batch: tokenize each once (its ~1,800 image tokens too)
         self.prompt_ids = functools.lru_cache(maxsize=1024)(self.prompt_ids)
@@ -532,7 +534,7 @@ class InternVLCaptioner:
         self.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + self.generation["max_new_tokens"])
         # with several prompts, the tokens before the question are prefilled once per image
         output = shared_prefix.generate(self.model, ids, features, self.image_token_id, self.pad_token_id,
-                                        eos_token_id=self.end_token_ids, **self.generation)
+                                        self.decode_rows, eos_token_id=self.end_token_ids, **self.generation)
         # generate() returns only the new tokens here; one copy to the CPU
         captions = [self.decode(row) for row in output.tolist()]
         return by_image(captions, prompts)

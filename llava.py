@@ -178,6 +178,7 @@ class LlavaCaptioner:
     defaults = {"batch_size": 8, "temperature": 0.2}
     default_dtype = "float16"
     caption_flags = ("vision_tower",)
+    refills_rows = True
 
     @staticmethod
     def add_arguments(parser):
@@ -240,6 +241,7 @@ class LlavaCaptioner:
         self.device = device
         self.tokenizer = tokenizer
         self.generation = generation_kwargs(args, **fixed_generation_kwargs)
+        self.decode_rows = args.decode_rows
         self.image_token_id = model.config.image_token_id
         vision = model.config.vision_config
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (
@@ -275,7 +277,7 @@ class LlavaCaptioner:
         from utils import shared_prefix
         output = shared_prefix.generate(
             self.model, prompt_ids, self.image_features(pixel_values), self.image_token_id, self.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, **self.generation)
+            self.decode_rows, eos_token_id=self.tokenizer.eos_token_id, **self.generation)
         new_tokens = output.tolist()  # generate() from embeddings returns only the new tokens; one copy to the CPU
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [Caption(text.strip(), stopped_at_limit(row, {self.tokenizer.eos_token_id}))

@@ -83,6 +83,23 @@ class EndAtLength(LogitsProcessor):
         return scores
 
 
+class EndAtRowLength:
+    """EndAtLength for utils/refill.py, whose slots hold rows at different steps: a row processor (rows: the
+    call's row each slot holds, generated: its new tokens so far) over the lengths of the call's rows."""
+
+    def __init__(self, lengths, end_ids, device):
+        self.lengths = torch.tensor(lengths, device=device)
+        self.end_ids = torch.tensor(end_ids, device=device)
+
+    def __call__(self, rows, generated, scores):
+        lengths = self.lengths[rows]
+        scores[:, self.end_ids] = torch.where((lengths > generated)[:, None], float("-inf"), scores[:, self.end_ids])
+        ending = (lengths == generated)[:, None]
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.end_ids[0]] = 0.0
+        return torch.where(ending, forced, scores)
+
+
 class CaptionLengths:
     """Draws the lengths of each caption() call's rows, hands them to its generate() calls, and counts, over a
     benchmark row, the decode steps spent on rows that had already ended."""
@@ -132,15 +149,33 @@ class CaptionLengths:
         self.count(new_tokens.cpu(), end_ids, lengths)
         return output
 
-    def count(self, new_tokens, end_ids, lengths):
+    def refill(self, generate, steps, *args, **kwargs):
+        """utils/refill.py's generate(), the next planned lengths forced per row; steps: a Counter of its decode
+        steps and slot-steps so far (bench/throughput.py counts them). A slot-step without a live row counts as
+        finished."""
+        end = kwargs["eos_token_id"]
+        end_ids = end if isinstance(end, list) else [end]
+        lengths = self.planned.pop(0)
+        kwargs["row_processors"] = [*kwargs.get("row_processors", ()), EndAtRowLength(lengths, end_ids, args[0].device)]
+        before = steps.copy()
+        output = generate(*args, **kwargs)
+        self.count(output, end_ids, lengths, steps["steps"] - before["steps"],
+                   steps["slot_steps"] - before["slot_steps"])
+        return output
+
+    def count(self, new_tokens, end_ids, lengths, decode_steps=None, row_steps=None):
         """One generate() call's new tokens (rows x steps, on the CPU): where each row ended, and the decode
-        forwards that ran for rows that had already ended."""
+        forwards that ran for rows that had already ended. A refill call gives its decode steps and slots: each
+        slot-step without a live row (the first token of a row comes from its prefill) counts as finished."""
         rows, steps = new_tokens.shape
         is_end = torch.isin(new_tokens, torch.tensor(end_ids))
         live = torch.where(is_end.any(1), is_end.int().argmax(1) + 1, steps)  # tokens up to its end token
-        expected = torch.tensor(lengths).add(1).clamp(max=steps)
-        self.counts.update(generate_calls=1, decode_steps=steps - 1, row_steps=rows * (steps - 1),
-                           finished_row_steps=int((steps - live).sum()), off_length=int((live != expected).sum()))
+        expected = torch.tensor(lengths).add(1).clamp(max=self.max_new_tokens)
+        if decode_steps is None:
+            decode_steps, row_steps = steps - 1, rows * (steps - 1)
+        finished = row_steps - int((live - 1).sum())  # a row's first token comes from its prefill
+        self.counts.update(generate_calls=1, decode_steps=decode_steps, row_steps=row_steps,
+                           finished_row_steps=finished, off_length=int((live != expected).sum()))
 
     def summary(self):
         counts = self.counts

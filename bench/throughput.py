@@ -38,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from torch.profiler import record_function
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from utils import refill  # noqa: E402
 from utils.captioning import build_parser, caption_shard  # noqa: E402
 from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 from utils.images import open_image  # noqa: E402
@@ -396,6 +398,30 @@ def marked_generate(lengths):
     return wrap
 
 
+def refill_at_lengths(lengths, steps):
+    """wrap for utils/refill.py's generate: a call made by a planned caption() gets its rows' lengths (steps: the
+    Counter that counted_steps fills)."""
+    def wrap(generate):
+        @functools.wraps(generate)
+        def bench_refill(*args, **kwargs):
+            if not lengths.planned:
+                return generate(*args, **kwargs)
+            return lengths.refill(generate, steps, *args, **kwargs)
+        return bench_refill
+    return wrap
+
+
+def counted_steps(steps):
+    """wrap for utils/refill.py's Slots.step: counts the decode steps and the slot-steps."""
+    def wrap(step):
+        @functools.wraps(step)
+        def counted_step(slots):
+            steps.update(steps=1, slot_steps=slots.size)
+            return step(slots)
+        return counted_step
+    return wrap
+
+
 def planned_lengths(lengths):
     """wrap for caption(): draws the lengths of the call's rows before it runs."""
     def wrap(caption):
@@ -443,7 +469,12 @@ class ModelBench:
 
     def run(self):
         """(rows, FLOPs per caption of --new-tokens tokens, prefill/decode split)"""
-        with patched(self.model_class, "generate", marked_generate(self.lengths)):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(patched(self.model_class, "generate", marked_generate(self.lengths)))
+            if self.lengths is not None:
+                steps = Counter()
+                stack.enter_context(patched(refill.Slots, "step", counted_steps(steps)))
+                stack.enter_context(patched(refill, "generate", refill_at_lengths(self.lengths, steps)))
             self.captioner = self.build_captioner()
             self.sample = [self.captioner.prepare(open_image(p)) for p in self.paths[:len(IMAGE_SIZES)]]
             flops = self.flops(self.args.new_tokens)
@@ -500,6 +531,8 @@ class ModelBench:
         variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
         if multi and args.multi_batch:
             variants.append(("ours", args.multi_batch, ours_images, multi))
+        if args.refill_batch:  # with InternVL2's five prompts where the model has them
+            variants += [("ours", args.refill_batch, ours_images, multi or default, rows) for rows in args.decode_rows]
         if args.oom_batch and self.device.type == "cuda":
             variants.append(("oom", args.oom_batch, args.oom_batch, default))
         if args.profile:
@@ -507,7 +540,7 @@ class ModelBench:
             variants.append(("profile", profile_batch(args), profiled_images(args), prompts))
         return variants
 
-    def run_variant(self, kind, batch_size, images, prompts):
+    def run_variant(self, kind, batch_size, images, prompts, decode_rows=None):
         images = min(images, len(self.paths))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -529,10 +562,10 @@ class ModelBench:
                 seconds = self.ours(batch_size, images, prompts)
                 torch.cuda.set_per_process_memory_fraction(1.0)
             else:
-                seconds = self.ours(batch_size, images, prompts, profile)
+                seconds = self.ours(batch_size, images, prompts, profile, decode_rows)
             self.sync()
             elapsed = time.perf_counter() - start
-        row = self.row(kind, batch_size, images, prompts, elapsed, seconds)
+        row = self.row(kind, batch_size, images, prompts, elapsed, seconds, decode_rows)
         if profile:
             row["timeline"] = profile.report(os.path.join(self.args.profile, self.name))
         print(json.dumps({key: value for key, value in row.items() if key != "timeline"}), flush=True)
@@ -553,7 +586,7 @@ class ModelBench:
         torch.cuda.empty_cache()
         return images
 
-    def ours(self, batch_size, images, prompts, profile=None):
+    def ours(self, batch_size, images, prompts, profile=None, decode_rows=None):
         """The real script's loop on the first `images` images, its batches profiled by `profile` (a BatchProfile)
         if given; returns seconds inside caption() (the GPU's work and the inputs it builds; the rest of the loop's
         time is waiting for prepared images, writing and starting) and in the DataLoader's __next__ (waiting on
@@ -563,7 +596,8 @@ class ModelBench:
         cli = ["--input-json", str(self.folder / "input.json"), spec.get("checkpoint_flag", "--model"),
                str(self.checkpoint), "--output-dir", str(out), "--batch-size", str(batch_size), *self.length_flags,
                "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
-               "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags]
+               "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags,
+               *(["--decode-rows", str(decode_rows)] if decode_rows else [])]
         parsed = build_parser(self.captioner_class).parse_args(cli)
         seconds = dict(in_caption=0.0)
         with contextlib.ExitStack() as stack:
@@ -581,12 +615,13 @@ class ModelBench:
         assert status == 0 and lines == images * len(prompts), (status, lines)
         return seconds
 
-    def row(self, kind, batch_size, images, prompts, elapsed, seconds):
+    def row(self, kind, batch_size, images, prompts, elapsed, seconds, decode_rows=None):
         args, device = self.args, self.device
         label = {"oom": f"ours b{batch_size} in {args.oom_gib:g} GiB", "profile": f"ours b{batch_size} profiled"}.get(
             kind, f"{kind} b{batch_size}")
         label += "" if images else " (CUDA out of memory)"
         label += f" x{len(prompts)} prompts" if len(prompts) > 1 else ""
+        label += f", {decode_rows} decode rows refilled" if decode_rows else ""
         label += " (a pass each)" if kind == "seed" and len(prompts) > 1 else ""
         lengths = self.lengths.summary() if self.lengths is not None else None
         new_tokens = self.args.new_tokens if lengths is None else mean_new_tokens(lengths)
@@ -717,6 +752,10 @@ def parse_args():
                         help="batch sizes for our rows, comma-separated")
     parser.add_argument("--multi-batch", type=int, default=32,
                         help="batch size of the several-prompts row (InternVL2's five merge prompts; 0: skip)")
+    parser.add_argument("--refill-batch", type=int, default=0, help="batch size of a row of ours with --decode-rows "
+                        "(InternVL2's five prompts where the model has them; 0: skip)")
+    parser.add_argument("--decode-rows", type=lambda v: [int(b) for b in v.split(",")], default=[80],
+                        help="--decode-rows of the --refill-batch rows, comma-separated: a row each")
     parser.add_argument("--oom-batch", type=int, default=0,
                         help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
                         "out-of-memory backoff (0: skip)")

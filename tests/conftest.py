@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import subprocess
@@ -40,18 +41,21 @@ def image_folder(tmp_path_factory):
     return folder, make_good_images(folder), make_broken_entries(folder)
 
 
-def tokens_of_both_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
-    """{(decoding, path): new tokens} of utils/shared_prefix.py's shared-prefix path and of plain generate() over
-    the full left-padded sequences, decoding eagerly and as CUDA graphs (on the GPU: decode_with_cuda_graphs
-    stays on `model`). With graphs, both paths must decode through them (the shared one with its own static
-    cache)."""
+def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
+    """{(decoding, path): new tokens} of plain generate() over the full left-padded sequences, of
+    utils/shared_prefix.py's shared-prefix path and of utils/refill.py's refilled rows, decoding eagerly and as
+    CUDA graphs (on the GPU: decode_with_cuda_graphs stays on `model`). With graphs, every path must decode through
+    them (the shared one with its own static cache, the refill with its slots)."""
     import torch
     from utils import shared_prefix
     from utils.cuda_graphs import decode_with_cuda_graphs
+    # utils/refill.py: the rows of about half the images at a time, refilled as captions end
+    refill = functools.partial(shared_prefix.generate, decode_rows=sum(map(len, prompt_ids)) // 2)
+    refill.__name__ = "refill"
     tokens = {}
     for mode in ("eager", "graphs"):
         steps = decode_with_cuda_graphs(model) if mode == "graphs" else []
-        for path in (shared_prefix.generate_left_padded, shared_prefix.generate_with_shared_prefix):
+        for path in (shared_prefix.generate_left_padded, shared_prefix.generate_with_shared_prefix, refill):
             replays = sum(step.replays for step in steps)
             with torch.inference_mode():
                 tokens[mode, path.__name__] = path(model, prompt_ids, image_features, image_token_id, pad_token_id,

@@ -15,7 +15,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torchvision.transforms.functional import InterpolationMode
 
-from conftest import REPO, read_jsonl, run_command, tokens_of_both_paths
+from conftest import REPO, read_jsonl, run_command, tokens_of_all_paths
 from internvl_checkpoint import build_checkpoint
 
 sys.path.insert(0, str(REPO))
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory):
 
 def make_args(model, **overrides):
     args = dict(model=model, dtype=torch.float32, max_new_tokens=8, min_new_tokens=None, temperature=None,
-                top_p=None, num_beams=1, max_tiles=6, attn_implementation="eager")
+                top_p=None, num_beams=1, max_tiles=6, attn_implementation="eager", decode_rows=None)
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -252,6 +252,33 @@ def test_five_prompt_recipe_matches_one_prompt_at_a_time(variant, cache, checkpo
     assert batched == expected
 
 
+@pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
+def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_checkpoints, monkeypatch):
+    """--decode-rows (utils/refill.py): 3 images x 5 prompts in 7 rows. Rows join image by image while rows of other
+    images are still decoding, at other columns and positions; each caption, ended or truncated, is the one of that
+    image with that prompt alone."""
+    from utils import refill
+    args = make_args(early_end_checkpoints[variant], attn_implementation="sdpa_grouped", decode_rows=7)
+    captioner = internvl.InternVLCaptioner(args, torch.device("cpu"))
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    joined = []  # (rows that join, rows still decoding in other slots)
+    place = refill.Slots.place
+
+    def place_and_note(slots, indices, rows, *args):
+        joined.append((rows, [row for row in slots.rows if row is not None]))
+        place(slots, indices, rows, *args)
+    monkeypatch.setattr(refill.Slots, "place", place_and_note)
+    refilled = captioner.caption(images, prompts)
+    assert [rows for rows, _ in joined] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert any(live for _, live in joined)  # a row decoded on while another image's rows joined
+    assert {c.truncated for row in refilled for c in row} == {True, False}
+    captioner.decode_rows = None
+    for i, image in enumerate(images):
+        for j, prompt in enumerate(prompts):
+            assert refilled[i][j] == captioner.caption([image], [prompt])[0][0], (i, j)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkpoints):
@@ -264,7 +291,7 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkp
     with torch.inference_mode():
         ids, features = captioner.prompt_inputs(images, prompts)
     captioner.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + 16)
-    tokens = tokens_of_both_paths(captioner.model, ids, features, captioner.image_token_id, captioner.pad_token_id,
+    tokens = tokens_of_all_paths(captioner.model, ids, features, captioner.image_token_id, captioner.pad_token_id,
                                   eos_token_id=captioner.end_token_ids, **captioner.generation)
     assert len({str(rows) for rows in tokens.values()}) == 1, tokens
     assert len(tokens["eager", "generate_left_padded"]) == 15
@@ -362,8 +389,8 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
 
 
 def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path):
-    """The real script through generate.sh: every image and prompt gets the one-by-one caption, broken
-    entries go to the errors file."""
+    """The real script through generate.sh, with refilled rows (--decode-rows: 3 images x 2 prompts in 3 rows):
+    every image and prompt gets the one-by-one caption, broken entries go to the errors file."""
     folder, good, broken = image_folder
     images = [name for name in good if name in ("wide.png", "rgba.png", "gray16.png")]
     entries = images + broken[:2]
@@ -372,8 +399,8 @@ def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path)
     out = tmp_path / "out"
     run_command(["bash", "generate.sh", str(input_file), "internvl", "--model", checkpoints["internlm2"],
                  "--image-root", str(folder), "--output-dir", str(out), "--prompts", "detail,noun",
-                 "--temperature", "0", "--max-new-tokens", "8", "--attn-implementation", "eager",
-                 "--batch-size", "3", "--num-workers", "1", "--max-tiles", "2"])
+                 "--temperature", "0", "--max-new-tokens", "8", "--attn-implementation", "sdpa_grouped",
+                 "--decode-rows", "3", "--batch-size", "3", "--num-workers", "1", "--max-tiles", "2"])
     model_dir = out / "internvl" / "internlm2"
     captioner = captioners["internlm2"]
     for key in ("detail", "noun"):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import llava
-from conftest import tokens_of_both_paths
+from conftest import tokens_of_all_paths
 from llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
 from utils.captioning import UserError, build_parser, generation_kwargs
 from utils.images import open_image
@@ -165,6 +165,19 @@ def test_several_prompts_prefill_their_shared_prefix_once(form, captioners, imag
     assert batched == expected
 
 
+@pytest.mark.parametrize("form", ["hf", "original"])
+def test_refilled_rows_equal_one_by_one(form, captioners, images, one_by_one):
+    """--decode-rows 4 (utils/refill.py): 3 images x 2 prompts decode in 4 rows that take the next image's rows as
+    captions end; the original form also keeps its image token out (a transformers processor the refill applies)."""
+    captioner = captioners[form]
+    captioner.decode_rows = 4
+    try:
+        refilled = captioner.caption([captioner.prepare(image) for image in images[:3]], [PROMPTS[1], PROMPTS[0]])
+    finally:
+        captioner.decode_rows = None
+    assert refilled == [[one_by_one[form][i][1], one_by_one[form][i][0]] for i in range(3)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("form", ["hf", "original"])
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoints, images):
@@ -175,7 +188,7 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoin
     ids = [[captioner.prompt_ids(prompt) for prompt in [PROMPTS[1], "What?", PROMPTS[0]]]] * len(images)
     with torch.inference_mode():
         features = captioner.image_features(torch.stack([captioner.prepare(image) for image in images]))
-    tokens = tokens_of_both_paths(captioner.model, ids, features, captioner.image_token_id, captioner.pad_token_id,
+    tokens = tokens_of_all_paths(captioner.model, ids, features, captioner.image_token_id, captioner.pad_token_id,
                                   eos_token_id=captioner.tokenizer.eos_token_id, **captioner.generation)
     assert len({str(rows) for rows in tokens.values()}) == 1, tokens
     assert len(tokens["eager", "generate_left_padded"]) == 3 * len(images)

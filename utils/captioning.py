@@ -44,6 +44,8 @@ The contract a captioner class fulfils:
                            --sort-window batches by it so that batches pad less.
     caption_flags: tuple   optional: argparse dests of the class's own flags that change captions
                            (e.g. ("max_pixels",)); they go into the run record (utils/run_record.py)
+    refills_rows: bool     optional: the class passes --decode-rows (args.decode_rows) to utils/shared_prefix.py's
+                           generate(), which then refills rows as captions end (utils/refill.py)
     model_on_hub: bool     optional, default True: --model may be a Hugging Face hub id, checked before
                            the model loads; False where --model is a local file the class checks itself
 
@@ -145,6 +147,12 @@ def build_parser(captioner):
         "output folders and their run records, then exit (generate.sh does this once before it starts several "
         "processes)")
     add("--retry-errors", action="store_true", help="try again images that an earlier run recorded as unreadable")
+    if getattr(captioner, "refills_rows", False):
+        add("--decode-rows", type=int, default=None, metavar="N", help="decode each batch's (image, prompt) rows in "
+            "N rows that each take the next waiting row as soon as its caption ends (utils/refill.py); pays when "
+            "captions differ in length, as with several prompts: then give --batch-size several times N / prompts. "
+            "The same greedy captions. Needs --attn-implementation sdpa_grouped or sdpa (default: all rows of a "
+            "batch decode together until the longest caption ends)")
     if hasattr(captioner, "add_arguments"):
         captioner.add_arguments(parser)
     parser.set_defaults(**captioner.defaults)
@@ -525,6 +533,12 @@ def check_flags(args, world):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_workers < 0:
         raise UserError("--num-workers must be 0 or more")
+    if getattr(args, "decode_rows", None) is not None:
+        if args.decode_rows < 1:
+            raise UserError("--decode-rows must be at least 1")
+        if args.attn_implementation not in ("sdpa_grouped", "sdpa"):
+            raise UserError(f"--decode-rows needs --attn-implementation sdpa_grouped or sdpa, not "
+                            f"{args.attn_implementation}")
 
 
 def check_only(captioner_cls, args, prompts):

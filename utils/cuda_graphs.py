@@ -142,6 +142,12 @@ def uses_static_cache(model):
     return "_decode_step_graph" in model.__dict__
 
 
+def decode_step_graph(model):
+    """The DecodeStepGraph of `model` for a decode loop of its own (utils/refill.py), whose inputs and cache then
+    stay at fixed addresses: where decode_with_cuda_graphs made one and the model is on a GPU, else None."""
+    return model.__dict__.get("_decode_step_graph") if model.device.type == "cuda" else None
+
+
 def _static_cache_generate(generate, module, step):
     @functools.wraps(generate)
     def static_cache_generate(*args, **kwargs):

@@ -28,18 +28,35 @@ prefill of a prefix sits at one column for all rows of its image anyway.
 One prompt per image, or beam search (generate() expands rows by beams itself), takes the plain path: there is
 nothing to share (the split would add a second forward and, with a static cache, a copy of the cache), and the
 plain path is the reference the tests compare the shared one with.
+
+With --decode-rows, utils/refill.py decodes the rows in a fixed number of slots that take the next image's rows as
+captions end; it prefills them here (prefill_rows: the shared prefix once per image, then each row's own tokens).
 """
+import warnings
+
 import torch
 from transformers import DynamicCache, StaticCache
 
 from utils.cuda_graphs import uses_static_cache
 
 
-def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
+def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows=None, **generate_kwargs):
     """New tokens for every (image, prompt) row, image-major, as a (rows, new tokens) tensor padded with
     pad_token_id after a row's end. prompt_ids[i][j]: token ids of image i with prompt j, whose image tokens
     (image_token_id) take the rows of image_features[i] (image tokens x hidden size) in order. The shared prefix is
-    used when an image has several prompts, with greedy or sampled decoding."""
+    used when an image has several prompts, with greedy or sampled decoding. decode_rows: decode in that many rows,
+    refilled as captions end (utils/refill.py), where the generation settings allow it."""
+    from utils import refill  # which builds on this module
+    if decode_rows and generate_kwargs.get("num_beams", 1) == 1:
+        sampling = refill.logits_processors(model, generate_kwargs)
+        if sampling is None:
+            warnings.warn("--decode-rows: the generation settings read the tokens so far (e.g. a repetition "
+                          "penalty in the checkpoint's generation_config.json); decoding without refilling rows")
+        else:
+            return refill.generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows,
+                                   sampling, eos_token_id=generate_kwargs["eos_token_id"],
+                                   max_new_tokens=generate_kwargs["max_new_tokens"],
+                                   min_new_tokens=generate_kwargs.get("min_new_tokens"))
     several_prompts = any(len(rows) > 1 for rows in prompt_ids)
     if several_prompts and generate_kwargs.get("num_beams", 1) == 1:
         return generate_with_shared_prefix(model, prompt_ids, image_features, image_token_id, pad_token_id,
@@ -57,6 +74,34 @@ def generate_left_padded(model, prompt_ids, image_features, image_token_id, pad_
 
 def generate_with_shared_prefix(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
     """As generate_left_padded, with each image's shared prefix prefilled once (see the module docstring)."""
+    prefix_cache, prefix_mask, own_embeds, own_mask, image_of_row = prefill_prefixes(
+        model, prompt_ids, image_features, image_token_id, pad_token_id)
+    attention_mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
+    # room for the prompt and every new token but the last, which is never fed back
+    cache = cache_for_rows(model, prefix_cache, image_of_row,
+                           attention_mask.shape[1] + generate_kwargs["max_new_tokens"] - 1)
+    # generate() takes the embeddings of the whole sequence but reads only those past the cache
+    inputs_embeds = torch.nn.functional.pad(own_embeds, (0, 0, prefix_mask.shape[1], 0))
+    return model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                          pad_token_id=pad_token_id, **generate_kwargs)
+
+
+def prefill_rows(model, prompt_ids, image_features, image_token_id, pad_token_id):
+    """Every row's prompt prefilled, its image's shared prefix once: (a DynamicCache of the rows, image-major, their
+    attention mask, the logits of each row's first new token). As generate() prefills, positions follow the mask."""
+    cache, prefix_mask, own_embeds, own_mask, image_of_row = prefill_prefixes(
+        model, prompt_ids, image_features, image_token_id, pad_token_id)
+    cache.batch_select_indices(image_of_row)
+    mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -own_mask.shape[1]:]
+    output = model(inputs_embeds=own_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+    return cache, mask, output.logits[:, -1]
+
+
+def prefill_prefixes(model, prompt_ids, image_features, image_token_id, pad_token_id):
+    """Each image's shared prefix prefilled once, and what is left of every row: (prefix cache, one row per image;
+    prefix mask; the rows' own embeddings and mask, left-padded; the image of each row, a tensor)."""
     prefix_lengths = [shared_prefix_length(rows) for rows in prompt_ids]
     prefix_ids = [rows[0][:length] for rows, length in zip(prompt_ids, prefix_lengths)]
     prefix_image_tokens = [ids.count(image_token_id) for ids in prefix_ids]
@@ -70,15 +115,7 @@ def generate_with_shared_prefix(model, prompt_ids, image_features, image_token_i
     own_ids = [ids[length:] for rows, length in zip(prompt_ids, prefix_lengths) for ids in rows]
     own_embeds, own_mask = embed(model, own_ids, [image_features[i][prefix_image_tokens[i]:] for i in image_of_row],
                                  image_token_id, pad_token_id)
-    image_of_row = torch.tensor(image_of_row, device=model.device)
-    attention_mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
-    # room for the prompt and every new token but the last, which is never fed back
-    cache = cache_for_rows(model, prefix_cache, image_of_row,
-                           attention_mask.shape[1] + generate_kwargs["max_new_tokens"] - 1)
-    # generate() takes the embeddings of the whole sequence but reads only those past the cache
-    inputs_embeds = torch.nn.functional.pad(own_embeds, (0, 0, prefix_mask.shape[1], 0))
-    return model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
-                          pad_token_id=pad_token_id, **generate_kwargs)
+    return prefix_cache, prefix_mask, own_embeds, own_mask, torch.tensor(image_of_row, device=model.device)
 
 
 def shared_prefix_length(id_lists):

@@ -1,0 +1,227 @@
+"""Decoding in a fixed number of rows ("slots") that each take the next (image, prompt) row as soon as its caption
+ends: continuous batching within one caption() call (--decode-rows).
+
+In one generate() call every row runs until the longest caption of the batch ends. With the paper's five prompts
+the captions differ a lot in length (a noun list ends after ~15 tokens, a detailed description runs into the
+77-token limit): in bench/RESULTS.md run 22, 39% of the decode row-steps of five-prompt batches went to captions
+that had already ended. Compacting the batch instead (fewer rows) saved less than it cost (run 23): a decode step
+of an 8B model at 80 rows mostly reads the weights. Here the steps stay full: a caption() call's rows (image-major,
+all prompts of an image) decode in `decode_rows` slots, and a slot whose caption ended takes a waiting row.
+
+- Rows join image by image, all the prompts of an image at once, once enough slots are free (`admit_threshold`):
+  the images' shared prefixes are prefilled once and each row's own tokens on top (utils/shared_prefix.py), which
+  gives every row its first new token; the rows' keys and values are then copied into columns 0..width-1 of their
+  slots.
+- Every slot writes at its own column (SlotLayer), so a row that joins late starts at column 0 of its slot while
+  the others are deep into their captions. The attention mask (slots x columns) holds each row's own columns, and
+  each row's position ids count its own tokens as generate() counts them: every row sees exactly what it sees
+  alone. The cache has `width + max_new_tokens - 1` columns, width being the widest prefilled row of the call.
+- A decode step is the model's forward on one token per slot; on the GPU it is replayed from a CUDA graph (the
+  model's DecodeStepGraph, utils/cuda_graphs.py): all slot state lives in tensors updated in place, so one
+  recording serves the whole call however rows come and go.
+- Tokens are chosen with transformers' own logits processors and warpers for the generation settings (greedy or
+  sampling; e.g. LLaVA's suppressed image token); min_new_tokens is applied per row, since rows start at different
+  steps. Settings whose processors read the generated text (repetition penalty, n-gram blocking...) are not
+  supported here: shared_prefix.generate() then decodes without refilling.
+"""
+import torch
+from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
+from transformers.cache_utils import Cache, StaticLayer
+
+from utils import shared_prefix
+from utils.cuda_graphs import decode_step_graph
+
+# processors that read only the scores, never the tokens so far: the same for a row whatever its slot's history
+ROW_INDEPENDENT = (SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                   MinPLogitsWarper)
+
+
+def logits_processors(model, generate_kwargs):
+    """(do_sample, transformers' processors for generate_kwargs as generate() builds them, min_new_tokens left out),
+    or None when one of them reads the tokens so far. Uses generate()'s own (private) builders, as pinned in
+    requirements.txt, so that defaults such as sampling's top_k=50 come out as in generate()."""
+    kwargs = {key: value for key, value in generate_kwargs.items() if key not in ("min_new_tokens", "eos_token_id")}
+    config, _ = model._prepare_generation_config(None, **kwargs)
+    processors = model._get_logits_processor(config, device=model.device)
+    if not all(isinstance(processor, ROW_INDEPENDENT) for processor in processors):
+        return None
+    return bool(config.do_sample), processors
+
+
+class MinNewTokens:
+    """A row processor: the end tokens are kept out of a row's first `count` new tokens."""
+
+    def __init__(self, count, end_ids, device):
+        self.count, self.end_ids = count, torch.tensor(end_ids, device=device)
+
+    def __call__(self, rows, generated, scores):
+        too_early = (generated < self.count)[:, None]
+        scores[:, self.end_ids] = torch.where(too_early, float("-inf"), scores[:, self.end_ids])
+        return scores
+
+
+class SlotLayer(StaticLayer):
+    """One layer of the decode cache: slot s writes its next key and value at column columns[s]."""
+
+    def __init__(self, max_cache_len, columns):
+        super().__init__(max_cache_len)
+        self.columns = columns
+        self.slots = torch.arange(len(columns), device=columns.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys[self.slots, :, self.columns] = key_states[:, :, 0]
+        self.values[self.slots, :, self.columns] = value_states[:, :, 0]
+        return self.keys, self.values
+
+
+class Slots:
+    """The decode state of `size` slots: GPU tensors written in place (what a decode step's CUDA graph reads),
+    and on the CPU the call's row that each slot holds (None: free)."""
+
+    def __init__(self, model, size, columns, forward):
+        device = model.device
+        self.size, self.forward = size, forward  # forward: the model, or its DecodeStepGraph
+        self.columns = torch.zeros(size, dtype=torch.long, device=device)  # where each slot writes next
+        self.slot_range = torch.arange(size, device=device)
+        self.positions = torch.zeros(size, 1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(size, 1, dtype=torch.long, device=device)  # each slot's last token, fed next
+        self.generated = torch.zeros(size, dtype=torch.long, device=device)  # new tokens of the row so far
+        self.row = torch.zeros(size, dtype=torch.long, device=device)  # the row each slot holds, for row processors
+        # bool: True where a slot's row may attend (a 4D mask goes to the attention as it is)
+        self.mask = torch.zeros(size, 1, 1, columns, dtype=torch.bool, device=device)
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = Cache(layers=[SlotLayer(columns, self.columns) for _ in range(layers)])
+        self.rows = [None] * size
+
+    def free(self):
+        return [slot for slot, row in enumerate(self.rows) if row is None]
+
+    def place(self, slots, rows, cache, mask, first_tokens):
+        """The prefilled rows (their cache and attention mask, left-padded to one width) into free slots."""
+        index = torch.tensor(slots, device=self.columns.device)
+        width = mask.shape[1]
+        for layer, prefilled in zip(self.cache.layers, cache.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(prefilled.keys[:1].expand(self.size, -1, -1, -1), prefilled.values[:1])
+            layer.keys[index, :, :width] = prefilled.keys
+            layer.values[index, :, :width] = prefilled.values
+            prefilled.keys = prefilled.values = None  # freed as copied
+        self.mask[index] = False
+        self.mask[index, 0, 0, :width] = mask.bool()
+        self.columns[index] = width
+        self.positions[index, 0] = mask.sum(-1)  # a row's next position: its real tokens so far
+        self.tokens[index, 0] = first_tokens
+        self.generated[index] = 1
+        self.row[index] = torch.tensor(rows, device=index.device)
+        for slot, row in zip(slots, rows):
+            self.rows[slot] = row
+
+    def step(self):
+        """One decode step of every slot: the logits of each slot's next token."""
+        self.mask[self.slot_range, 0, 0, self.columns] = True  # the column this step writes
+        output = self.forward(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions,
+                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        # a free slot keeps stepping (its output unread) and must not write past the cache; a row never gets there
+        self.columns.add_(1).clamp_(max=self.mask.shape[-1] - 1)
+        self.positions += 1
+        return output.logits[:, -1]
+
+
+class RefillDecoder:
+    """Decodes the (image, prompt) rows of one caption() call in slots; see the module docstring."""
+
+    def __init__(self, model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
+                 end_ids, max_new_tokens, row_processors, graph):
+        self.model, self.prompt_ids, self.image_features = model, prompt_ids, image_features
+        self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
+        self.do_sample, self.processors = sampling
+        self.end_ids, self.max_new_tokens, self.row_processors = set(end_ids), max_new_tokens, row_processors
+        self.first_row = [0]
+        for rows in prompt_ids:
+            self.first_row.append(self.first_row[-1] + len(rows))
+        self.new_tokens = [[] for _ in range(self.first_row[-1])]
+        widest = max(map(len, prompt_ids))
+        size = min(max(decode_rows, widest), len(self.new_tokens))  # at least one image's rows
+        self.slots = Slots(model, size, self.widest_row() + max_new_tokens - 1, graph or model)
+        self.admit_threshold = max(widest, size // 8)  # rows join in groups: one prefill for several images
+        self.waiting = list(range(len(prompt_ids)))  # images whose rows have not joined yet
+
+    def widest_row(self):
+        """Columns of the widest prefilled row any group of images can give: the longest shared prefix and the
+        longest own part, as utils/shared_prefix.py left-pads them."""
+        prefix_lengths = [shared_prefix.shared_prefix_length(rows) for rows in self.prompt_ids]
+        own = max(len(ids) - length for rows, length in zip(self.prompt_ids, prefix_lengths) for ids in rows)
+        return max(prefix_lengths) + own
+
+    def run(self):
+        """New tokens of every row, image-major, as a (rows, new tokens) tensor padded with pad_token_id."""
+        live = 0
+        while self.waiting or live:
+            free = self.slots.free()
+            if self.waiting and (len(free) >= self.admit_threshold or not live):
+                self.admit(free)
+            live = sum(row is not None for row in self.slots.rows)
+            if live:
+                tokens = self.choose(self.slots.step(), self.slots.row, self.slots.generated)
+                self.slots.tokens[:, 0] = tokens
+                self.slots.generated += 1
+                self.record(range(self.slots.size), tokens)
+                live = sum(row is not None for row in self.slots.rows)
+        width = max(map(len, self.new_tokens))
+        return torch.tensor([tokens + [self.pad_token_id] * (width - len(tokens)) for tokens in self.new_tokens])
+
+    def admit(self, free):
+        """Prefill the next waiting images whose rows fit in the free slots and place them there."""
+        images = []
+        while self.waiting and sum(len(self.prompt_ids[i]) for i in images + self.waiting[:1]) <= len(free):
+            images.append(self.waiting.pop(0))
+        rows = [row for i in images for row in range(self.first_row[i], self.first_row[i + 1])]
+        cache, mask, logits = shared_prefix.prefill_rows(
+            self.model, [self.prompt_ids[i] for i in images], [self.image_features[i] for i in images],
+            self.image_token_id, self.pad_token_id)
+        row_index = torch.tensor(rows, device=logits.device)
+        first_tokens = self.choose(logits, row_index, torch.zeros_like(row_index))
+        slots = free[:len(rows)]
+        self.slots.place(slots, rows, cache, mask, first_tokens)
+        self.record(slots, first_tokens)
+
+    def choose(self, logits, rows, generated):
+        """The next token of each row, from its logits; rows: the call's row of each, generated: its new tokens so
+        far."""
+        scores = logits.float()  # as generate(): processors work in float32
+        for processor in self.row_processors:
+            scores = processor(rows, generated, scores)
+        scores = self.processors(None, scores)  # the processors used read only the scores
+        if self.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return scores.argmax(-1)
+
+    def record(self, slots, tokens):
+        """Append each slot's new token to the row it holds; a row that ended (end token, or max_new_tokens reached)
+        frees its slot."""
+        for slot, token in zip(slots, tokens.tolist()):  # the one copy to the CPU per step
+            row = self.slots.rows[slot]
+            if row is None:
+                continue
+            self.new_tokens[row].append(token)
+            if token in self.end_ids or len(self.new_tokens[row]) == self.max_new_tokens:
+                self.slots.rows[slot] = None
+
+def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
+             eos_token_id, max_new_tokens, min_new_tokens=None, row_processors=()):
+    """New tokens of every (image, prompt) row, image-major, as shared_prefix.generate() gives them, decoded in
+    `decode_rows` slots that are refilled as captions end. sampling: logits_processors()'s answer."""
+    end_ids = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]
+    row_processors = list(row_processors)
+    if min_new_tokens:
+        row_processors.insert(0, MinNewTokens(min_new_tokens, end_ids, model.device))
+    graph = decode_step_graph(model)
+    if graph:
+        graph.reset()  # one recording for this call's slots, dropped with them
+    try:
+        return RefillDecoder(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
+                             end_ids, max_new_tokens, row_processors, graph).run()
+    finally:
+        if graph:
+            graph.reset()
