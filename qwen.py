@@ -12,7 +12,8 @@ tokenization of the expanded text gives.
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
-from utils.captioning import Caption, by_image, generation_kwargs, run, stopped_at_limit, to_device
+from utils.captioning import (Caption, by_image, generation_kwargs, left_padded, mask_positions, run, stopped_at_limit,
+                               to_device)
 
 # torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
 if TYPE_CHECKING:
@@ -89,7 +90,6 @@ class QwenCaptioner:
     def text_inputs(self, images, prompts):
         """input_ids, attention_mask and mm_token_type_ids of every (image, prompt) row, left-padded, as the
         processor's text half makes them."""
-        import torch
         image_token = self.model.config.image_token_id
         prompt_ids = [self.prompt_ids(prompt) for prompt in prompts]  # the template and tokenizer once a prompt
         rows = []
@@ -97,10 +97,7 @@ class QwenCaptioner:
             for ids in prompt_ids:
                 at = ids.index(image_token)
                 rows.append(ids[:at] + [image_token] * image.tokens + ids[at + 1:])
-        length = max(map(len, rows))
-        pad = self.processor.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows])
-        attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+        input_ids, attention_mask = left_padded(rows, self.processor.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "mm_token_type_ids": (input_ids == image_token).int()}
 
@@ -110,10 +107,9 @@ class QwenCaptioner:
         get_rope_index loops over the rows, and on the GPU each row waits for the GPU several times."""
         import torch
         mask = text["attention_mask"]
-        text_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         image_positions, _ = self.model.model.get_rope_index(text["input_ids"], text["mm_token_type_ids"], grid_thw,
                                                              attention_mask=mask)
-        return torch.cat([text_positions[None], image_positions])
+        return torch.cat([mask_positions(mask)[None], image_positions])
 
     def caption(self, images, prompts):
         import torch
@@ -131,6 +127,7 @@ class QwenCaptioner:
         captions = [Caption(text, stopped_at_limit(row, self.end_token_ids))
                     for text, row in zip(answers, new_tokens)]
         return by_image(captions, prompts)
+
 
 if __name__ == "__main__":
     run(QwenCaptioner)

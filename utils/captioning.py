@@ -288,6 +288,21 @@ def to_device(tensors, device):
     return out
 
 
+def left_padded(id_lists, pad_token_id):
+    """(input ids, attention mask) of token id lists, left-padded to the longest, as CPU tensors."""
+    import torch
+    length = max(map(len, id_lists))
+    ids = torch.tensor([[pad_token_id] * (length - len(x)) + x for x in id_lists])
+    mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in id_lists])
+    return ids, mask
+
+
+def mask_positions(mask):
+    """Position ids of left-padded rows as generate() makes them from the attention mask: each real token counts
+    the real tokens before it; padding gets 0."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def by_image(captions, prompts):
     """Captions of image-major (image, prompt) rows as caption() returns them: result[i][j], image i, prompt j."""
     return [captions[i:i + len(prompts)] for i in range(0, len(captions), len(prompts))]
@@ -528,17 +543,15 @@ def check_flags(args, world):
     if args.numgpus is not None and args.numgpus != world:
         raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
                         f"(WORLD_SIZE or SLURM_NTASKS); drop --numgpus or launch {args.numgpus}")
-    for flag in ("batch_size", "max_new_tokens", "num_beams", "sort_window"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "max_new_tokens", "num_beams", "sort_window", "decode_rows"):
+        value = getattr(args, flag, None)  # --decode-rows: only where the model has it, and unset by default
+        if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_workers < 0:
         raise UserError("--num-workers must be 0 or more")
-    if getattr(args, "decode_rows", None) is not None:
-        if args.decode_rows < 1:
-            raise UserError("--decode-rows must be at least 1")
-        if args.attn_implementation not in ("sdpa_grouped", "sdpa"):
-            raise UserError(f"--decode-rows needs --attn-implementation sdpa_grouped or sdpa, not "
-                            f"{args.attn_implementation}")
+    if getattr(args, "decode_rows", None) is not None and args.attn_implementation not in ("sdpa_grouped", "sdpa"):
+        raise UserError(f"--decode-rows needs --attn-implementation sdpa_grouped or sdpa, not "
+                        f"{args.attn_implementation}")
 
 
 def check_only(captioner_cls, args, prompts):

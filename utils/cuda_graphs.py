@@ -17,6 +17,7 @@ dropped when the call returns: nothing recorded outlives the batch (its cache, a
 state such as Qwen2-VL's rope deltas). Prefill stays eager. A step that cannot be recorded (a model
 whose forward reads a GPU value on the CPU) runs eagerly, with one warning.
 """
+import contextlib
 import functools
 import sys
 
@@ -46,6 +47,16 @@ class DecodeStepGraph:
     def reset(self):
         self.graph = self.inputs = self.outputs = self.signature = None
         self.steps = 0
+
+    @contextlib.contextmanager
+    def for_one_call(self):
+        """A recording of its own for one generate() call (or utils/refill.py's decode loop), dropped when the call
+        ends: nothing recorded outlives the batch."""
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.reset()
 
     @staticmethod
     def signature_of(kwargs):
@@ -155,11 +166,8 @@ def _static_cache_generate(generate, module, step):
             return generate(*args, **kwargs)
         # Size the cache for this batch, not for the longest batch so far (transformers keeps the maximum).
         module.__dict__.pop("_previous_max_cache_length", None)
-        step.reset()
         if "past_key_values" not in kwargs:  # a caller's own cache (utils/shared_prefix.py) is already static
             kwargs["cache_implementation"] = "static"
-        try:
+        with step.for_one_call():
             return generate(*args, **kwargs)
-        finally:
-            step.reset()
     return static_cache_generate

@@ -24,6 +24,9 @@ all prompts of an image) decode in `decode_rows` slots, and a slot whose caption
   steps. Settings whose processors read the generated text (repetition penalty, n-gram blocking...) are not
   supported here: shared_prefix.generate() then decodes without refilling.
 """
+import contextlib
+from itertools import accumulate
+
 import torch
 from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
@@ -87,15 +90,18 @@ class Slots:
         self.positions = torch.zeros(size, 1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(size, 1, dtype=torch.long, device=device)  # each slot's last token, fed next
         self.generated = torch.zeros(size, dtype=torch.long, device=device)  # new tokens of the row so far
-        self.row = torch.zeros(size, dtype=torch.long, device=device)  # the row each slot holds, for row processors
+        self.row_ids = torch.zeros(size, dtype=torch.long, device=device)  # rows held (for row processors)
         # bool: True where a slot's row may attend (a 4D mask goes to the attention as it is)
         self.mask = torch.zeros(size, 1, 1, columns, dtype=torch.bool, device=device)
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.cache = Cache(layers=[SlotLayer(columns, self.columns) for _ in range(layers)])
-        self.rows = [None] * size
+        self.rows = [None] * size  # the same on the CPU, None where a slot is free
 
     def free(self):
         return [slot for slot, row in enumerate(self.rows) if row is None]
+
+    def live(self):
+        return any(row is not None for row in self.rows)
 
     def place(self, slots, rows, cache, mask, first_tokens):
         """The prefilled rows (their cache and attention mask, left-padded to one width) into free slots."""
@@ -113,7 +119,7 @@ class Slots:
         self.positions[index, 0] = mask.sum(-1)  # a row's next position: its real tokens so far
         self.tokens[index, 0] = first_tokens
         self.generated[index] = 1
-        self.row[index] = torch.tensor(rows, device=index.device)
+        self.row_ids[index] = torch.tensor(rows, device=index.device)
         for slot, row in zip(slots, rows):
             self.rows[slot] = row
 
@@ -137,9 +143,7 @@ class RefillDecoder:
         self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
         self.do_sample, self.processors = sampling
         self.end_ids, self.max_new_tokens, self.row_processors = set(end_ids), max_new_tokens, row_processors
-        self.first_row = [0]
-        for rows in prompt_ids:
-            self.first_row.append(self.first_row[-1] + len(rows))
+        self.first_row = list(accumulate(map(len, prompt_ids), initial=0))  # image i's rows: first_row[i:i + 2]
         self.new_tokens = [[] for _ in range(self.first_row[-1])]
         widest = max(map(len, prompt_ids))
         size = min(max(decode_rows, widest), len(self.new_tokens))  # at least one image's rows
@@ -156,20 +160,21 @@ class RefillDecoder:
 
     def run(self):
         """New tokens of every row, image-major, as a (rows, new tokens) tensor padded with pad_token_id."""
-        live = 0
-        while self.waiting or live:
+        while self.waiting or self.slots.live():
             free = self.slots.free()
-            if self.waiting and (len(free) >= self.admit_threshold or not live):
+            if self.waiting and (len(free) >= self.admit_threshold or len(free) == self.slots.size):
                 self.admit(free)
-            live = sum(row is not None for row in self.slots.rows)
-            if live:
-                tokens = self.choose(self.slots.step(), self.slots.row, self.slots.generated)
-                self.slots.tokens[:, 0] = tokens
-                self.slots.generated += 1
-                self.record(range(self.slots.size), tokens)
-                live = sum(row is not None for row in self.slots.rows)
+            if self.slots.live():  # (a row can end at its first token)
+                self.step()
         width = max(map(len, self.new_tokens))
         return torch.tensor([tokens + [self.pad_token_id] * (width - len(tokens)) for tokens in self.new_tokens])
+
+    def step(self):
+        """One decode step of every slot, its tokens appended to the rows."""
+        tokens = self.choose(self.slots.step(), self.slots.row_ids, self.slots.generated)
+        self.slots.tokens[:, 0] = tokens
+        self.slots.generated += 1
+        self.record(range(self.slots.size), tokens)
 
     def admit(self, free):
         """Prefill the next waiting images whose rows fit in the free slots and place them there."""
@@ -208,6 +213,7 @@ class RefillDecoder:
             if token in self.end_ids or len(self.new_tokens[row]) == self.max_new_tokens:
                 self.slots.rows[slot] = None
 
+
 def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
              eos_token_id, max_new_tokens, min_new_tokens=None, row_processors=()):
     """New tokens of every (image, prompt) row, image-major, as shared_prefix.generate() gives them, decoded in
@@ -217,11 +223,6 @@ def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, de
     if min_new_tokens:
         row_processors.insert(0, MinNewTokens(min_new_tokens, end_ids, model.device))
     graph = decode_step_graph(model)
-    if graph:
-        graph.reset()  # one recording for this call's slots, dropped with them
-    try:
+    with graph.for_one_call() if graph else contextlib.nullcontext():  # one recording for this call's slots
         return RefillDecoder(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
                              end_ids, max_new_tokens, row_processors, graph).run()
-    finally:
-        if graph:
-            graph.reset()

@@ -37,6 +37,7 @@ import warnings
 import torch
 from transformers import DynamicCache, StaticCache
 
+from utils.captioning import left_padded, mask_positions
 from utils.cuda_graphs import uses_static_cache
 
 
@@ -93,7 +94,7 @@ def prefill_rows(model, prompt_ids, image_features, image_token_id, pad_token_id
         model, prompt_ids, image_features, image_token_id, pad_token_id)
     cache.batch_select_indices(image_of_row)
     mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -own_mask.shape[1]:]
+    position_ids = mask_positions(mask)[:, -own_mask.shape[1]:]
     output = model(inputs_embeds=own_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                    use_cache=True, logits_to_keep=1)
     return cache, mask, output.logits[:, -1]
@@ -130,9 +131,7 @@ def shared_prefix_length(id_lists):
 
 def embed(model, id_lists, features, image_token_id, pad_token_id):
     """Left-padded input embeddings and attention mask of id lists; the image tokens of row r take features[r]."""
-    length = max(map(len, id_lists))
-    ids = torch.tensor([[pad_token_id] * (length - len(x)) + x for x in id_lists], device=model.device)
-    mask = torch.tensor([[0] * (length - len(x)) + [1] * len(x) for x in id_lists], device=model.device)
+    ids, mask = (tensor.to(model.device) for tensor in left_padded(id_lists, pad_token_id))
     embeds = model.get_input_embeddings()(ids)
     # the image tokens in row-major order take the rows' features in order: one scatter, not one per row
     embeds[ids == image_token_id] = torch.cat(list(features)).to(embeds.dtype)
@@ -142,8 +141,7 @@ def embed(model, id_lists, features, image_token_id, pad_token_id):
 def prefill(model, embeds, mask):
     """The KV cache of left-padded sequences, position ids following the mask as generate() makes them."""
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+    model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=mask_positions(mask),
                         past_key_values=cache, use_cache=True)
     return cache
 
