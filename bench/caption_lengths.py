@@ -85,18 +85,20 @@ class EndAtLength(LogitsProcessor):
 
 class EndAtRowLength:
     """EndAtLength for utils/refill.py, whose slots hold rows at different steps: a row processor (rows: the
-    call's row each slot holds, generated: its new tokens so far) over the lengths of the call's rows."""
+    call's row each slot holds, generated: its new tokens so far) over the lengths of the call's rows. Like the
+    refill loop, it never waits for the GPU (the forced end token's index is a number, not a GPU tensor)."""
 
     def __init__(self, lengths, end_ids, device):
         self.lengths = torch.tensor(lengths, device=device)
         self.end_ids = torch.tensor(end_ids, device=device)
+        self.first_end_id = end_ids[0]
 
     def __call__(self, rows, generated, scores):
         lengths = self.lengths[rows]
         scores[:, self.end_ids] = torch.where((lengths > generated)[:, None], float("-inf"), scores[:, self.end_ids])
         ending = (lengths == generated)[:, None]
         forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.end_ids[0]] = 0.0
+        forced[:, self.first_end_id] = 0.0
         return torch.where(ending, forced, scores)
 
 

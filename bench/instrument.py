@@ -13,6 +13,7 @@ import torch
 from torch.profiler import record_function
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from utils import refill
 from utils.cuda_graphs import DecodeStepGraph
 
 PREFIX = "bench: "
@@ -79,7 +80,7 @@ def prefill_or_decode(forward):
 @contextlib.contextmanager
 def marked_regions(model, generating, parts):
     """Ranges around the model's parts ({label: dotted submodule path from `model`}), the generating module's
-    prefill and eager decode forwards, CUDA graph recording, logits processors and stopping criteria."""
+    prefill and eager decode forwards, CUDA graph recording, logits processors, stopping criteria and the pieces of utils/refill.py's loop."""
     with contextlib.ExitStack() as stack:
         for label, path in parts.items():
             stack.enter_context(patched(model.get_submodule(path), "forward", in_range(label)))
@@ -87,6 +88,10 @@ def marked_regions(model, generating, parts):
         stack.enter_context(patched(DecodeStepGraph, "record", in_range("decode: record CUDA graph")))
         stack.enter_context(patched(LogitsProcessorList, "__call__", in_range("decode: logits processors")))
         stack.enter_context(patched(StoppingCriteriaList, "__call__", in_range("decode: stopping criteria")))
+        stack.enter_context(patched(refill.RefillDecoder, "admit", in_range("refill: rows join (prefill, place)")))
+        stack.enter_context(patched(refill.Slots, "step", in_range("refill: decode step")))
+        stack.enter_context(patched(refill.RefillDecoder, "choose", in_range("refill: choose tokens")))
+        stack.enter_context(patched(refill.RefillDecoder, "record", in_range("refill: tokens to the CPU")))
         yield
 
 

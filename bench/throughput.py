@@ -58,7 +58,6 @@ from caption_lengths import CaptionLengths  # noqa: E402
 from instrument import PREFIX, loader_wait, marked_regions, patched, timed  # noqa: E402
 from timeline import BatchProfile  # noqa: E402
 
-PROFILED_BATCHES = 3  # consecutive steady-state batches in the --profile DIR timeline
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
 IMAGE_SIZES = [(500, 375), (640, 480), (800, 600), (1024, 576), (400, 600), (300, 300), (960, 640), (640, 427)]
@@ -548,7 +547,7 @@ class ModelBench:
         if self.lengths is not None:
             self.lengths.reset()
         seconds = {}
-        profile = BatchProfile(self.args.profile_warmup, PROFILED_BATCHES, self.device) if kind == "profile" else None
+        profile = BatchProfile(self.args.profile_warmup, self.args.profile_batches, self.device) if kind == "profile" else None
         with contextlib.ExitStack() as stack:
             if self.lengths is not None:
                 stack.enter_context(patched(self.captioner_class, "caption", planned_lengths(self.lengths)))
@@ -648,7 +647,7 @@ def profile_batch(args):
 
 
 def profiled_images(args):
-    return profile_batch(args) * (args.profile_warmup + PROFILED_BATCHES + 1) if args.profile else 0
+    return profile_batch(args) * (args.profile_warmup + args.profile_batches + 1) if args.profile else 0
 
 
 def mean_new_tokens(lengths):
@@ -772,7 +771,9 @@ def parse_args():
     parser.add_argument("--profile-prompts", default=None, metavar="KEY,KEY",
                         help="prompt keys of the profiled row (default: the model's default prompt)")
     parser.add_argument("--profile-warmup", type=int, default=2, help="batches of the profiled row before the "
-                        f"{PROFILED_BATCHES} profiled ones")
+                        "profiled ones")
+    parser.add_argument("--profile-batches", type=int, default=3, help="consecutive steady-state batches in the "
+                        "timeline (one is enough for a long batch: the profiler slows the run and its trace grows)")
     parser.add_argument("--tiny", action="store_true", help="tiny checkpoints on the CPU: checks the benchmark")
     parser.add_argument("--smoke", action="store_true", help="--tiny with a few images and small batches, every "
                         "model unless --models says otherwise: checks in about a minute that the benchmark runs and "

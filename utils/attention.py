@@ -1,12 +1,15 @@
-"""`sdpa_grouped`: PyTorch SDPA attention without copying the KV cache per query head while decoding.
+"""`sdpa_grouped`: PyTorch SDPA attention without copying the KV cache per query head.
 
 With a padding mask (every left-padded batch has one), transformers' sdpa path cannot use SDPA's own
-grouped-query support and repeats each key/value head for every query head that shares it: at each
-decode step the whole KV cache is copied 4x (InternLM2) to 7x (Qwen2). On an H100 with Qwen2-VL-7B
-at batch 128 that copy took 25 of the 43 ms of GPU time per step (bench/RESULTS.md). A decode step has
-one query token, so the query heads of a group can stand in the query-length dimension instead:
-(batch, kv_heads, group, dim) against (batch, kv_heads, length, dim), the same arithmetic, no copy.
-Prefill and models without grouped heads take transformers' sdpa path unchanged.
+grouped-query support and repeats each key/value head for every query head that shares it: the whole KV
+cache is copied 4x (InternLM2) to 7x (Qwen2) in every layer. While decoding, on an H100 with Qwen2-VL-7B at
+batch 128, that copy took 25 of the 43 ms of GPU time per step (bench/RESULTS.md). When prefilling a few
+tokens on top of a long cache (utils/shared_prefix.py: each prompt's own tokens after the image's shared
+prefix), it took 0.45 s of the 1.7 s that this prefill spent on the GPU per batch (bench/RESULTS.md run 28).
+Instead, the query heads of a group stand in the query-length dimension: (batch, kv_heads, group x length,
+dim) against (batch, kv_heads, keys, dim), each group's rows masked as its positions are; the same arithmetic,
+no copy of the keys. Without a mask, or without grouped heads, transformers' sdpa path runs unchanged (SDPA's
+own grouped-query support needs no copy there).
 """
 import torch
 from transformers import AttentionInterface
@@ -16,17 +19,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 def sdpa_grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or dropout or kwargs.get("output_attentions"):
+    batch, heads, length, dim = query.shape
+    plain = groups == 1 or dropout or kwargs.get("output_attentions")
+    if plain or (attention_mask is None and length > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    batch, heads, _, dim = query.shape
+    # Query head h reads key/value head h // groups, as transformers' repeat_kv lays them out; row g * length + t
+    # of a grouped query is head g of the group at position t.
+    grouped = query.reshape(batch, heads // groups, groups * length, dim)
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
-    # Query head h reads key/value head h // groups, as transformers' repeat_kv lays them out.
-    grouped = query.view(batch, heads // groups, groups, dim)
+        if length > 1:  # (one position: the mask's row serves every head of the group as it is)
+            attention_mask = attention_mask.repeat(1, 1, groups, 1)
     output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
                                                               scale=scaling)
-    return output.reshape(batch, 1, heads, dim), None
+    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("sdpa_grouped", sdpa_grouped_attention)

@@ -288,6 +288,14 @@ def to_device(tensors, device):
     return out
 
 
+def to_device_async(tensor, device):
+    """A CPU tensor on `device`, copied through pinned memory so that the CPU does not wait for the GPU's queued work
+    (a copy from pageable memory, as torch.tensor(..., device=...) makes, waits for it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def left_padded(id_lists, pad_token_id):
     """(input ids, attention mask) of token id lists, left-padded to the longest, as CPU tensors."""
     import torch

@@ -11,11 +11,15 @@ all prompts of an image) decode in `decode_rows` slots, and a slot whose caption
 - Rows join image by image, all the prompts of an image at once, once enough slots are free (`admit_threshold`):
   the images' shared prefixes are prefilled once and each row's own tokens on top (utils/shared_prefix.py), which
   gives every row its first new token; the rows' keys and values are then copied into columns 0..width-1 of their
-  slots.
+  slots. One prefill takes at most a quarter of the slots' rows (`admit_limit`), more free slots take several.
 - Every slot writes at its own column (SlotLayer), so a row that joins late starts at column 0 of its slot while
   the others are deep into their captions. The attention mask (slots x columns) holds each row's own columns, and
   each row's position ids count its own tokens as generate() counts them: every row sees exactly what it sees
-  alone. The cache has `width + max_new_tokens - 1` columns, width being the widest prefilled row of the call.
+  alone. The cache has `width + max_new_tokens` columns, width being the widest prefilled row of the call.
+- The loop never waits for the GPU before launching the next step: a step's tokens (and the first tokens of rows
+  that join) come to the CPU while the next step runs, and the CPU reads them after launching it. So a slot whose
+  row ended runs one step more before it takes a new row (its token is dropped), and the GPU does not sit idle
+  while the CPU appends tokens and launches the next step (bench/RESULTS.md run 28: 0.8 s of a 19.7 s batch).
 - A decode step is the model's forward on one token per slot; on the GPU it is replayed from a CUDA graph (the
   model's DecodeStepGraph, utils/cuda_graphs.py): all slot state lives in tensors updated in place, so one
   recording serves the whole call however rows come and go.
@@ -33,6 +37,7 @@ from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, Tempe
 from transformers.cache_utils import Cache, StaticLayer
 
 from utils import shared_prefix
+from utils.captioning import to_device_async
 from utils.cuda_graphs import decode_step_graph
 
 # processors that read only the scores, never the tokens so far: the same for a row whatever its slot's history
@@ -105,7 +110,7 @@ class Slots:
 
     def place(self, slots, rows, cache, mask, first_tokens):
         """The prefilled rows (their cache and attention mask, left-padded to one width) into free slots."""
-        index = torch.tensor(slots, device=self.columns.device)
+        index = to_device_async(torch.tensor(slots), self.columns.device)
         width = mask.shape[1]
         for layer, prefilled in zip(self.cache.layers, cache.layers):
             if not layer.is_initialized:
@@ -119,7 +124,7 @@ class Slots:
         self.positions[index, 0] = mask.sum(-1)  # a row's next position: its real tokens so far
         self.tokens[index, 0] = first_tokens
         self.generated[index] = 1
-        self.row_ids[index] = torch.tensor(rows, device=index.device)
+        self.row_ids[index] = to_device_async(torch.tensor(rows), index.device)
         for slot, row in zip(slots, rows):
             self.rows[slot] = row
 
@@ -147,8 +152,13 @@ class RefillDecoder:
         self.new_tokens = [[] for _ in range(self.first_row[-1])]
         widest = max(map(len, prompt_ids))
         size = min(max(decode_rows, widest), len(self.new_tokens))  # at least one image's rows
-        self.slots = Slots(model, size, self.widest_row() + max_new_tokens - 1, graph or model)
+        # room for every new token but the last (never fed back), and for the step a row may run after its end
+        self.slots = Slots(model, size, self.widest_row() + max_new_tokens, graph or model)
         self.admit_threshold = max(widest, size // 8)  # rows join in groups: one prefill for several images
+        # at most this many rows per prefill: when most slots free at once (captions of one length), the prefilled
+        # rows' cache, held beside the slots' until copied, stays a quarter of theirs (bench/RESULTS.md run 30:
+        # 76.6 GiB at 128 slots with one prefill for all)
+        self.admit_limit = max(widest, size // 4)
         self.waiting = list(range(len(prompt_ids)))  # images whose rows have not joined yet
 
     def widest_row(self):
@@ -160,24 +170,33 @@ class RefillDecoder:
 
     def run(self):
         """New tokens of every row, image-major, as a (rows, new tokens) tensor padded with pad_token_id."""
+        in_flight = []  # tokens on their way to the CPU, oldest first
         while self.waiting or self.slots.live():
             free = self.slots.free()
-            if self.waiting and (len(free) >= self.admit_threshold or len(free) == self.slots.size):
-                self.admit(free)
-            if self.slots.live():  # (a row can end at its first token)
-                self.step()
+            while self.waiting and (len(free) >= self.admit_threshold or len(free) == self.slots.size):
+                in_flight.append(self.admit(free[:self.admit_limit]))
+                free = self.slots.free()
+            if self.slots.live():
+                in_flight.append(self.step())
+            for tokens in in_flight[:-1]:  # all but the step just launched, which runs meanwhile
+                self.record(tokens)
+            in_flight = in_flight[-1:]
         width = max(map(len, self.new_tokens))
         return torch.tensor([tokens + [self.pad_token_id] * (width - len(tokens)) for tokens in self.new_tokens])
 
     def step(self):
-        """One decode step of every slot, its tokens appended to the rows."""
+        """Launch one decode step of every slot; returns its tokens in flight to the CPU. The loop reads them only
+        after launching the next step, so that the GPU does not wait for the CPU between two steps: a row that
+        ended is seen a step late, and its slot runs that step for nothing."""
+        rows = list(self.slots.rows)
         tokens = self.choose(self.slots.step(), self.slots.row_ids, self.slots.generated)
         self.slots.tokens[:, 0] = tokens
         self.slots.generated += 1
-        self.record(range(self.slots.size), tokens)
+        return TokensInFlight(range(self.slots.size), rows, tokens)
 
     def admit(self, free):
-        """Prefill the next waiting images whose rows fit in the free slots and place them there."""
+        """Prefill the next waiting images whose rows fit in the free slots and place them there; returns their
+        first tokens in flight to the CPU."""
         images = []
         while self.waiting and sum(len(self.prompt_ids[i]) for i in images + self.waiting[:1]) <= len(free):
             images.append(self.waiting.pop(0))
@@ -185,11 +204,11 @@ class RefillDecoder:
         cache, mask, logits = shared_prefix.prefill_rows(
             self.model, [self.prompt_ids[i] for i in images], [self.image_features[i] for i in images],
             self.image_token_id, self.pad_token_id)
-        row_index = torch.tensor(rows, device=logits.device)
+        row_index = to_device_async(torch.tensor(rows), logits.device)
         first_tokens = self.choose(logits, row_index, torch.zeros_like(row_index))
         slots = free[:len(rows)]
         self.slots.place(slots, rows, cache, mask, first_tokens)
-        self.record(slots, first_tokens)
+        return TokensInFlight(slots, rows, first_tokens)
 
     def choose(self, logits, rows, generated):
         """The next token of each row, from its logits; rows: the call's row of each, generated: its new tokens so
@@ -202,16 +221,35 @@ class RefillDecoder:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         return scores.argmax(-1)
 
-    def record(self, slots, tokens):
-        """Append each slot's new token to the row it holds; a row that ended (end token, or max_new_tokens reached)
-        frees its slot."""
-        for slot, token in zip(slots, tokens.tolist()):  # the one copy to the CPU per step
-            row = self.slots.rows[slot]
-            if row is None:
+    def record(self, in_flight):
+        """Append each slot's new token to the row the slot held when the token was chosen, unless that row has
+        ended since; a row that ends (end token, or max_new_tokens reached) frees its slot."""
+        for slot, row, token in zip(in_flight.slots, in_flight.rows, in_flight.tokens()):
+            if row is None or self.slots.rows[slot] != row:  # a free slot, or a row that ended a step earlier
                 continue
             self.new_tokens[row].append(token)
             if token in self.end_ids or len(self.new_tokens[row]) == self.max_new_tokens:
                 self.slots.rows[slot] = None
+
+
+class TokensInFlight:
+    """Tokens on their way to the CPU (a copy that does not wait for the GPU), and for each the slot and the row it
+    held when the token was chosen."""
+
+    def __init__(self, slots, rows, tokens):
+        self.slots, self.rows = slots, rows
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host, self.copied = tokens, None
+
+    def tokens(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,

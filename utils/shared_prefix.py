@@ -37,7 +37,7 @@ import warnings
 import torch
 from transformers import DynamicCache, StaticCache
 
-from utils.captioning import left_padded, mask_positions
+from utils.captioning import left_padded, mask_positions, to_device_async
 from utils.cuda_graphs import uses_static_cache
 
 
@@ -116,7 +116,7 @@ def prefill_prefixes(model, prompt_ids, image_features, image_token_id, pad_toke
     own_ids = [ids[length:] for rows, length in zip(prompt_ids, prefix_lengths) for ids in rows]
     own_embeds, own_mask = embed(model, own_ids, [image_features[i][prefix_image_tokens[i]:] for i in image_of_row],
                                  image_token_id, pad_token_id)
-    return prefix_cache, prefix_mask, own_embeds, own_mask, torch.tensor(image_of_row, device=model.device)
+    return prefix_cache, prefix_mask, own_embeds, own_mask, to_device_async(torch.tensor(image_of_row), model.device)
 
 
 def shared_prefix_length(id_lists):
@@ -130,12 +130,16 @@ def shared_prefix_length(id_lists):
 
 
 def embed(model, id_lists, features, image_token_id, pad_token_id):
-    """Left-padded input embeddings and attention mask of id lists; the image tokens of row r take features[r]."""
-    ids, mask = (tensor.to(model.device) for tensor in left_padded(id_lists, pad_token_id))
-    embeds = model.get_input_embeddings()(ids)
-    # the image tokens in row-major order take the rows' features in order: one scatter, not one per row
-    embeds[ids == image_token_id] = torch.cat(list(features)).to(embeds.dtype)
-    return embeds, mask
+    """Left-padded input embeddings and attention mask of id lists; the image tokens of row r take features[r]. Nothing
+    here waits for the GPU, so that the CPU can launch what follows while the GPU works."""
+    ids, mask = left_padded(id_lists, pad_token_id)
+    image_positions = (ids.view(-1) == image_token_id).nonzero().squeeze(1)  # found on the CPU
+    embeds = model.get_input_embeddings()(to_device_async(ids, model.device))
+    if len(image_positions):
+        # the image tokens in row-major order take the rows' features in order: one copy, not one per row
+        embeds.view(-1, embeds.shape[-1]).index_copy_(0, to_device_async(image_positions, model.device),
+                                                      torch.cat(list(features)).to(embeds.dtype))
+    return embeds, to_device_async(mask, model.device)
 
 
 def prefill(model, embeds, mask):
