@@ -91,7 +91,6 @@ class Slots:
         device = model.device
         self.size, self.forward = size, forward  # forward: the model, or its DecodeStepGraph
         self.columns = torch.zeros(size, dtype=torch.long, device=device)  # where each slot writes next
-        self.slot_range = torch.arange(size, device=device)
         self.positions = torch.zeros(size, 1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(size, 1, dtype=torch.long, device=device)  # each slot's last token, fed next
         self.generated = torch.zeros(size, dtype=torch.long, device=device)  # new tokens of the row so far
@@ -118,19 +117,20 @@ class Slots:
             layer.keys[index, :, :width] = prefilled.keys
             layer.values[index, :, :width] = prefilled.values
             prefilled.keys = prefilled.values = None  # freed as copied
-        self.mask[index] = False
+        # (index_fill_, not `tensor[index] = number`: that copies the number to the GPU and waits for it)
+        self.mask.index_fill_(0, index, False)
         self.mask[index, 0, 0, :width] = mask.bool()
-        self.columns[index] = width
+        self.columns.index_fill_(0, index, width)
         self.positions[index, 0] = mask.sum(-1)  # a row's next position: its real tokens so far
         self.tokens[index, 0] = first_tokens
-        self.generated[index] = 1
+        self.generated.index_fill_(0, index, 1)
         self.row_ids[index] = to_device_async(torch.tensor(rows), index.device)
         for slot, row in zip(slots, rows):
             self.rows[slot] = row
 
     def step(self):
         """One decode step of every slot: the logits of each slot's next token."""
-        self.mask[self.slot_range, 0, 0, self.columns] = True  # the column this step writes
+        self.mask[:, 0, 0].scatter_(1, self.columns[:, None], True)  # the column this step writes
         output = self.forward(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions,
                               past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         # a free slot keeps stepping (its output unread) and must not write past the cache; a row never gets there
