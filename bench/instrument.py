@@ -80,7 +80,8 @@ def prefill_or_decode(forward):
 @contextlib.contextmanager
 def marked_regions(model, generating, parts):
     """Ranges around the model's parts ({label: dotted submodule path from `model`}), the generating module's
-    prefill and eager decode forwards, CUDA graph recording, logits processors, stopping criteria and the pieces of utils/refill.py's loop."""
+    prefill and eager decode forwards, CUDA graph recording, logits processors, stopping criteria and the pieces
+    of utils/refill.py's loop."""
     with contextlib.ExitStack() as stack:
         for label, path in parts.items():
             stack.enter_context(patched(model.get_submodule(path), "forward", in_range(label)))

@@ -547,7 +547,8 @@ class ModelBench:
         if self.lengths is not None:
             self.lengths.reset()
         seconds = {}
-        profile = BatchProfile(self.args.profile_warmup, self.args.profile_batches, self.device) if kind == "profile" else None
+        profile = (BatchProfile(self.args.profile_warmup, self.args.profile_batches, self.device) if kind == "profile"
+                   else None)
         with contextlib.ExitStack() as stack:
             if self.lengths is not None:
                 stack.enter_context(patched(self.captioner_class, "caption", planned_lengths(self.lengths)))
