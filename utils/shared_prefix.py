@@ -75,14 +75,13 @@ def generate_left_padded(model, prompt_ids, image_features, image_token_id, pad_
 
 def generate_with_shared_prefix(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
     """As generate_left_padded, with each image's shared prefix prefilled once (see the module docstring)."""
-    prefix_cache, prefix_mask, own_embeds, own_mask, image_of_row = prefill_prefixes(
+    prefix_cache, attention_mask, own_embeds, image_of_row = prefill_prefixes(
         model, prompt_ids, image_features, image_token_id, pad_token_id)
-    attention_mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
     # room for the prompt and every new token but the last, which is never fed back
     cache = cache_for_rows(model, prefix_cache, image_of_row,
                            attention_mask.shape[1] + generate_kwargs["max_new_tokens"] - 1)
     # generate() takes the embeddings of the whole sequence but reads only those past the cache
-    inputs_embeds = torch.nn.functional.pad(own_embeds, (0, 0, prefix_mask.shape[1], 0))
+    inputs_embeds = torch.nn.functional.pad(own_embeds, (0, 0, attention_mask.shape[1] - own_embeds.shape[1], 0))
     return model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
                           pad_token_id=pad_token_id, **generate_kwargs)
 
@@ -90,11 +89,10 @@ def generate_with_shared_prefix(model, prompt_ids, image_features, image_token_i
 def prefill_rows(model, prompt_ids, image_features, image_token_id, pad_token_id):
     """Every row's prompt prefilled, its image's shared prefix once: (a DynamicCache of the rows, image-major, their
     attention mask, the logits of each row's first new token). As generate() prefills, positions follow the mask."""
-    cache, prefix_mask, own_embeds, own_mask, image_of_row = prefill_prefixes(
-        model, prompt_ids, image_features, image_token_id, pad_token_id)
+    cache, mask, own_embeds, image_of_row = prefill_prefixes(model, prompt_ids, image_features, image_token_id,
+                                                             pad_token_id)
     cache.batch_select_indices(image_of_row)
-    mask = torch.cat([prefix_mask[image_of_row], own_mask], dim=1)
-    position_ids = mask_positions(mask)[:, -own_mask.shape[1]:]
+    position_ids = mask_positions(mask)[:, -own_embeds.shape[1]:]
     output = model(inputs_embeds=own_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                    use_cache=True, logits_to_keep=1)
     return cache, mask, output.logits[:, -1]
@@ -102,7 +100,8 @@ def prefill_rows(model, prompt_ids, image_features, image_token_id, pad_token_id
 
 def prefill_prefixes(model, prompt_ids, image_features, image_token_id, pad_token_id):
     """Each image's shared prefix prefilled once, and what is left of every row: (prefix cache, one row per image;
-    prefix mask; the rows' own embeddings and mask, left-padded; the image of each row, a tensor)."""
+    each row's attention mask, its image's prefix then its own tokens; the rows' own embeddings, left-padded; the
+    image of each row, a tensor)."""
     prefix_lengths = [shared_prefix_length(rows) for rows in prompt_ids]
     prefix_ids = [rows[0][:length] for rows, length in zip(prompt_ids, prefix_lengths)]
     prefix_image_tokens = [ids.count(image_token_id) for ids in prefix_ids]
@@ -116,7 +115,8 @@ def prefill_prefixes(model, prompt_ids, image_features, image_token_id, pad_toke
     own_ids = [ids[length:] for rows, length in zip(prompt_ids, prefix_lengths) for ids in rows]
     own_embeds, own_mask = embed(model, own_ids, [image_features[i][prefix_image_tokens[i]:] for i in image_of_row],
                                  image_token_id, pad_token_id)
-    return prefix_cache, prefix_mask, own_embeds, own_mask, to_device_async(torch.tensor(image_of_row), model.device)
+    image_of_row = to_device_async(torch.tensor(image_of_row), model.device)
+    return prefix_cache, torch.cat([prefix_mask[image_of_row], own_mask], dim=1), own_embeds, image_of_row
 
 
 def shared_prefix_length(id_lists):
