@@ -47,7 +47,7 @@ from transformers import (
 )
 
 import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-from utils.captioning import Caption, UserError, by_image, generation_kwargs, run
+from utils.captioning import Caption, HostCopy, UserError, by_image, generation_kwargs, run, to_device_async
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -133,7 +133,11 @@ class StopOnText(StoppingCriteria):
     A row's text can come to hold `stop` only at a step whose token decodes to text with stop's last character
     (sentencepiece text grows piece by piece; '#' is one byte, so no byte-fallback sequence makes one late).
     Such tokens are marked once for the whole vocabulary, and only rows that just generated one are decoded:
-    decoding every row at every step took 1 s of each batch of 128 images (bench/RESULTS.md)."""
+    decoding every row at every step took 1 s of each batch of 128 images (bench/RESULTS.md).
+
+    The check runs one step late, so that it never waits for the GPU: each step's tokens (and which of them are
+    marked) start their copy to the CPU, and the rows of the step before, whose copy has arrived by then, are
+    checked. A row so ends one token after its text first holds `stop`, a token that answer() cuts off."""
 
     def __init__(self, tokenizer, stop, vocab_size, device):
         """vocab_size: the language model's, which may have ids past the tokenizer's pieces (never marked)."""
@@ -141,12 +145,25 @@ class StopOnText(StoppingCriteria):
         pieces = tokenizer.sp.get_piece_size()
         self.may_end_text = torch.tensor([i < pieces and stop[-1] in tokenizer.decode([i])
                                           for i in range(max(vocab_size, pieces))], device=device)
+        self.start()
+
+    def start(self):
+        """Before each generate() call."""
+        self.columns = None  # the call's tokens on the CPU so far, a list per step, all but the newest
+        self.newest = None  # the newest step's tokens and their marks, on their way to the CPU
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.zeros(len(input_ids), dtype=torch.bool)
-        for row in self.may_end_text[input_ids[:, -1]].nonzero().flatten().tolist():  # one wait on the GPU
-            done[row] = self.stop in self.tokenizer.decode(input_ids[row].tolist())
-        return done.to(input_ids.device)
+        if self.columns is None:  # the call's first step
+            self.columns = input_ids[:, :-1].T.tolist()
+        else:
+            tokens, marked = self.newest.result().tolist()
+            self.columns.append(tokens)
+            for row in (row for row, mark in enumerate(marked) if mark):
+                done[row] = self.stop in self.tokenizer.decode([column[row] for column in self.columns])
+        newest = input_ids[:, -1]
+        self.newest = HostCopy(torch.stack([newest, self.may_end_text[newest].long()]))
+        return to_device_async(done, input_ids.device)
 
 
 class RepetitionPenaltyWithBos(LogitsProcessor):
@@ -482,8 +499,8 @@ class MiniGPT4Captioner:
         each image's, the start cut off where it is too long. The segments are the same for every image, so
         they are embedded once."""
         embed = self.model.language_model.get_input_embeddings()
-        before, after = (embed(torch.tensor(ids, device=self.device)).expand(len(image_embeds), -1, -1)
-                         for ids in self.segment_ids(prompt))
+        before, after = (embed(to_device_async(torch.tensor(ids), image_embeds.device))
+                         .expand(len(image_embeds), -1, -1) for ids in self.segment_ids(prompt))
         contexts = torch.cat([before, image_embeds, after], dim=1)
         return contexts[:, -(MAX_LENGTH - self.generation["max_new_tokens"]):]
 
@@ -501,6 +518,7 @@ class MiniGPT4Captioner:
             mask[:, j, length - contexts.shape[1]:] = 1
         inputs, mask = inputs.flatten(0, 1), mask.flatten(0, 1)
         eos = self.tokenizer.eos_id
+        self.stop_on_text.start()
         outputs = self.model.language_model.generate(
             inputs_embeds=inputs, attention_mask=mask,
             stopping_criteria=StoppingCriteriaList([self.stop_on_text]),

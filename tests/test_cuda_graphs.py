@@ -1,11 +1,14 @@
 """On a GPU: every model script gives the same captions with its decode steps replayed as CUDA graphs
-(the default there) as with --no-cuda-graphs, and records a graph (no eager fallback). Skipped without
-CUDA; run on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
+(the default there) as with --no-cuda-graphs, and records a graph (no eager fallback); generate()'s stop check read
+one step late gives the tokens of plain generate(). Skipped without CUDA; run on the device with
+`python3 -m pytest tests/test_cuda_graphs.py`."""
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import read_jsonl, run_command
 from sample_images import write_input
+from utils.cuda_graphs import decode_with_cuda_graphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -52,3 +55,53 @@ def test_graphs_give_the_eager_captions(name, scripts, image_folder, tmp_path):
         captions[mode] = sorted((row["prompt"], row["image"], row["caption"], row["truncated"]) for row in rows)
     assert len(captions["graphs"]) >= len(good)
     assert captions["graphs"] == captions["eager"]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    return LlamaForCausalLM(config).cuda().eval()
+
+
+def test_stop_check_one_step_late_gives_the_tokens_of_plain_generate():
+    """Rows that end at different steps, the last before max_new_tokens: decode_with_cuda_graphs' generate() reads
+    its stop flag a step late, runs one forward more than plain generate() (whose tokens it drops) and returns the
+    same tokens."""
+    model = tiny_llama()
+    input_ids = torch.randint(1, 48, (6, 5), device="cuda")
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=12,
+                  pad_token_id=0)
+    unended = model.generate(**kwargs)[:, 5:]
+    end = sorted({unended[row, row + 1].item() for row in range(6)})  # end tokens: row r ends by step r + 1
+    ends = [next(step for step, token in enumerate(row) if token in end) for row in unended.tolist()]
+    assert len(set(ends)) > 2
+    steps = []  # generate() runs its logits processors once per step
+
+    def count_steps(input_ids, scores):
+        steps.append(input_ids.shape[1])
+        return scores
+
+    plain = model.generate(**kwargs, eos_token_id=end, logits_processor=[count_steps])
+    plain_steps = len(steps)
+    decode_with_cuda_graphs(model)
+    late = model.generate(**kwargs, eos_token_id=end, logits_processor=[count_steps])
+    assert plain_steps == max(ends) + 1 and len(steps) - plain_steps == plain_steps + 1
+    assert torch.equal(late, plain)
+
+
+def test_a_call_of_the_same_shape_replays_from_its_first_decode_step():
+    """generate()'s static cache outlives the call with its recording: a call of the same shape (other prompts)
+    replays all its decode steps, one of another shape runs its first eagerly and records anew; every call gives the
+    tokens of plain generate()."""
+    model = tiny_llama()
+    prompts = [torch.randint(1, 48, shape, device="cuda") for shape in [(6, 5), (6, 5), (4, 7), (6, 5)]]
+    kwargs = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    plain = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs) for ids in prompts]
+    step, = decode_with_cuda_graphs(model)
+    replays = []
+    for ids, expected in zip(prompts, plain):
+        before = step.replays
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs), expected)
+        replays.append(step.replays - before)
+    assert replays == [6, 7, 6, 6]  # 7 decode steps each: the first eager where the shape is new

@@ -153,24 +153,30 @@ def test_answer_cleaning_and_stops(captioners):
     assert answer(" A dog runs.", eos=True) == ("A dog runs.", False)
     stop = minigpt4.StopOnText(tokenizer, "###", tokenizer.sp.get_piece_size() + 5, "cpu")
     rows = torch.tensor([tokenizer.encode("a ###", bos=False)[-2:], tokenizer.encode("a dog", bos=False)[-2:]])
-    assert stop(rows, None).tolist() == [True, False]
+    rows = torch.cat([rows, rows[:, -1:]], dim=1)  # one token more: the check runs a step late
+    assert [stop(rows[:, :length], None).tolist() for length in (1, 2, 3)] == [[False] * 2, [False] * 2, [True, False]]
 
 
-def test_stop_on_text_ends_each_row_at_the_step_its_text_first_holds_the_stop(captioners):
-    """StopOnText decodes only rows whose newest token may end the stop text; each row must still end at the
-    first step at which its whole decoded text holds '###', as a check of every row at every step finds."""
+def test_stop_on_text_ends_each_row_one_step_after_its_text_first_holds_the_stop(captioners):
+    """StopOnText decodes only rows whose newest token may end the stop text, a step late; each row must still end
+    one step after the first step at which its whole decoded text holds '###', as a check of every row at every
+    step finds. Its steps are those of generate(): the tokens so far, one more at each call."""
     tokenizer = captioners["vicuna0"].tokenizer
     stop = minigpt4.StopOnText(tokenizer, "###", tokenizer.sp.get_piece_size() + 5, "cpu")
     hashes = [i for i in range(tokenizer.sp.get_piece_size()) if "#" in tokenizer.decode([i])]
     assert hashes, "the tiny vocabulary needs pieces with '#'"
     words = tokenizer.encode(" a dog runs on the grass", bos=False)
     generator = torch.Generator().manual_seed(0)
-    choices = torch.tensor(hashes * 3 + words)  # '#' often, so that '###' forms from several pieces
+    choices = torch.tensor(hashes + words * 2)  # '#' often, so that '###' forms from several pieces
     rows = choices[torch.randint(len(choices), (64, 12), generator=generator)]
-    for row in range(len(rows)):
-        expected = next((t for t in range(1, 13) if "###" in tokenizer.decode(rows[row, :t].tolist())), None)
-        ended = next((t for t in range(1, 13) if stop(rows[row:row + 1, :t], None).item()), None)
-        assert ended == expected, tokenizer.decode(rows[row].tolist())
+    first_held = [next((t for t in range(1, 12) if "###" in tokenizer.decode(rows[row, :t].tolist())), None)
+                  for row in range(len(rows))]
+    assert None in first_held and len(set(first_held)) > 3
+    ended = [None] * len(rows)
+    for t in range(1, 13):  # all rows as one batch, as generate() calls it
+        for row in stop(rows[:, :t], None).nonzero().flatten().tolist():
+            ended[row] = ended[row] or t
+    assert ended == [t and t + 1 for t in first_held]
 
 
 def test_repetition_penalty_includes_bos(captioners):

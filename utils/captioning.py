@@ -136,8 +136,8 @@ def build_parser(captioner):
     add("--attn-implementation", default="sdpa_grouped", choices=["sdpa_grouped", "sdpa", "eager", "flash_attention_2"],
         help="attention kernel: sdpa_grouped is PyTorch SDPA that decodes grouped-query heads without copying the "
         "KV cache (utils/attention.py); flash_attention_2 needs the flash-attn package")
-    add("--no-cuda-graphs", action="store_true", help="decode eagerly; by default, on a GPU, each decode step after "
-        "the first replays a CUDA graph (utils/cuda_graphs.py), which gives the same tokens faster")
+    add("--no-cuda-graphs", action="store_true", help="decode eagerly; by default, on a GPU, decode steps replay a "
+        "CUDA graph (utils/cuda_graphs.py), recorded once per batch shape, which gives the same tokens faster")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
         "number of processes (WORLD_SIZE or SLURM_NTASKS)")
@@ -296,6 +296,27 @@ def to_device_async(tensor, device):
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class HostCopy:
+    """A tensor's copy to the CPU that does not wait for the GPU's queued work; result() waits for this copy alone,
+    so a loop can launch its next GPU step first and read the copy while that step runs."""
+
+    def __init__(self, tensor):
+        import torch
+        self.copied = None
+        if tensor.device.type != "cuda":
+            self.host = tensor
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+    def result(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host
+
+
 def left_padded(id_lists, pad_token_id):
     """(input ids, attention mask) of token id lists, left-padded to the longest, as CPU tensors."""
     import torch
@@ -446,9 +467,9 @@ class BatchCaptioner:
     """Captions batches of prepared images and hands them to the writer; on CUDA out-of-memory a batch is
     halved and retried, and later batches keep the smaller size (caption)."""
 
-    def __init__(self, captioner, prompts, writer, progress, tag, batch_size):
+    def __init__(self, captioner, prompts, writer, progress, tag, batch_size, graphs):
         self.captioner, self.prompts, self.writer, self.progress, self.tag = captioner, prompts, writer, progress, tag
-        self.batch_size = batch_size
+        self.batch_size, self.graphs = batch_size, graphs
         self.captioned = self.failed = 0
 
     def record_errors(self, indexed_errors):
@@ -475,6 +496,8 @@ class BatchCaptioner:
 
     def retry_in_halves(self, items):
         import torch
+        for graph in self.graphs:
+            graph.reset()  # the static cache kept from the batch before, and its recording
         torch.cuda.empty_cache()
         if len(items) == 1:
             self.record_errors([(items[0][0], OUT_OF_MEMORY)])
@@ -515,7 +538,7 @@ def caption_work(captioner, graphs, work, args, prompts, tag, stop):
     writer = ShardWriter(work, args.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
-    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size)
+    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size, graphs)
     started = time.time()
     try:
         for window in prepared_windows(work.pending, work.image_root, captioner.prepare, args):

@@ -12,10 +12,20 @@ beforehand) brings a StaticCache; `uses_static_cache` tells it when. generate() 
 decode-step forward through `get_compiled_call` (its hook for torch.compile); answering there with a
 graph leaves everything else to transformers (logits processors, stopping, padding), so the tokens are
 those of plain generate().
-The first decode step of each generate() call runs eagerly, the second is recorded, and the graph is
-dropped when the call returns: nothing recorded outlives the batch (its cache, a model's per-batch
-state such as Qwen2-VL's rope deltas). Prefill stays eager. A step that cannot be recorded (a model
-whose forward reads a GPU value on the CPU) runs eagerly, with one warning.
+
+generate() also reads its "have all rows ended?" flag one step late (transformers' DeferredStopCheck, which
+transformers turns on only on Apple GPUs): reading it at once made the CPU wait for every step to end before it
+could launch the next, so the GPU sat idle while the CPU ran generate()'s loop between two steps. The step run
+after the last row ended is undone by generate() itself.
+
+The first decode step with a new static cache runs eagerly (it also warms up the kernels for the new shapes),
+the second is recorded. The cache outlives the call with its recording: the next call of the same shape (rows and
+cache length: every full batch of LLaVA-1.5 and MiniGPT-4, whose prompts have one length) empties that cache and
+replays from its first decode step, which saves the eager step and the recording per batch (bench/RESULTS.md runs
+38-45). A call of another shape frees both first. This holds because a decode step reads only its inputs, the
+cache and the weights (generate() passes the position ids, also Qwen2-VL's). A caller's own cache
+(utils/shared_prefix.py) is recorded for that call alone. Prefill stays eager. A step that cannot be recorded (a
+model whose forward reads a GPU value on the CPU) runs eagerly, with one warning.
 """
 import contextlib
 import functools
@@ -23,6 +33,8 @@ import sys
 
 import torch
 from transformers import GenerationMixin
+from transformers.generation import utils as generation_utils
+from transformers.generation.utils import DeferredStopCheck
 
 
 def _tensors(value):
@@ -35,7 +47,7 @@ def _tensors(value):
 
 
 class DecodeStepGraph:
-    """Stands in for the model's forward during the decode steps of one generate() call."""
+    """Stands in for the model's forward during the decode steps of generate() calls."""
 
     def __init__(self, model, unread_inputs=()):
         self.model = model
@@ -45,8 +57,21 @@ class DecodeStepGraph:
         self.reset()
 
     def reset(self):
+        """Drop the recording and the static cache it was recorded with (their memory is freed)."""
         self.graph = self.inputs = self.outputs = self.signature = None
+        self.cache = self.cache_shape = None
         self.steps = 0
+
+    def static_cache(self, shape, make):
+        """generate()'s static cache for a batch of `shape` (rows, columns): the one of the last call, emptied, when
+        its shape is the same, so that the graph recorded with it replays from the first step; else a new one
+        (make()), the old cache and its graph freed first."""
+        if self.cache is not None and self.cache_shape == shape:
+            self.cache.reset()
+            return self.cache
+        self.reset()
+        self.cache, self.cache_shape = make(), shape
+        return self.cache
 
     @contextlib.contextmanager
     def for_one_call(self):
@@ -74,18 +99,18 @@ class DecodeStepGraph:
     def __call__(self, **kwargs):
         kwargs = {name: value for name, value in kwargs.items() if name not in self.unread_inputs}
         self.steps += 1
-        if self.recording_failed or self.steps == 1:  # the first step also warms up the kernels
-            return self.model(**kwargs)
-        if self.graph is None:
-            self.record(kwargs)
-            if self.graph is None:
-                return self.model(**kwargs)
-        elif self.signature_of(kwargs) != self.signature:
-            return self.model(**kwargs)  # not seen in generate(); kept correct rather than fast
-        else:
+        if self.graph is not None and self.signature_of(kwargs) == self.signature:
             for name, value in kwargs.items():
                 for static, new in zip(_tensors(self.inputs[name]), _tensors(value)):
                     static.copy_(new)
+        elif self.recording_failed or self.graph is not None or self.steps == 1:
+            # the first step with a new cache also warms up the kernels; a step unlike the recorded one is not
+            # seen in generate(): kept correct rather than fast
+            return self.model(**kwargs)
+        else:
+            self.record(kwargs)
+            if self.graph is None:
+                return self.model(**kwargs)
         self.graph.replay()
         self.replays += 1
         return self.outputs
@@ -142,6 +167,7 @@ def decode_with_cuda_graphs(model, unread_inputs=()):
             if "_decode_step_graph" not in module.__dict__:  # not already done
                 module._decode_step_graph = step = DecodeStepGraph(module, unread_inputs)
                 module.get_compiled_call = lambda compile_config=None, step=step: step
+                module._prepare_static_cache = functools.partial(_kept_static_cache, module._prepare_static_cache, step)
                 module.generate = _static_cache_generate(module.generate, module, step)
             steps.append(module._decode_step_graph)
     return steps
@@ -159,6 +185,28 @@ def decode_step_graph(model):
     return model.__dict__.get("_decode_step_graph") if model.device.type == "cuda" else None
 
 
+class StopCheckOneStepLate(DeferredStopCheck):
+    """transformers' DeferredStopCheck on CUDA too: the flag is copied without waiting and read at the next step (it
+    needs device events: none on the CPU). Its conditions otherwise as transformers states them (5.17): not for
+    assisted generation, and a cache that generate() returns to its caller must be able to drop the extra step (a
+    StaticCache cannot: then no deferral)."""
+
+    @staticmethod
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        return (device.type in ("cuda", "mps") and not is_assistant
+                and (cache is None or cache.is_croppable or not cache_is_returned))
+
+
+@contextlib.contextmanager
+def stop_check_one_step_late():
+    """generate() calls within read their stop flag one step late (generate() picks its stop check by this name)."""
+    generation_utils.DeferredStopCheck = StopCheckOneStepLate
+    try:
+        yield
+    finally:
+        generation_utils.DeferredStopCheck = DeferredStopCheck
+
+
 def _static_cache_generate(generate, module, step):
     @functools.wraps(generate)
     def static_cache_generate(*args, **kwargs):
@@ -166,8 +214,17 @@ def _static_cache_generate(generate, module, step):
             return generate(*args, **kwargs)
         # Size the cache for this batch, not for the longest batch so far (transformers keeps the maximum).
         module.__dict__.pop("_previous_max_cache_length", None)
-        if "past_key_values" not in kwargs:  # a caller's own cache (utils/shared_prefix.py) is already static
+        if "past_key_values" in kwargs:  # a caller's own cache (utils/shared_prefix.py): recorded for this call
+            recording = step.for_one_call()
+        else:  # generate()'s cache, kept with its recording for the next call of the same shape
             kwargs["cache_implementation"] = "static"
-        with step.for_one_call():
+            recording = contextlib.nullcontext()
+        with recording, stop_check_one_step_late():
             return generate(*args, **kwargs)
     return static_cache_generate
+
+
+def _kept_static_cache(prepare, step, *, batch_size, max_cache_len, **kwargs):
+    """Stands in for generate()'s _prepare_static_cache: the cache the model's DecodeStepGraph keeps."""
+    return step.static_cache((batch_size, max_cache_len),
+                             functools.partial(prepare, batch_size=batch_size, max_cache_len=max_cache_len, **kwargs))

@@ -37,7 +37,7 @@ from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, Tempe
 from transformers.cache_utils import Cache, StaticLayer
 
 from utils import shared_prefix
-from utils.captioning import to_device_async
+from utils.captioning import HostCopy, to_device_async
 from utils.cuda_graphs import decode_step_graph
 
 # processors that read only the scores, never the tokens so far: the same for a row whatever its slot's history
@@ -237,19 +237,10 @@ class TokensInFlight:
     held when the token was chosen."""
 
     def __init__(self, slots, rows, tokens):
-        self.slots, self.rows = slots, rows
-        if tokens.device.type == "cuda":
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        else:
-            self.host, self.copied = tokens, None
+        self.slots, self.rows, self.copy = slots, rows, HostCopy(tokens)
 
     def tokens(self):
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host.tolist()
+        return self.copy.result().tolist()
 
 
 def generate(model, prompt_ids, image_features, image_token_id, pad_token_id, decode_rows, sampling,
