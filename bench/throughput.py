@@ -120,7 +120,7 @@ def random_weights_loader(model_class, device, dtype):
 def eager_decoding(model):
     """Undo decode_with_cuda_graphs: the seed's rows decode as plain generate() does."""
     for module in model.modules():
-        for name in ("generate", "get_compiled_call", "_decode_step_graph"):
+        for name in ("generate", "get_compiled_call", "_prepare_static_cache", "_decode_step_graph"):
             module.__dict__.pop(name, None)
 
 
