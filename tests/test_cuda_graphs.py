@@ -1,7 +1,7 @@
 """On a GPU: every model script gives the same captions with its decode steps replayed as CUDA graphs
 (the default there) as with --no-cuda-graphs, and records a graph (no eager fallback); generate()'s stop check read
-one step late gives the tokens of plain generate(). Skipped without CUDA; run on the device with
-`python3 -m pytest tests/test_cuda_graphs.py`."""
+one step late, and a cache and recording kept for the next call of the same shape, give the tokens of plain
+generate(). Skipped without CUDA; run on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
