@@ -18,7 +18,8 @@ import re
 
 from PIL import Image
 
-from utils.captioning import Caption, UserError, by_image, generation_kwargs, inference_mode, run, stopped_at_limit
+from utils.captioning import (Caption, UserError, by_image, generation_kwargs, inference_mode, run, stopped_at_limit,
+                              stack_to_device)
 
 # torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
@@ -284,10 +285,9 @@ class LlavaCaptioner:
                 for text, row in zip(texts, new_tokens)]
 
     def caption(self, images, prompts):
-        import torch
         ids = [self.prompt_ids(prompt) for prompt in prompts]
         # all (image, prompt) rows in one generate(): images x prompts sequences decode together
-        return by_image(self.generate(torch.stack(images), [ids] * len(images)), prompts)
+        return by_image(self.generate(stack_to_device(images, self.device), [ids] * len(images)), prompts)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from transformers import (
 )
 
 import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-from utils.captioning import Caption, HostCopy, UserError, by_image, generation_kwargs, run, to_device_async
+from utils.captioning import (Caption, HostCopy, UserError, by_image, generation_kwargs, run, stack_to_device,
+                             to_device_async)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -506,7 +507,7 @@ class MiniGPT4Captioner:
 
     @torch.inference_mode()
     def caption(self, images, prompts):
-        pixel_values = torch.stack(images).to(self.device, self.dtype)
+        pixel_values = stack_to_device(images, self.device).to(self.dtype)
         image_embeds = self.model.encode_images(pixel_values)
         by_prompt = [self.contexts(image_embeds, prompt) for prompt in prompts]
         # rows image-major, left padding: zero embeddings, masked out

@@ -7,13 +7,16 @@ to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` w
 generation config. The only differences: many images go through one `generate` call, left-padded, and
 the processor's image half (resize, normalise, cut into patches) runs in the loop's worker processes;
 the main process repeats each image's placeholder id once per image token, which is what the processor's
-tokenization of the expanded text gives.
+tokenization of the expanded text gives. The vision tower gets its per-batch layout (each image's patch
+count and rotary positions) made on the CPU, with transformers' own functions, instead of computing it
+from the grids on the GPU.
 """
+import contextlib
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
-from utils.captioning import (Caption, by_image, generation_kwargs, left_padded, mask_positions, run, stopped_at_limit,
-                               to_device)
+from utils.captioning import (Caption, by_image, generation_kwargs, left_padded, mask_positions, run,
+                               stopped_at_limit, to_device, to_device_async)
 
 # torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
 if TYPE_CHECKING:
@@ -24,17 +27,46 @@ class PreparedImage(NamedTuple):
     pixel_values: "torch.Tensor"  # the processor's patches, already in the model's dtype (the vision tower's cast)
     grid_thw: "torch.Tensor"  # (1, 3): frames, rows and columns of patches
     tokens: int  # image placeholder tokens in the prompt
+    vision_positions: "torch.Tensor"  # (patches, 2): the vision tower's rotary positions of the patches
+
+
+class BatchInputs(NamedTuple):
+    """A batch's inputs as CPU tensors: its text rows (input_ids, attention_mask, mm_token_type_ids), their
+    position ids, and the image grids with the vision tower's sequence boundaries."""
+    text: dict
+    position_ids: "torch.Tensor"
+    grid_thw: "torch.Tensor"
+    vision_cu_seqlens: "torch.Tensor"
 
 
 def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
     """qwen_vl_utils' resize (RGBA onto white, a multiple of 2 patches within the pixel budget), then the
-    processor's image half, as the model card's processor call runs it."""
+    processor's image half, as the model card's processor call runs it, and the patches' rotary positions as
+    the vision tower computes them."""
     from qwen_vl_utils import fetch_image
+    from transformers.vision_utils import get_vision_position_ids
     resized = fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
                           image_patch_size=image_processor.patch_size)
     processed = image_processor(images=[resized], return_tensors="pt")
     grid = processed["image_grid_thw"]
-    return PreparedImage(processed["pixel_values"].to(dtype), grid, int(grid.prod()) // image_processor.merge_size ** 2)
+    return PreparedImage(processed["pixel_values"].to(dtype), grid, int(grid.prod()) // image_processor.merge_size ** 2,
+                         get_vision_position_ids(grid, image_processor.merge_size))
+
+
+@contextlib.contextmanager
+def vision_layout(visual, cu_seqlens, positions):
+    """The vision tower's calls in this context take the batch's layout made beforehand, as transformers'
+    vision_utils lets a caller precompute it: each image's patch boundaries (cu_seqlens) on the CPU and the
+    patches' rotary positions. From the grids on the GPU, each vision block reads the boundaries back (a wait
+    for the GPU), then launches one attention call per image while the GPU idles (bench/RESULTS.md run 49)."""
+    layout = {"cu_seqlens": cu_seqlens, "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+              "position_ids": positions}
+    hook = visual.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, **layout}),
+                                            with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 class QwenCaptioner:
@@ -70,6 +102,9 @@ class QwenCaptioner:
                                          image_processor=image_processor, dtype=args.dtype)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
             args.model, dtype=args.dtype, attn_implementation=args.attn_implementation).to(device).eval()
+        # flash-attn's varlen call reads the boundaries on the GPU; the other implementations split on the CPU
+        self.boundaries_on_gpu = args.attn_implementation == "flash_attention_2"
+        self.prompt_ids = functools.lru_cache(maxsize=64)(self.prompt_ids)  # the same few prompts in every batch
         self.generation = generation_kwargs(args)
         end = self.model.generation_config.eos_token_id
         self.end_token_ids = set(end if isinstance(end, list) else [end])
@@ -111,17 +146,28 @@ class QwenCaptioner:
                                                              attention_mask=mask)
         return torch.cat([mask_positions(mask)[None], image_positions])
 
-    def caption(self, images, prompts):
+    def inputs(self, images, prompts):
+        """The batch's work on the CPU, apart from the GPU's: the loop runs it on its batcher thread while the
+        GPU captions the batch before (utils/batcher.py)."""
         import torch
-        device = self.model.device
+        from transformers.vision_utils import get_vision_cu_seqlens
         text = self.text_inputs(images, prompts)
         grid_thw = torch.cat([image.grid_thw for image in images for _ in prompts])
-        inputs = {name: tensor.to(device) for name, tensor in text.items()}
-        inputs["position_ids"] = self.position_ids(text, grid_thw).to(device)
-        inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
-        inputs["image_grid_thw"] = grid_thw.to(device)
-        output = self.model.generate(**inputs, **self.generation)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()  # one copy to the CPU
+        return BatchInputs(text, self.position_ids(text, grid_thw), grid_thw, get_vision_cu_seqlens(grid_thw))
+
+    def caption(self, images, prompts, inputs=None):
+        device = self.model.device
+        text, position_ids, grid_thw, cu_seqlens = self.inputs(images, prompts) if inputs is None else inputs
+        model_inputs = {name: to_device_async(tensor, device) for name, tensor in text.items()}
+        model_inputs["position_ids"] = to_device_async(position_ids, device)
+        model_inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
+        model_inputs["image_grid_thw"] = to_device_async(grid_thw, device)
+        positions = to_device([image.vision_positions for image in images for _ in prompts], device)
+        if self.boundaries_on_gpu:
+            cu_seqlens = cu_seqlens.to(device)
+        with vision_layout(self.model.model.visual, cu_seqlens, positions):
+            output = self.model.generate(**model_inputs, **self.generation)
+        new_tokens = output[:, model_inputs["input_ids"].shape[1]:].tolist()  # one copy to the CPU
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                               clean_up_tokenization_spaces=False)
         captions = [Caption(text, stopped_at_limit(row, self.end_token_ids))

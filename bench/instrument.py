@@ -98,8 +98,10 @@ def marked_regions(model, generating, parts):
 
 @contextlib.contextmanager
 def loader_wait(seconds):
-    """seconds["loader_wait"] += the main process's time in the DataLoader's __next__: waiting for its worker
-    processes' prepared images (and unpickling them)."""
+    """seconds["loader_wait"] += the time in the DataLoader's __next__: waiting for its worker processes' prepared
+    images (and unpickling them). The loop's batcher thread (utils/batcher.py) waits there, while the GPU may
+    still run a batch: only the main thread's wait for the batcher idles the GPU (a profile's "loop, outside
+    caption()")."""
     seconds.setdefault("loader_wait", 0.0)
     with patched(torch.utils.data.dataloader._BaseDataLoaderIter, "__next__", timed(seconds, "loader_wait")):
         yield

@@ -4,12 +4,15 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from conftest import REPO, read_jsonl, run_command
 from sample_images import write_pattern_images
 
+from utils.batcher import Batch, Batcher, OnSecondThread
+from utils.captioning import BatchCaptioner, Caption
 from utils.loader import prepared_windows
 
 COUNT = 30
@@ -158,3 +161,104 @@ def test_the_first_window_is_one_batch_and_later_ones_read_ahead(dataset, worker
 
 def _image_size(image):  # a picklable `prepare` for the worker processes
     return image.size
+
+
+def test_the_batcher_thread_runs_ahead_hands_over_in_order_and_closes():
+    """Items come in order; the generator makes the next one while the caller holds this one; its error reaches
+    the caller after the items before it; close() ends the generator early (its finally runs) and the thread."""
+    second_made = threading.Event()
+
+    def counting(error_after=None, closed=None):
+        try:
+            for number in range(5):
+                if number == error_after:
+                    raise ValueError("broken shard")
+                if number == 1:
+                    second_made.set()
+                yield number
+        finally:
+            if closed is not None:
+                closed.set()
+
+    items = iter(OnSecondThread(counting()))
+    assert next(items) == 0
+    assert second_made.wait(10)  # made while the caller still holds item 0
+    assert list(items) == [1, 2, 3, 4]
+
+    received = []
+    with pytest.raises(ValueError, match="broken shard"):
+        for number in OnSecondThread(counting(error_after=2)):
+            received.append(number)
+    assert received == [0, 1]
+
+    closed = threading.Event()
+    early = OnSecondThread(counting(closed=closed))
+    assert next(iter(early)) == 0
+    early.close()
+    assert closed.is_set() and not early.thread.is_alive()
+
+
+class ImageSizeCaptioner:
+    """Not a model: a captioner whose captions are the images' sizes, which runs out of CUDA memory on batches
+    of more than two images, and counts its inputs() calls, to test the loop's batching."""
+
+    def __init__(self):
+        self.inputs_made, self.batch_sizes, self.out_of_memory = [], [], []
+
+    def cost(self, size):
+        return size[0]
+
+    def inputs(self, images, prompts):
+        self.inputs_made.append(len(images))
+        return list(images)
+
+    def caption(self, images, prompts, inputs):
+        import torch
+        assert inputs == images
+        if len(images) > 2:
+            self.out_of_memory.append(len(images))
+            raise torch.cuda.OutOfMemoryError("test")
+        self.batch_sizes.append(len(images))
+        return [[Caption(f"{size} {prompt}", False) for prompt in prompts] for size in images]
+
+
+class LineRecorder:
+    """Not the writer: keeps what the loop hands to the writer, and ignores progress."""
+
+    def __init__(self):
+        self.batches, self.errors = [], []
+
+    def write_captions(self, indexes, keys, results):
+        self.batches.append((indexes, keys, results))
+
+    def write_errors(self, indexed_errors):
+        self.errors += indexed_errors
+
+    def update(self, count):
+        pass
+
+
+def test_batches_formed_ahead_are_cut_to_the_size_an_out_of_memory_retry_lowered():
+    """Batches of 4 are formed ahead on the batcher's thread; the first runs out of memory and is retried in
+    halves, and the batches already formed go in batches of 2 too: every image once, each caption its own."""
+    captioner, writer = ImageSizeCaptioner(), LineRecorder()
+    prompts = {"a": "first", "b": "second"}
+    sizes = [(40 + index % 7, 30) for index in range(11)]
+    pending = [(f"{index}.png", None, ["a", "b"] if index % 3 else ["a"]) for index in range(11)]
+    window = [(index, size, None) for index, size in enumerate(sizes)] + [(11, None, "not an image file")]
+    batcher = Batcher(captioner, prompts, pending, batch_size=4)
+    batches = BatchCaptioner(captioner, prompts, writer, writer, "", batcher, graphs=[])
+    pieces = list(OnSecondThread(batcher.pieces([window])))
+    assert [len(piece.items) if isinstance(piece, Batch) else piece for piece in pieces] == [
+        [(11, "not an image file")], 4, 4, 3]
+    assert captioner.inputs_made == [4, 4, 3]  # on the batcher's thread
+    for piece in pieces:
+        batches.caption(piece) if isinstance(piece, Batch) else batches.record_errors(piece)
+    assert captioner.out_of_memory == [4]  # once: the batches formed ahead are cut before they run
+    assert batcher.batch_size == 2 and captioner.batch_sizes == [2, 2, 2, 2, 2, 1]
+    assert sorted(index for indexes, _, _ in writer.batches for index in indexes) == list(range(11))
+    for indexes, keys, results in writer.batches:
+        for index, row in zip(indexes, results):
+            assert set(pending[index][2]) <= set(keys)
+            assert [caption.text for caption in row] == [f"{sizes[index]} {prompts[key]}" for key in keys]
+    assert writer.errors == [(11, "not an image file")]

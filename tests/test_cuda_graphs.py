@@ -1,7 +1,9 @@
 """On a GPU: every model script gives the same captions with its decode steps replayed as CUDA graphs
 (the default there) as with --no-cuda-graphs, and records a graph (no eager fallback); generate()'s stop check read
 one step late, and a cache and recording kept for the next call of the same shape, give the tokens of plain
-generate(). Skipped without CUDA; run on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
+generate(); recordings go on while another thread pins memory. Skipped without CUDA; run on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
+import threading
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,6 +64,39 @@ def tiny_llama():
     config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     return LlamaForCausalLM(config).cuda().eval()
+
+
+def test_recordings_go_on_while_another_thread_pins_memory():
+    """The loop's loader pins host memory on its own thread while the GPU decodes (utils/batcher.py keeps it busy):
+    calls of new shapes record their decode steps meanwhile, and neither the recordings nor that thread break."""
+    model = tiny_llama()
+    graphs = decode_with_cuda_graphs(model)
+    stop, errors, pins = threading.Event(), [], [0]
+
+    def pin_new_memory():  # each block held: every allocation is a new cudaHostAlloc
+        held = []
+        try:
+            while not stop.is_set():
+                held.append(torch.empty(1 << 18, pin_memory=True))
+                pins[0] += 1
+                if len(held) == 64:
+                    held.clear()
+                    torch._C._host_emptyCache()
+        except Exception as error:
+            errors.append(error)
+
+    pinning = threading.Thread(target=pin_new_memory, daemon=True)
+    pinning.start()
+    try:
+        for rows in range(1, 9):
+            ids = torch.arange(1, 4 * rows + 1, device="cuda").reshape(rows, 4) % 40 + 1
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                           do_sample=False, pad_token_id=0)
+    finally:
+        stop.set()
+        pinning.join(30)
+    assert not errors and pins[0] > 0
+    assert not any(graph.recording_failed for graph in graphs) and sum(graph.replays for graph in graphs) >= 8 * 9
 
 
 def test_stop_check_one_step_late_gives_the_tokens_of_plain_generate():

@@ -5,8 +5,8 @@ A model script (qwen.py, internvl.py, llava.py, minigpt4.py) defines one class a
 rest: command line, rank/world size from the environment, reading and sharding the input (JSON, tar
 shards or Parquet: utils/inputs.py), skipping what is already done, loading images in worker processes
 (utils/loader.py), batching, writing (utils/writer.py), progress, signals. The data flows one way:
-input reader (read_shard, plan_work) -> image workers (prepared_windows) -> batcher and model
-(BatchCaptioner) -> writer (ShardWriter).
+input reader (read_shard, plan_work) -> image workers (prepared_windows) -> batcher (utils/batcher.py, on a
+second thread) -> model (BatchCaptioner) -> writer (ShardWriter).
 
 The contract a captioner class fulfils:
 
@@ -32,6 +32,11 @@ The contract a captioner class fulfils:
                            truncated) where truncated means generation stopped at
                            --max-new-tokens without reaching the end token. A batch that
                            runs out of CUDA memory is split in halves and retried by the loop.
+    inputs(self, images, prompts) -> anything
+                           optional: the batch's CPU work (token ids, masks, positions as CPU
+                           tensors; no GPU), which the loop then makes on its second thread while
+                           the GPU runs the batch before, and passes on as caption(images, prompts,
+                           inputs)
     checkpoint_name(args) -> str
                            optional static method: the output folder name of the checkpoint
                            (default: the last part of --model)
@@ -65,6 +70,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from utils.batcher import Batch, Batcher, OnSecondThread
 from utils.checkpoints import checkpoint_identity
 from utils.errors import UserError
 from utils.inputs import check_inputs, expand_inputs, iter_samples
@@ -288,6 +294,12 @@ def to_device(tensors, device):
     return out
 
 
+def stack_to_device(tensors, device):
+    """torch.stack(tensors) on `device`, with no stacked copy on the CPU: each tensor copied into its place
+    (to_device)."""
+    return to_device([tensor[None] for tensor in tensors], device)
+
+
 def to_device_async(tensor, device):
     """A CPU tensor on `device`, copied through pinned memory so that the CPU does not wait for the GPU's queued work
     (a copy from pageable memory, as torch.tensor(..., device=...) makes, waits for it)."""
@@ -464,12 +476,12 @@ class StopRequest:
 
 
 class BatchCaptioner:
-    """Captions batches of prepared images and hands them to the writer; on CUDA out-of-memory a batch is
-    halved and retried, and later batches keep the smaller size (caption)."""
+    """Captions batches and hands them to the writer; on CUDA out-of-memory a batch is halved and retried, and
+    the batcher forms later batches in the smaller size (caption)."""
 
-    def __init__(self, captioner, prompts, writer, progress, tag, batch_size, graphs):
+    def __init__(self, captioner, prompts, writer, progress, tag, batcher, graphs):
         self.captioner, self.prompts, self.writer, self.progress, self.tag = captioner, prompts, writer, progress, tag
-        self.batch_size, self.graphs = batch_size, graphs
+        self.batcher, self.graphs = batcher, graphs
         self.captioned = self.failed = 0
 
     def record_errors(self, indexed_errors):
@@ -478,21 +490,24 @@ class BatchCaptioner:
             self.failed += len(indexed_errors)
             self.progress.update(len(indexed_errors))
 
-    def caption(self, items):
-        """Caption [(index into pending, prepared image)] and write the lines."""
+    def caption(self, batch):
+        """Caption a Batch (utils/batcher.py) and write its lines."""
         import torch
-        pending = self.writer.work.pending
-        wanted = [key for key in self.prompts if any(key in pending[index][2] for index, _ in items)]
+        if len(batch.items) > self.batcher.batch_size:  # formed ahead, before a retry lowered the size
+            self.caption_in_parts(batch.items, self.batcher.batch_size)
+            return
+        images = [prepared for _, prepared in batch.items]
+        prompts = [self.prompts[key] for key in batch.prompt_keys]
         try:
-            results = self.captioner.caption([prepared for _, prepared in items], [self.prompts[key] for key in wanted])
+            results = self.captioner.caption(images, prompts, *([] if batch.inputs is None else [batch.inputs]))
         except torch.cuda.OutOfMemoryError:
             results = None  # retried below, outside the handler, whose traceback still holds the failed batch
         if results is None:
-            self.retry_in_halves(items)
+            self.retry_in_halves(batch.items)
             return
-        self.writer.write_captions([index for index, _ in items], wanted, results)
-        self.captioned += len(items)
-        self.progress.update(len(items))
+        self.writer.write_captions([index for index, _ in batch.items], batch.prompt_keys, results)
+        self.captioned += len(batch.items)
+        self.progress.update(len(batch.items))
 
     def retry_in_halves(self, items):
         import torch
@@ -503,12 +518,15 @@ class BatchCaptioner:
             self.record_errors([(items[0][0], OUT_OF_MEMORY)])
             return
         half = (len(items) + 1) // 2
-        if half < self.batch_size:
-            self.batch_size = half
+        if half < self.batcher.batch_size:
+            self.batcher.batch_size = half
             print(f"\n{self.tag} CUDA out of memory with {len(items)} images: continuing with batches of {half}",
                   file=sys.stderr, flush=True)
-        self.caption(items[:half])
-        self.caption(items[half:])
+        self.caption_in_parts(items, half)
+
+    def caption_in_parts(self, items, size):
+        for start in range(0, len(items), size):
+            self.caption(self.batcher.batch(items[start:start + size]))
 
 
 def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
@@ -538,24 +556,21 @@ def caption_work(captioner, graphs, work, args, prompts, tag, stop):
     writer = ShardWriter(work, args.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
-    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, args.batch_size, graphs)
+    batcher = Batcher(captioner, prompts, work.pending, args.batch_size)
+    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, batcher, graphs)
     started = time.time()
+    # the batcher's thread reads, sorts and batches the windows and makes each batch's CPU inputs ahead
+    pieces = OnSecondThread(batcher.pieces(prepared_windows(work.pending, work.image_root, captioner.prepare, args)))
     try:
-        for window in prepared_windows(work.pending, work.image_root, captioner.prepare, args):
-            if stop.signal is not None:  # came while the model loaded
+        for piece in pieces:
+            if stop.signal is not None:  # came while the model loaded, or during the batch before
                 break
-            batches.record_errors([(index, error) for index, _, error in window if error])
-            good = [(index, prepared) for index, prepared, error in window if error is None]
-            if hasattr(captioner, "cost"):  # similar lengths in one batch: less padding
-                good.sort(key=lambda item: captioner.cost(item[1]))
-            start = 0
-            while start < len(good) and stop.signal is None:
-                size = batches.batch_size
-                batches.caption(good[start:start + size])
-                start += size
-            if stop.signal is not None:
-                break
+            if isinstance(piece, Batch):
+                batches.caption(piece)
+            else:
+                batches.record_errors(piece)
     finally:
+        pieces.close()
         progress.close()
         writer.close()
     seconds = time.time() - started

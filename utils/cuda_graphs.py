@@ -146,10 +146,12 @@ def capture(graph, forward):
     """Record forward() into graph and return its outputs; nothing runs, the cache is not touched. What
     torch.cuda.graph() does, less its emptying of the CUDA and pinned-memory caches first: at every batch that
     freed the loader's pinned memory (cudaFreeHost, 0.7 s in one gap, bench/RESULTS.md) and the memory the next
-    batch then allocates again."""
+    batch then allocates again. Only this thread's CUDA calls are restricted while it records ("thread_local"):
+    the loader's pinning thread allocates pinned memory meanwhile (the batcher thread keeps it busy while the GPU
+    runs a batch), which in the default "global" mode breaks the recording and that thread, and hung run 50."""
     torch.cuda.synchronize()  # the eager work before the capture has finished
     with torch.cuda.stream(capture_stream()):
-        graph.capture_begin()
+        graph.capture_begin(capture_error_mode="thread_local")
         try:
             return forward()
         finally:
