@@ -247,7 +247,7 @@ def test_batches_formed_ahead_are_cut_to_the_size_an_out_of_memory_retry_lowered
     pending = [(f"{index}.png", None, ["a", "b"] if index % 3 else ["a"]) for index in range(11)]
     window = [(index, size, None) for index, size in enumerate(sizes)] + [(11, None, "not an image file")]
     batcher = Batcher(captioner, prompts, pending, batch_size=4)
-    batches = BatchCaptioner(captioner, prompts, writer, writer, "", batcher, graphs=[])
+    batches = BatchCaptioner(batcher, writer, writer, "", graphs=[])
     pieces = list(OnSecondThread(batcher.pieces([window])))
     assert [len(piece.items) if isinstance(piece, Batch) else piece for piece in pieces] == [
         [(11, "not an image file")], 4, 4, 3]

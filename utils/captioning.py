@@ -479,9 +479,8 @@ class BatchCaptioner:
     """Captions batches and hands them to the writer; on CUDA out-of-memory a batch is halved and retried, and
     the batcher forms later batches in the smaller size (caption)."""
 
-    def __init__(self, captioner, prompts, writer, progress, tag, batcher, graphs):
-        self.captioner, self.prompts, self.writer, self.progress, self.tag = captioner, prompts, writer, progress, tag
-        self.batcher, self.graphs = batcher, graphs
+    def __init__(self, batcher, writer, progress, tag, graphs):
+        self.batcher, self.writer, self.progress, self.tag, self.graphs = batcher, writer, progress, tag, graphs
         self.captioned = self.failed = 0
 
     def record_errors(self, indexed_errors):
@@ -497,9 +496,9 @@ class BatchCaptioner:
             self.caption_in_parts(batch.items, self.batcher.batch_size)
             return
         images = [prepared for _, prepared in batch.items]
-        prompts = [self.prompts[key] for key in batch.prompt_keys]
+        prompts = [self.batcher.prompts[key] for key in batch.prompt_keys]
         try:
-            results = self.captioner.caption(images, prompts, *([] if batch.inputs is None else [batch.inputs]))
+            results = self.batcher.captioner.caption(images, prompts, *([] if batch.inputs is None else [batch.inputs]))
         except torch.cuda.OutOfMemoryError:
             results = None  # retried below, outside the handler, whose traceback still holds the failed batch
         if results is None:
@@ -557,7 +556,7 @@ def caption_work(captioner, graphs, work, args, prompts, tag, stop):
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
     batcher = Batcher(captioner, prompts, work.pending, args.batch_size)
-    batches = BatchCaptioner(captioner, prompts, writer, progress, tag, batcher, graphs)
+    batches = BatchCaptioner(batcher, writer, progress, tag, graphs)
     started = time.time()
     # the batcher's thread reads, sorts and batches the windows and makes each batch's CPU inputs ahead
     pieces = OnSecondThread(batcher.pieces(prepared_windows(work.pending, work.image_root, captioner.prepare, args)))
