@@ -29,5 +29,7 @@ def compile_decoder_layers(model):
     layers = dict.fromkeys(layer for module in model.modules() if isinstance(module, GenerationMixin)
                            for layer in module.get_decoder().layers)
     for layer in layers:
-        layer.compile()
+        for name, child in layer.named_children():
+            if name != "self_attn":  # it writes the KV cache, whose per-layer state would recompile per layer
+                child.compile()
     return len(layers)
