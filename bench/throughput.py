@@ -51,7 +51,6 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from utils import refill  # noqa: E402
 from utils.captioning import build_parser, caption_shard  # noqa: E402
-from utils.compiled_layers import compile_decoder_layers  # noqa: E402
 from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 from utils.images import open_image  # noqa: E402
 
@@ -119,11 +118,10 @@ def random_weights_loader(model_class, device, dtype):
 
 
 def eager_decoding(model):
-    """Undo decode_with_cuda_graphs and compile_decoder_layers: the seed's rows run eagerly, as plain generate()."""
+    """Undo decode_with_cuda_graphs: the seed's rows decode as plain generate() does."""
     for module in model.modules():
         for name in ("generate", "get_compiled_call", "_prepare_static_cache", "_decode_step_graph"):
             module.__dict__.pop(name, None)
-        module._compiled_call_impl = None
 
 
 def unknown_ids_as_unk(tokenizer_class, size):
@@ -493,9 +491,7 @@ class ModelBench:
         parsed.dtype = self.dtype
         self.attn_implementation = parsed.attn_implementation
         captioner = self.captioner_class(parsed, self.device)
-        if self.device.type == "cuda" and "--no-compile" not in self.args.ours_flags:  # the split measures ours
-            compile_decoder_layers(captioner.model)
-        if self.device.type == "cuda" and "--no-cuda-graphs" not in self.args.ours_flags:
+        if self.device.type == "cuda" and "--no-cuda-graphs" not in self.args.ours_flags:  # the split measures ours
             decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
         return captioner
 
