@@ -14,14 +14,20 @@ each shape includes its compiling.
 """
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2 import modeling_qwen2
 
-QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.throughput import QWEN2_VL_7B, sync  # noqa: E402
+
+SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+QWEN2_7B = {name: QWEN2_VL_7B["text_config"][name] for name in SIZES}
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -34,11 +40,6 @@ def milliseconds(fn, device, repeats):
         fn()
     sync(device)
     return (time.perf_counter() - start) / repeats * 1000
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def differing(eager, compiled):
