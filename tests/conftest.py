@@ -44,10 +44,12 @@ def image_folder(tmp_path_factory):
 def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
     """{(decoding, path): new tokens} of plain generate() over the full left-padded sequences, of
     utils/shared_prefix.py's shared-prefix path and of utils/refill.py's refilled rows, decoding eagerly and as
-    CUDA graphs (on the GPU: decode_with_cuda_graphs stays on `model`). With graphs, every path must decode through
-    them (the shared one with its own static cache, the refill with its slots)."""
+    CUDA graphs (on the GPU: decode_with_cuda_graphs stays on `model`), on the GPU with the prefill compiled as the
+    scripts run it there (compile_prefill, also left on `model`). With graphs, every path must decode through them
+    (the shared one with its own static cache, the refill with its slots)."""
     import torch
     from utils import shared_prefix
+    from utils.compiled_prefill import compile_prefill
     from utils.cuda_graphs import decode_with_cuda_graphs
     # utils/refill.py: the rows of about half the images at a time, refilled as captions end
     refill = functools.partial(shared_prefix.generate, decode_rows=sum(map(len, prompt_ids)) // 2)
@@ -55,6 +57,8 @@ def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_t
     tokens = {}
     for mode in ("eager", "graphs"):
         steps = decode_with_cuda_graphs(model) if mode == "graphs" else []
+        if mode == "graphs" and model.device.type == "cuda":
+            compile_prefill(model)
         for path in (shared_prefix.generate_left_padded, shared_prefix.generate_with_shared_prefix, refill):
             replays = sum(step.replays for step in steps)
             with torch.inference_mode():

@@ -1,6 +1,6 @@
-"""On a GPU: every model script gives the same captions with its decode steps replayed as CUDA graphs
-(the default there) as with --no-cuda-graphs, and records a graph (no eager fallback); generate()'s stop check read
-one step late, and a cache and recording kept for the next call of the same shape, give the tokens of plain
+"""On a GPU: every model script gives the same captions with its prefill compiled and its decode steps replayed as
+CUDA graphs (the defaults there) as with --no-compile --no-cuda-graphs, and records a graph (no eager fallback);
+generate()'s stop check read one step late, and a cache and recording kept for the next call of the same shape, give the tokens of plain
 generate(); recordings go on while another thread pins memory. Skipped without CUDA; run on the device with
 `python3 -m pytest tests/test_cuda_graphs.py`."""
 import threading
@@ -37,7 +37,7 @@ def scripts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["qwen", "internvl-internlm2", "internvl-qwen2", "llava", "minigpt4"])
-def test_graphs_give_the_eager_captions(name, scripts, image_folder, tmp_path):
+def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, image_folder, tmp_path):
     flags, env = scripts
     script, *model_flags = flags[name]
     folder, good, _ = image_folder
@@ -48,10 +48,11 @@ def test_graphs_give_the_eager_captions(name, scripts, image_folder, tmp_path):
         result = run_command(["python", f"{script}.py", "--input-json", str(input_file), "--image-root", str(folder),
                               "--output-dir", str(out), "--temperature", "0", "--max-new-tokens", "16",
                               "--dtype", "float32", "--batch-size", "3", "--num-workers", "1", *model_flags,
-                              *(["--no-cuda-graphs"] if mode == "eager" else [])],
+                              *(["--no-compile", "--no-cuda-graphs"] if mode == "eager" else [])],
                              env={"CUDA_VISIBLE_DEVICES": "0", **env})
         assert "cannot record" not in result.stderr, result.stderr
         if mode == "graphs":
+            assert " RMSNorms and MLPs compiled for the prefill" in result.stderr, result.stderr
             assert " decode steps replayed from CUDA graphs" in result.stderr
             assert " 0 decode steps replayed" not in result.stderr, result.stderr
         rows = [row for path in sorted(out.glob("*/*/*/captions-*.jsonl")) for row in read_jsonl(path)]

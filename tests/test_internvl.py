@@ -283,7 +283,7 @@ def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_ch
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkpoints):
     """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
-    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs."""
+    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs (with the prefill compiled)."""
     captioner = internvl.InternVLCaptioner(make_args(checkpoints[variant], max_new_tokens=16,
                                                      attn_implementation="sdpa_grouped"), torch.device("cuda"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]

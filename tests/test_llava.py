@@ -182,7 +182,7 @@ def test_refilled_rows_equal_one_by_one(form, captioners, images, one_by_one):
 @pytest.mark.parametrize("form", ["hf", "original"])
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoints, images):
     """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
-    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs."""
+    left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs (with the prefill compiled)."""
     model, vision_tower = (checkpoints.hf, None) if form == "hf" else (checkpoints.original, checkpoints.vision_tower)
     captioner = llava.LlavaCaptioner(make_args(model, vision_tower), torch.device("cuda"))
     ids = [[captioner.prompt_ids(prompt) for prompt in [PROMPTS[1], "What?", PROMPTS[0]]]] * len(images)

@@ -144,6 +144,9 @@ def build_parser(captioner):
         "KV cache (utils/attention.py); flash_attention_2 needs the flash-attn package")
     add("--no-cuda-graphs", action="store_true", help="decode eagerly; by default, on a GPU, decode steps replay a "
         "CUDA graph (utils/cuda_graphs.py), recorded once per batch shape, which gives the same tokens faster")
+    add("--no-compile", action="store_true", help="run the prefill eagerly; by default, on a GPU, the RMSNorms and "
+        "MLPs run compiled with torch.compile in the prefill (utils/compiled_prefill.py): fused elementwise kernels, "
+        "a faster prefill, tens of seconds of compiling in the first batches")
     add("--limit", type=int, default=None, metavar="N", help="caption only the first N entries of the input")
     add("--numgpus", type=int, default=None, help="the seed's flag, kept for compatibility: must equal the "
         "number of processes (WORLD_SIZE or SLURM_NTASKS)")
@@ -447,14 +450,20 @@ def plan_work(captioner_cls, args, prompts, rank, world):
                 model_dir / f"errors-{suffix}")
 
 
-def load_captioner(captioner_cls, args, rank, device):
-    """The model on this process's device, its decode steps as CUDA graphs where there is a GPU."""
+def load_captioner(captioner_cls, args, rank, device, tag):
+    """The model on this process's device; where there is a GPU, its prefill compiled and its decode steps as CUDA
+    graphs."""
     import torch
 
+    from utils.compiled_prefill import compile_prefill
     from utils.cuda_graphs import decode_with_cuda_graphs
     torch.manual_seed(args.seed + rank)
     args.dtype = getattr(torch, args.dtype)
     captioner = captioner_cls(args, device)
+    if device.type == "cuda" and not args.no_compile:
+        modules = compile_prefill(captioner.model)
+        print(f"{tag} {modules} RMSNorms and MLPs compiled for the prefill (torch.compile: the first batches take "
+              "longer)", file=sys.stderr, flush=True)
     graphs = (decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
               if device.type == "cuda" and not args.no_cuda_graphs else [])
     return captioner, graphs
@@ -545,7 +554,7 @@ def caption_shard(captioner_cls, args, prompts, rank, world, local_rank):
     if not work.pending:
         print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
         return 0
-    captioner, graphs = load_captioner(captioner_cls, args, rank, device)
+    captioner, graphs = load_captioner(captioner_cls, args, rank, device, tag)
     return caption_work(captioner, graphs, work, args, prompts, tag, stop)
 
 
