@@ -1,8 +1,8 @@
 """On a GPU: every model script gives the same captions with its prefill compiled and its decode steps replayed as
 CUDA graphs (the defaults there) as with --no-compile --no-cuda-graphs, and records a graph (no eager fallback);
-generate()'s stop check read one step late, and a cache and recording kept for the next call of the same shape, give the tokens of plain
-generate(); recordings go on while another thread pins memory. Skipped without CUDA; run on the device with
-`python3 -m pytest tests/test_cuda_graphs.py`."""
+generate()'s stop check read one step late, and a cache and recording kept for the next call of the same shape,
+give the tokens of plain generate(); recordings go on while another thread pins memory. Skipped without CUDA; run
+on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
 import threading
 
 import pytest
