@@ -23,7 +23,8 @@ from utils.errors import UserError
 
 RECORD = "run.json"
 # The loop's flags that change captions (dtype as resolved for the device). Batch size, workers, sort window,
-# attention kernel, CUDA graphs and the compiled prefill change only the speed: greedy captions stay the same (the tests compare them).
+# attention kernel, CUDA graphs and the compiled prefill change only the speed: in float32 greedy captions stay
+# the same (the tests compare them); in bfloat16 they change the last bits of sums, as README says.
 CAPTION_SETTINGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "num_beams", "seed", "dtype")
 
 
