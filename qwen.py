@@ -15,8 +15,10 @@ import contextlib
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
-from utils.captioning import (Caption, by_image, generation_kwargs, left_padded, mask_positions, run,
-                               stopped_at_limit, to_device, to_device_async)
+from utils import prompts as presets
+from utils.caption_loop import run
+from utils.captioner import Caption, Captioner, by_image, stopped_at_limit
+from utils.generation.tensors import left_padded, mask_positions, to_device, to_device_async
 
 # torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
 if TYPE_CHECKING:
@@ -69,10 +71,10 @@ def vision_layout(visual, cu_seqlens, positions):
         hook.remove()
 
 
-class QwenCaptioner:
+class QwenCaptioner(Captioner):
     name = "qwen"
     default_model = "Qwen/Qwen2-VL-7B-Instruct"
-    prompts = {"default": "Describe the image in detail:"}
+    prompts = presets.QWEN
     default_prompt = "default"
     defaults = {"batch_size": 16}
     default_dtype = "bfloat16"
@@ -88,24 +90,24 @@ class QwenCaptioner:
                             help="largest image area after resizing; lower it to save memory and time "
                             "(default: the checkpoint's processor setting)")
 
-    def __init__(self, args, device):
+    def __init__(self, settings, device):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-        self.processor = AutoProcessor.from_pretrained(args.model)
+        import utils.generation.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
+        self.processor = AutoProcessor.from_pretrained(settings.model)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.
-        min_pixels = args.min_pixels or image_processor.size["shortest_edge"]
-        max_pixels = args.max_pixels or image_processor.size["longest_edge"]
+        min_pixels = settings.options["min_pixels"] or image_processor.size["shortest_edge"]
+        max_pixels = settings.options["max_pixels"] or image_processor.size["longest_edge"]
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self.prepare = functools.partial(prepare_image, min_pixels=min_pixels, max_pixels=max_pixels,
-                                         image_processor=image_processor, dtype=args.dtype)
+                                         image_processor=image_processor, dtype=settings.dtype)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            args.model, dtype=args.dtype, attn_implementation=args.attn_implementation).to(device).eval()
+            settings.model, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
         # flash-attn's varlen call reads the boundaries on the GPU; the other implementations split on the CPU
-        self.boundaries_on_gpu = args.attn_implementation == "flash_attention_2"
+        self.boundaries_on_gpu = settings.attn_implementation == "flash_attention_2"
         self.prompt_ids = functools.lru_cache(maxsize=64)(self.prompt_ids)  # the same few prompts in every batch
-        self.generation = generation_kwargs(args)
+        self.generation = settings.decoding.generate_kwargs()
         end = self.model.generation_config.eos_token_id
         self.end_token_ids = set(end if isinstance(end, list) else [end])
 
@@ -146,7 +148,7 @@ class QwenCaptioner:
                                                              attention_mask=mask)
         return torch.cat([mask_positions(mask)[None], image_positions])
 
-    def inputs(self, images, prompts):
+    def cpu_inputs(self, images, prompts):
         """The batch's work on the CPU, apart from the GPU's: the loop runs it on its batcher thread while the
         GPU captions the batch before (utils/batcher.py)."""
         import torch
@@ -157,7 +159,7 @@ class QwenCaptioner:
 
     def caption(self, images, prompts, inputs=None):
         device = self.model.device
-        text, position_ids, grid_thw, cu_seqlens = self.inputs(images, prompts) if inputs is None else inputs
+        text, position_ids, grid_thw, cu_seqlens = self.cpu_inputs(images, prompts) if inputs is None else inputs
         model_inputs = {name: to_device_async(tensor, device) for name, tensor in text.items()}
         model_inputs["position_ids"] = to_device_async(position_ids, device)
         model_inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)

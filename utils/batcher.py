@@ -1,9 +1,10 @@
 """The batcher: read-ahead windows of prepared images -> batches, each with its CPU inputs, made on a second thread.
 
-While the GPU captions one batch, the loop's second thread waits for the image workers, sorts their window,
-forms the next batches and runs each one's CPU work (a captioner's optional `inputs()`: token ids, masks,
-positions). So the GPU does not idle between batches while the main process does that work: with Qwen2-VL at
-batch 256 it was 0.2-0.3 s a batch (bench/RESULTS.md runs 47 and 49).
+While the GPU captions one batch, the batcher's thread waits for the image workers, sorts their window by the
+captioner's cost (similar lengths in one batch pad less), forms the next batches and makes each one's CPU inputs
+(the captioner's cpu_inputs(): token ids, masks, positions), so that the GPU does not idle between batches. The
+batch runner tells it a smaller batch size after an out-of-memory retry through a queue, the only thing that
+flows back.
 """
 import queue
 import threading
@@ -11,38 +12,44 @@ from typing import Any, NamedTuple
 
 
 class Batch(NamedTuple):
-    items: list  # [(index into the pending images, prepared image)]
+    items: list  # [(index into the pending images, prepared image)]; empty for a window without good images
     prompt_keys: list  # the prompts that some image of the batch still misses
-    inputs: Any = None  # the captioner's inputs(images, prompts), or None: it has none, or they are made later
+    inputs: Any  # the captioner's cpu_inputs(images, prompts)
+    errors: list  # [(index, reason)] of the window's unreadable images, carried by its first batch
+
+
+def form_batch(captioner, prompts, pending, items, errors=()):
+    """The Batch of `items` (index, prepared image): the prompts they miss and their CPU inputs."""
+    keys = [key for key in prompts if any(key in pending[index][2] for index, _ in items)]
+    inputs = captioner.cpu_inputs([prepared for _, prepared in items], [prompts[key] for key in keys]) if items else None
+    return Batch(items, keys, inputs, list(errors))
 
 
 class Batcher:
-    """Forms the batches of each window: its good images sorted by the captioner's cost (similar lengths in one
-    batch: less padding), in batches of `batch_size`, read when each batch is formed (the loop lowers it after
-    an out-of-memory retry)."""
+    """Forms the batches of each window in the batch size in force when each batch is formed."""
 
-    def __init__(self, captioner, prompts, pending, batch_size):
-        self.captioner, self.prompts, self.pending, self.batch_size = captioner, prompts, pending, batch_size
+    def __init__(self, captioner, prompts, pending, batch_size, smaller_sizes):
+        self.captioner, self.prompts, self.pending = captioner, prompts, pending
+        self.batch_size, self.smaller_sizes = batch_size, smaller_sizes  # smaller_sizes: a queue.SimpleQueue
 
-    def pieces(self, windows):
-        """For each window: the list of its unreadable images' (index, error), then its Batches."""
+    def size_in_force(self):
+        while not self.smaller_sizes.empty():
+            self.batch_size = min(self.batch_size, self.smaller_sizes.get())
+        return self.batch_size
+
+    def batches(self, windows):
+        """The Batches of each window: its good images sorted by cost, its unreadable ones in the first."""
         for window in windows:
-            yield [(index, error) for index, _, error in window if error]
-            good = [(index, prepared) for index, prepared, error in window if error is None]
-            if hasattr(self.captioner, "cost"):
-                good.sort(key=lambda item: self.captioner.cost(item[1]))
+            errors = [(index, error) for index, _, error in window if error]
+            good = sorted(((index, prepared) for index, prepared, error in window if error is None),
+                          key=lambda item: self.captioner.cost(item[1]))
+            if not good:
+                yield form_batch(self.captioner, self.prompts, self.pending, [], errors)
             start = 0
             while start < len(good):
-                size = self.batch_size
-                yield self.batch(good[start:start + size])
-                start += size
-
-    def batch(self, items):
-        keys = [key for key in self.prompts if any(key in self.pending[index][2] for index, _ in items)]
-        inputs = None
-        if hasattr(self.captioner, "inputs"):
-            inputs = self.captioner.inputs([prepared for _, prepared in items], [self.prompts[key] for key in keys])
-        return Batch(items, keys, inputs)
+                size = self.size_in_force()
+                yield form_batch(self.captioner, self.prompts, self.pending, good[start:start + size], errors)
+                start, errors = start + size, []
 
 
 class OnSecondThread:

@@ -13,6 +13,7 @@ record; --overwrite replaces it once the earlier outputs are gone. Records are w
 creates the file only where none is (hard link of a finished temporary file), so processes that start together
 never overwrite each other; a slower one compares instead.
 """
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -64,12 +65,14 @@ class RunSettings(NamedTuple):
     settings: dict  # CAPTION_SETTINGS and the model flags
 
 
-def run_settings(captioner_cls, args):
-    """This run's side of the comparison; args.dtype must be resolved (a name, not "auto")."""
-    identity = checkpoint_identity(args.model, getattr(captioner_cls, "model_on_hub", True))
-    model_flags = {dest: flag_value(getattr(args, dest)) for dest in getattr(captioner_cls, "caption_flags", ())}
-    return RunSettings({"model": args.model, "identity": identity}, model_flags,
-                       {**{dest: getattr(args, dest) for dest in CAPTION_SETTINGS}, **model_flags})
+def run_settings(captioner_cls, settings, dtype):
+    """This run's side of the comparison; dtype as resolved for the device (a name, not "auto")."""
+    identity = checkpoint_identity(settings.model, captioner_cls.model_on_hub)
+    model_flags = {dest: flag_value(settings.options[dest]) for dest in captioner_cls.caption_flags}
+    decoding = dataclasses.asdict(settings.decoding)
+    caption_settings = {**decoding, "seed": settings.seed, "dtype": dtype}
+    return RunSettings({"model": settings.model, "identity": identity}, model_flags,
+                       {**{name: caption_settings[name] for name in CAPTION_SETTINGS}, **model_flags})
 
 
 def record_of(folder, run):

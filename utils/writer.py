@@ -2,12 +2,8 @@
 batch, appended whole."""
 import json
 import os
-from pathlib import Path
 
 from utils.errors import UserError
-
-
-OUT_OF_MEMORY = "CUDA out of memory, even alone"  # recorded, but retried by the next run: not the image's fault
 
 
 def complete_lines(file):
@@ -17,24 +13,6 @@ def complete_lines(file):
         if not line.endswith(b"\n"):
             return
         yield line
-
-
-def recorded_images(folder, pattern, keep):
-    """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
-    found = set()
-    for file in sorted(Path(folder).glob(pattern)):
-        if not file.is_file():
-            continue
-        with open(file, "rb") as f:
-            for line in complete_lines(f):
-                try:
-                    row = json.loads(line)
-                    image = row["image"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # not one of ours
-                if image in keep and row.get("error") != OUT_OF_MEMORY:
-                    found.add(image)
-    return found
 
 
 def cut_partial_tail(path, chunk=1 << 16):
@@ -112,3 +90,17 @@ class ShardWriter:
                 file and file.close()
             except OSError:
                 pass  # only a failed write leaves data to flush, and it was reported; the next run cuts the rest
+
+
+def check_output_folders(settings):
+    """Before anything loads (and once the input is known to be good): every output folder can be created and
+    written."""
+    for folder in [settings.model_dir, *(settings.model_dir / key for key in settings.prompts)]:
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"\n")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"--output-dir {settings.model_dir.parent.parent}: cannot write in {folder}: "
+                            f"{error.strerror or error}") from None

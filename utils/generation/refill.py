@@ -36,9 +36,9 @@ from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, Tempe
                           TopPLogitsWarper)
 from transformers.cache_utils import Cache, StaticLayer
 
-from utils import shared_prefix
-from utils.captioning import HostCopy, to_device_async
-from utils.cuda_graphs import decode_step_graph
+from utils.generation.cuda_graphs import decode_step_graph
+from utils.generation.prefill import prefill_rows, shared_prefix_length
+from utils.generation.tensors import HostCopy, to_device_async
 
 # processors that read only the scores, never the tokens so far: the same for a row whatever its slot's history
 ROW_INDEPENDENT = (SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
@@ -164,7 +164,7 @@ class RefillDecoder:
     def widest_row(self):
         """Columns of the widest prefilled row any group of images can give: the longest shared prefix and the
         longest own part, as utils/shared_prefix.py left-pads them."""
-        prefix_lengths = [shared_prefix.shared_prefix_length(rows) for rows in self.prompt_ids]
+        prefix_lengths = [shared_prefix_length(rows) for rows in self.prompt_ids]
         own = max(len(ids) - length for rows, length in zip(self.prompt_ids, prefix_lengths) for ids in rows)
         return max(prefix_lengths) + own
 
@@ -201,7 +201,7 @@ class RefillDecoder:
         while self.waiting and sum(len(self.prompt_ids[i]) for i in images + self.waiting[:1]) <= len(free):
             images.append(self.waiting.pop(0))
         rows = [row for i in images for row in range(self.first_row[i], self.first_row[i + 1])]
-        cache, mask, logits = shared_prefix.prefill_rows(
+        cache, mask, logits = prefill_rows(
             self.model, [self.prompt_ids[i] for i in images], [self.image_features[i] for i in images],
             self.image_token_id, self.pad_token_id)
         row_index = to_device_async(torch.tensor(rows), logits.device)

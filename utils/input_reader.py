@@ -1,0 +1,242 @@
+"""What the input is, and this process's part of it: JSON/JSONL lists of paths, webdataset tar shards, Parquet.
+
+    expand_inputs(spec) -> Inputs(kind, files, root)    a JSON/JSONL file, a .tar file, a folder of .tar files or
+                                                        a brace pattern (data/{00000..01242}.tar), or Parquet files
+    read_part(spec, rank, world, limit, image_root)     this process's entries, a summary of the input, the root
+    read_image_bytes(image_id, image_root)              the one way from an image id to its bytes
+
+Image ids, the "image" of every output line, are stable strings relative to the image root: a JSON entry's path as
+written; a tar member as <shard>/<member name> (00000.tar/000000123.jpg); a Parquet row as <file>/<row> (rows from
+0), or its path column. Keys: a tar sample's webdataset key; a Parquet row's `key` or `id` column, else <file>:<row>.
+
+One split rule for every kind (part_bounds): part r of n takes [r*total//n, (r+1)*total//n) of the entries of a
+JSON input, of the rows of Parquet files, or of the bytes of tar shards laid end to end (a sample belongs to the
+part whose range holds its first header, so a process reads only the headers of the shards its range touches).
+"""
+import functools
+import itertools
+import os
+import re
+from typing import NamedTuple
+
+from utils.errors import InputError, UserError
+from utils.images import read_file
+from utils.parquet_files import parquet_layout, read_parquet_image, read_rows
+from utils.records import RecordError, iter_records
+from utils.tar_shards import image_member, open_tar, read_tar_image, sample_starts, tar_caption
+
+_CONTAINERS = (".tar", ".parquet")
+# Output line fields written by the loop; input keys of the same name are kept as "input_<key>".
+OUTPUT_FIELDS = ("image", "caption", "model", "prompt", "truncated")
+
+
+class Inputs(NamedTuple):
+    kind: str  # "json", "tar" or "parquet"
+    files: list  # in input order
+    root: str  # default image root: the folder that image ids are relative to
+
+
+class Sample(NamedTuple):
+    image: str  # the stable image id
+    key: str
+    caption: object  # the original caption (str), or None: not asked for or not there
+
+
+def expand_braces(pattern):
+    """Expand {a,b,c} lists and {00000..01242} ranges (zero-padded as written) like webdataset's braceexpand."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise InputError(f"{pattern}: braces hold neither a list {{a,b}} nor a range {{00000..00099}}")
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def kind_of(path):
+    lower = path.lower()
+    return "tar" if lower.endswith(".tar") else "parquet" if lower.endswith(".parquet") else None
+
+
+def _common_folder(files):
+    return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+
+
+def expand_inputs(spec):
+    """The kind of input `spec` names and its files in order (see the module docstring)."""
+    if os.path.isdir(spec):
+        names = sorted(os.listdir(spec))
+        for kind, suffix in (("tar", ".tar"), ("parquet", ".parquet")):
+            files = [os.path.join(spec, n) for n in names if n.lower().endswith(suffix)
+                     and os.path.isfile(os.path.join(spec, n))]
+            if files:
+                return Inputs(kind, files, _common_folder(files))
+        raise InputError(f"{spec}: a folder without .tar or .parquet files")
+    if os.path.isfile(spec):
+        kind = kind_of(spec) or "json"
+        return Inputs(kind, [spec], _common_folder([spec]))
+    if "{" not in spec:
+        raise InputError(f"{spec}: no such file or folder")
+    files = expand_braces(spec)
+    kinds = {kind_of(f) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        raise InputError(f"{spec}: a brace pattern must name .tar files or .parquet files only")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise InputError(f"{spec}: {len(missing)} of {len(files)} files do not exist (first: {missing[0]}); "
+                         "give their folder to take the ones that do")
+    return Inputs(kinds.pop(), files, _common_folder(files))
+
+
+def check_inputs(inputs):
+    """Open each file's first tar header or Parquet footer; a one-line summary of the input."""
+    if inputs.kind == "tar":
+        for path in inputs.files:
+            open_tar(path).close()
+        size = sum(os.path.getsize(f) for f in inputs.files)
+        return f"{len(inputs.files)} tar shard{'s' * (len(inputs.files) != 1)}, {size / 1e9:.1f} GB"
+    if inputs.kind == "parquet":
+        rows = sum(parquet_layout(f).rows for f in inputs.files)
+        return f"{len(inputs.files)} Parquet file{'s' * (len(inputs.files) != 1)}, {rows} rows"
+    raise ValueError(f"check_inputs reads tar shards and Parquet files, not {inputs.kind}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _id_prefix(path, image_root):
+    """A shard or Parquet file as image ids name it: relative to the image root, with '/'."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(image_root)).replace(os.sep, "/")
+
+
+def iter_samples(inputs, image_root, rank=0, world=1, limit=None, captions=False):
+    """This rank's samples of tar shards or Parquet files, in input order (see the module docstring)."""
+    if inputs.kind == "tar":
+        for path, sample in tar_part(inputs.files, rank, world, limit):
+            member = image_member(sample)
+            image = f"{_id_prefix(path, image_root)}/{member.name if member else sample.key}"
+            yield Sample(image, sample.key, tar_caption(path, sample) if captions else None)
+    elif inputs.kind == "parquet":
+        yield from parquet_part(inputs.files, image_root, rank, world, limit, captions)
+    else:
+        raise ValueError(f"iter_samples reads tar shards and Parquet files, not {inputs.kind}")
+
+
+def part_bounds(total, rank, world):
+    return rank * total // world, (rank + 1) * total // world
+
+
+def tar_part(files, rank, world, limit):
+    """(shard, TarSample) of the samples whose first header lies in this rank's byte range."""
+    sizes = [os.path.getsize(f) for f in files]
+    bases = list(itertools.accumulate(sizes, initial=0))[:-1]  # where each shard starts, shards laid end to end
+    end = sum(sizes)
+    if limit is not None:  # the byte where sample number `limit` starts: only the first `limit` come before it
+        after_limit = next(itertools.islice(sample_starts(files, bases), limit, None), None)
+        end = end if after_limit is None else after_limit[0]
+    low, high = part_bounds(end, rank, world)
+    touched = [i for i in range(len(files)) if bases[i] < high and bases[i] + sizes[i] > low]
+    for position, path, sample in sample_starts([files[i] for i in touched], [bases[i] for i in touched]):
+        if position >= high:
+            break
+        if position >= low:
+            yield path, sample
+
+
+def parquet_part(files, image_root, rank, world, limit, captions):
+    layouts = [parquet_layout(f) for f in files]
+    total = sum(layout.rows for layout in layouts)
+    low, high = part_bounds(total if limit is None else min(limit, total), rank, world)
+    base = 0
+    for path, layout in zip(files, layouts):
+        start, stop = max(low - base, 0), min(high - base, layout.rows)
+        base += layout.rows
+        if start >= stop:
+            continue
+        prefix = _id_prefix(path, image_root)
+        path_column = layout.image if layout.image_kind == "path" else None
+        columns = [c for c in (layout.key, path_column, layout.caption if captions else None) if c]
+        for row, values in read_rows(path, layout, columns, start, stop):
+            key, image = values.get(layout.key), values.get(path_column)
+            yield Sample(image if image else f"{prefix}/{row}", f"{prefix}:{row}" if key is None else str(key),
+                         values.get(layout.caption))
+
+
+def split_container(image_id, image_root):
+    """(the tar or Parquet file an id names, the rest of the id), or (None, None) for a plain file."""
+    parts = image_id.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part.lower().endswith(_CONTAINERS):
+            container = os.path.join(image_root, "/".join(parts[:i + 1]))
+            if os.path.isfile(container):
+                return container, "/".join(parts[i + 1:])
+    return None, None
+
+
+def read_image_bytes(image_id, image_root):
+    """The bytes of the image an id names (a file, a tar member, a Parquet row), relative to image_root.
+
+    Raises UnreadableImage with the reason to record. Each process keeps the member index of its last
+    few shards and one streaming reader per Parquet file, so reading ids in input order is cheap.
+    """
+    container, inner = split_container(image_id, image_root)
+    if container is None:
+        return read_file(os.path.join(image_root, image_id))
+    if kind_of(container) == "tar":
+        return read_tar_image(container, inner)
+    return read_parquet_image(container, inner, image_root)
+
+
+def read_part(spec, rank, world, limit, image_root=None):
+    """This process's part of the input as [(image id, extra keys or None)], a one-line summary of the input, and
+    the image root (image_root, else the folder the input's ids are relative to). A JSON input is validated whole;
+    tar shards and Parquet files are checked file by file, each sample's extra keys being {"key"}."""
+    inputs = expand_inputs(spec)
+    image_root = image_root or inputs.root
+    if inputs.kind == "json":
+        entries, summary = read_json_part(spec, rank, world, limit)
+        return entries, summary, image_root
+    summary = check_inputs(inputs)
+    samples = iter_samples(inputs, image_root, rank, world, limit)
+    return [(sample.image, {"key": sample.key}) for sample in samples], summary, image_root
+
+
+def check_input(spec, limit):
+    """--check-input: the input's one-line summary, after validating a JSON input whole or opening each shard or
+    Parquet file (reading none through: that is each process's work)."""
+    inputs = expand_inputs(spec)
+    return read_json_part(spec, 0, 1, limit)[1] if inputs.kind == "json" else check_inputs(inputs)
+
+
+def json_entries(path, limit):
+    """The entries of a JSON array or JSONL input, each checked: an object with an "image" path."""
+    try:
+        for index, record in enumerate(iter_records(path)):
+            if limit is not None and index >= limit:
+                return
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: entry {index} is not an object like {{\"image\": path}}")
+            if not isinstance(record.get("image"), str) or not record["image"]:
+                raise UserError(f"{path}: entry {index} has no \"image\" path")
+            yield record
+    except RecordError as e:
+        raise UserError(str(e)) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+def read_json_part(path, rank, world, limit):
+    """Validate the whole JSON input, then keep only this process's part."""
+    total = sum(1 for _ in json_entries(path, limit))
+    start, stop = part_bounds(total, rank, world)
+    part = []
+    for record in itertools.islice(json_entries(path, limit), start, stop):
+        extra = {(f"input_{k}" if k in OUTPUT_FIELDS else k): v for k, v in record.items() if k != "image"}
+        part.append((record["image"], extra or None))
+    return part, f"{total} images"

@@ -1,0 +1,88 @@
+"""Resume planning: what earlier runs left in the output folders, and so the work left for this process.
+
+An image counts as done for a prompt when a complete line of any captions-*.jsonl in that prompt's folder names it,
+whatever the number of processes that wrote it; an image recorded as unreadable in the checkpoint folder's
+errors-*.jsonl is skipped too (unless --retry-errors), except one that ran out of memory even alone.
+"""
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+from utils.batch_runner import OUT_OF_MEMORY
+from utils.input_reader import read_part
+from utils.run_record import output_folders, run_settings, settle_records
+from utils.writer import complete_lines
+
+
+class Work(NamedTuple):
+    """What one process has to do: its images not yet done, and where their lines go."""
+    pending: list  # [(image, extra keys or None, [prompt keys still missing])], in input order
+    skipped: int  # images of this part already done or recorded as failed
+    input_summary: str  # what the whole input holds, e.g. "30 images" or "12 tar shards, 3.1 GB"
+    image_root: str  # the folder that the pending image ids are relative to
+    caption_files: dict  # prompt key -> this process's captions file
+    error_file: Path
+
+
+def recorded_images(folder, pattern, keep):
+    """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
+    found = set()
+    for file in sorted(Path(folder).glob(pattern)):
+        if not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            for line in complete_lines(f):
+                try:
+                    row = json.loads(line)
+                    image = row["image"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # not one of ours
+                if image in keep and row.get("error") != OUT_OF_MEMORY:
+                    found.add(image)
+    return found
+
+
+def file_suffix(place):
+    return f"{place.rank:05d}-of-{place.world:05d}.jsonl"
+
+
+def remove_earlier_outputs(settings):
+    """--overwrite: each process removes its own files; rank 0 also those of other world sizes. No process reads
+    them."""
+    place, model_dir = settings.place, settings.model_dir
+    suffix = file_suffix(place)
+    for old in [*model_dir.glob("errors-*.jsonl"),
+                *(f for key in settings.prompts for f in (model_dir / key).glob("captions-*.jsonl"))]:
+        if old.name.endswith(suffix) or (place.rank == 0 and not old.name.endswith(f"-of-{place.world:05d}.jsonl")):
+            old.unlink(missing_ok=True)
+
+
+def settle_outputs(captioner_cls, settings, dtype):
+    """The run records, before the model loads (dtype: as resolved for the device): with --overwrite the earlier
+    outputs go first, then the records are replaced; otherwise every folder's record must match this run's."""
+    if settings.overwrite:
+        remove_earlier_outputs(settings)
+    settle_records(output_folders(settings.model_dir, settings.prompts), run_settings(captioner_cls, settings, dtype),
+                   settings.overwrite)
+
+
+def plan_work(settings):
+    """Read this process's part of the input and leave out what earlier runs did."""
+    place, model_dir, prompts = settings.place, settings.model_dir, settings.prompts
+    part, input_summary, image_root = read_part(settings.input, place.rank, place.world, settings.limit,
+                                                settings.image_root)
+    caption_files = {key: model_dir / key / f"captions-{file_suffix(place)}" for key in prompts}
+    part_images = {image for image, _ in part}
+    if settings.overwrite:  # settle_outputs removes the earlier outputs: none is read
+        done, failed = {key: set() for key in prompts}, set()
+    else:
+        done = {key: recorded_images(model_dir / key, "captions-*.jsonl", part_images) for key in prompts}
+        failed = set() if settings.retry_errors else recorded_images(model_dir, "errors-*.jsonl", part_images)
+    pending, seen = [], set()
+    for image, extra in part:
+        missing = [key for key in prompts if image not in done[key]]
+        if missing and image not in failed and image not in seen:
+            pending.append((image, extra, missing))
+        seen.add(image)
+    return Work(pending, len(part) - len(pending), input_summary, image_root, caption_files,
+                model_dir / f"errors-{file_suffix(place)}")
