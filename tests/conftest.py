@@ -43,15 +43,15 @@ def image_folder(tmp_path_factory):
 
 def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
     """{(decoding, path): new tokens} of plain generate() over the full left-padded sequences, of
-    utils/shared_prefix.py's shared-prefix path and of utils/refill.py's refilled rows, decoding eagerly and as
+    utils/generation/shared_prefix.py's shared-prefix path and of utils/generation/refill.py's refilled rows, decoding eagerly and as
     CUDA graphs (on the GPU: decode_with_cuda_graphs stays on `model`), on the GPU with the prefill compiled as the
     scripts run it there (compile_prefill, also left on `model`). With graphs, every path must decode through them
     (the shared one with its own static cache, the refill with its slots)."""
     import torch
-    from utils import shared_prefix
-    from utils.compiled_prefill import compile_prefill
-    from utils.cuda_graphs import decode_with_cuda_graphs
-    # utils/refill.py: the rows of about half the images at a time, refilled as captions end
+    from utils.generation import shared_prefix
+    from utils.generation.compiled_prefill import compile_prefill
+    from utils.generation.cuda_graphs import decode_with_cuda_graphs
+    # utils/generation/refill.py: the rows of about half the images at a time, refilled as captions end
     refill = functools.partial(shared_prefix.generate, decode_rows=sum(map(len, prompt_ids)) // 2)
     refill.__name__ = "refill"
     tokens = {}

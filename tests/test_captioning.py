@@ -1,19 +1,24 @@
 """The shared loop through a real script (qwen.py on a tiny checkpoint): sharding, resume, signals, errors."""
 import argparse
 import json
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from conftest import REPO, read_jsonl, run_command
 from sample_images import write_pattern_images
 
-from utils.batcher import Batch, Batcher, OnSecondThread
-from utils.captioning import BatchCaptioner, Caption
-from utils.loader import prepared_windows
+from utils.batch_runner import BatchRunner
+from utils.batcher import Batcher, OnSecondThread
+from utils.captioner import Caption, Captioner
+from utils.image_workers import prepared_windows
 
 COUNT = 30
 
@@ -93,7 +98,8 @@ def test_two_processes_split_the_work_and_resume_across_world_sizes(
     rank0 = [row["image"] for row in read_jsonl(model_dir / "default" / "captions-00000-of-00002.jsonl")]
     rank1 = [row["image"] for row in read_jsonl(model_dir / "default" / "captions-00001-of-00002.jsonl")]
     names = json.loads(dataset[0].read_text())
-    # The seed's split: rank 0 the first half, rank 1 the rest; the seven done before are skipped.
+    # Part r of n takes [r*30//n, (r+1)*30//n): rank 0 the first half, rank 1 the rest; the seven done before are
+    # skipped.
     # (Within a file, lines come sorted by prompt length per --sort-window, not in input order.)
     assert sorted(first) == sorted(entry["image"] for entry in names[:7])
     assert sorted(rank0) == sorted(entry["image"] for entry in names[7:COUNT // 2])
@@ -198,9 +204,9 @@ def test_the_batcher_thread_runs_ahead_hands_over_in_order_and_closes():
     assert closed.is_set() and not early.thread.is_alive()
 
 
-class ImageSizeCaptioner:
+class ImageSizeCaptioner(Captioner):
     """Not a model: a captioner whose captions are the images' sizes, which runs out of CUDA memory on batches
-    of more than two images, and counts its inputs() calls, to test the loop's batching."""
+    of more than two images, and counts its cpu_inputs() calls, to test the loop's batching."""
 
     def __init__(self):
         self.inputs_made, self.batch_sizes, self.out_of_memory = [], [], []
@@ -208,7 +214,7 @@ class ImageSizeCaptioner:
     def cost(self, size):
         return size[0]
 
-    def inputs(self, images, prompts):
+    def cpu_inputs(self, images, prompts):
         self.inputs_made.append(len(images))
         return list(images)
 
@@ -246,19 +252,75 @@ def test_batches_formed_ahead_are_cut_to_the_size_an_out_of_memory_retry_lowered
     sizes = [(40 + index % 7, 30) for index in range(11)]
     pending = [(f"{index}.png", None, ["a", "b"] if index % 3 else ["a"]) for index in range(11)]
     window = [(index, size, None) for index, size in enumerate(sizes)] + [(11, None, "not an image file")]
-    batcher = Batcher(captioner, prompts, pending, batch_size=4)
-    batches = BatchCaptioner(batcher, writer, writer, "", graphs=[])
-    pieces = list(OnSecondThread(batcher.pieces([window])))
-    assert [len(piece.items) if isinstance(piece, Batch) else piece for piece in pieces] == [
-        [(11, "not an image file")], 4, 4, 3]
+    smaller_sizes = queue.SimpleQueue()
+    batcher = Batcher(captioner, prompts, pending, 4, smaller_sizes)
+    runner = BatchRunner(captioner, prompts, pending, writer, writer, "", [], 4, smaller_sizes)
+    batches = list(OnSecondThread(batcher.batches([window])))
+    assert [(len(batch.items), batch.errors) for batch in batches] == [
+        (4, [(11, "not an image file")]), (4, []), (3, [])]
     assert captioner.inputs_made == [4, 4, 3]  # on the batcher's thread
-    for piece in pieces:
-        batches.caption(piece) if isinstance(piece, Batch) else batches.record_errors(piece)
+    for batch in batches:
+        runner.run(batch)
     assert captioner.out_of_memory == [4]  # once: the batches formed ahead are cut before they run
-    assert batcher.batch_size == 2 and captioner.batch_sizes == [2, 2, 2, 2, 2, 1]
+    assert runner.batch_size == 2 and captioner.batch_sizes == [2, 2, 2, 2, 2, 1]
+    assert batcher.size_in_force() == 2  # the batcher was told, for the batches it forms next
     assert sorted(index for indexes, _, _ in writer.batches for index in indexes) == list(range(11))
     for indexes, keys, results in writer.batches:
         for index, row in zip(indexes, results):
             assert set(pending[index][2]) <= set(keys)
             assert [caption.text for caption in row] == [f"{sizes[index]} {prompts[key]}" for key in keys]
     assert writer.errors == [(11, "not an image file")]
+
+
+def test_a_misspelt_flag_answers_in_one_line_with_a_suggestion():
+    result = run_command(["python", "qwen.py", "--batchsize", "4"], check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--batchsize" in lines[0] and "did you mean --batch-size?" in lines[0], result.stderr
+
+
+def test_default_workers_fit_the_cores_and_die_with_their_parent(qwen_checkpoint, tmp_path):
+    """Without --num-workers the loader starts no more workers than the cores allow (torch warns otherwise); after
+    kill -9 of the main process its image workers, busy with large images, end at once rather than at their next
+    check of the parent (seconds later)."""
+    rng = np.random.default_rng(0)
+    for index in range(16):
+        Image.fromarray(rng.integers(0, 255, (1500, 1500, 3), dtype=np.uint8)).save(tmp_path / f"{index}.jpg")
+    (tmp_path / "input.json").write_text(json.dumps([{"image": f"{index}.jpg"} for index in range(16)]))
+    out = tmp_path / "out"
+    args = command(qwen_checkpoint, tmp_path / "input.json", out, "--batch-size", "1")
+    args = args[:args.index("--num-workers")] + args[args.index("--num-workers") + 2:]
+    process = subprocess.Popen([sys.executable, *args[1:]], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(path.stat().st_size for path in out.glob("qwen/*/default/captions-*")):
+        time.sleep(0.02)
+    workers = children_of(process.pid)
+    assert workers, "the run started no image workers"
+    process.kill()
+    _, stderr = process.communicate(timeout=60)
+    assert "suggested max number of worker" not in stderr
+    deadline = time.time() + 2
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
+
+
+def children_of(pid):
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid):
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"  # a zombie has ended; only its parent's wait is missing

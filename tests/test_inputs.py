@@ -1,4 +1,4 @@
-"""utils/inputs.py: what an INPUT names, tar shards and Parquet read as samples, ranks' slices, bytes by id."""
+"""utils/input_reader.py, tar_shards.py, parquet_files.py: what an INPUT names, tar shards and Parquet read as samples, ranks' slices, bytes by id."""
 import os
 
 import pyarrow as pa
@@ -6,9 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 from sample_images import image_bytes, write_tar_shard
 
+from utils.errors import InputError
 from utils.images import UnreadableImage
-from utils.inputs import (InputError, check_inputs, expand_braces, expand_inputs, image_member, iter_samples,
-                          iter_tar_samples, read_image_bytes, tar_caption)
+from utils.input_reader import check_inputs, expand_braces, expand_inputs, iter_samples, read_image_bytes
+from utils.tar_shards import image_member, iter_tar_samples, tar_caption
 
 SHARD_SIZES = [5, 1, 8, 3]  # uneven shards, as img2dataset leaves them when downloads fail
 
