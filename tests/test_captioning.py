@@ -234,11 +234,11 @@ class LineRecorder:
     def __init__(self):
         self.batches, self.errors = [], []
 
-    def write_captions(self, indexes, keys, results):
-        self.batches.append((indexes, keys, results))
+    def write_captions(self, entries, keys, results):
+        self.batches.append((entries, keys, results))
 
-    def write_errors(self, indexed_errors):
-        self.errors += indexed_errors
+    def write_errors(self, entries_and_errors):
+        self.errors += entries_and_errors
 
     def update(self, count):
         pass
@@ -250,7 +250,7 @@ def test_batches_formed_ahead_are_cut_to_the_size_an_out_of_memory_retry_lowered
     captioner, writer = ImageSizeCaptioner(), LineRecorder()
     prompts = {"a": "first", "b": "second"}
     sizes = [(40 + index % 7, 30) for index in range(11)]
-    pending = [(f"{index}.png", None, ["a", "b"] if index % 3 else ["a"]) for index in range(11)]
+    pending = [(f"{index}.png", None, ["a", "b"] if index % 3 else ["a"]) for index in range(12)]
     window = [(index, size, None) for index, size in enumerate(sizes)] + [(11, None, "not an image file")]
     smaller_sizes = queue.SimpleQueue()
     batcher = Batcher(captioner, prompts, pending, 4, smaller_sizes)
@@ -264,12 +264,14 @@ def test_batches_formed_ahead_are_cut_to_the_size_an_out_of_memory_retry_lowered
     assert captioner.out_of_memory == [4]  # once: the batches formed ahead are cut before they run
     assert runner.batch_size == 2 and captioner.batch_sizes == [2, 2, 2, 2, 2, 1]
     assert batcher.size_in_force() == 2  # the batcher was told, for the batches it forms next
-    assert sorted(index for indexes, _, _ in writer.batches for index in indexes) == list(range(11))
-    for indexes, keys, results in writer.batches:
+    indexes_written = [pending.index(entry) for entries, _, _ in writer.batches for entry in entries]
+    assert sorted(indexes_written) == list(range(11))
+    for entries, keys, results in writer.batches:
+        indexes = [pending.index(entry) for entry in entries]
         for index, row in zip(indexes, results):
             assert set(pending[index][2]) <= set(keys)
             assert [caption.text for caption in row] == [f"{sizes[index]} {prompts[key]}" for key in keys]
-    assert writer.errors == [(11, "not an image file")]
+    assert writer.errors == [(pending[11], "not an image file")]
 
 
 def test_a_misspelt_flag_answers_in_one_line_with_a_suggestion():

@@ -22,7 +22,7 @@ class BatchRunner:
 
     def record_errors(self, indexed_errors):
         if indexed_errors:
-            self.writer.write_errors(indexed_errors)
+            self.writer.write_errors([(self.pending[index], error) for index, error in indexed_errors])
             self.failed += len(indexed_errors)
             self.progress.update(len(indexed_errors))
 
@@ -40,7 +40,7 @@ class BatchRunner:
         if results is None:
             self.retry_in_halves(batch.items)
             return
-        self.writer.write_captions([index for index, _ in batch.items], batch.prompt_keys, results)
+        self.writer.write_captions([self.pending[index] for index, _ in batch.items], batch.prompt_keys, results)
         self.captioned += len(batch.items)
         self.progress.update(len(batch.items))
 

@@ -23,8 +23,8 @@ from utils.checkpoints import checkpoint_identity
 from utils.command_line import build_parser
 from utils.errors import UserError
 from utils.image_workers import prepared_windows
-from utils.input_reader import check_input
-from utils.resume import plan_work, settle_outputs
+from utils.input_reader import check_input, read_part
+from utils.resume import output_files, plan_work, settle_outputs
 from utils.run_record import check_records, is_used, output_folders, run_settings
 from utils.settings import own_options, process_place, resolve_settings, resolved_dtype
 from utils.writer import ShardWriter, check_output_folders
@@ -87,26 +87,32 @@ def caption_part(captioner_cls, settings):
     tag = settings.tag
     stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
     checkpoint_identity(settings.model, captioner_cls.model_on_hub)
-    work = plan_work(settings)
+    place = settings.place
+    part = read_part(settings.input, place.rank, place.world, settings.limit, settings.image_root)
     check_output_folders(settings)
-    device = pick_device(settings.place.local_rank)
-    dtype = resolved_dtype(captioner_cls, settings.dtype, device.type)
-    settle_outputs(captioner_cls, settings, dtype)
-    print(f"{tag} {len(work.pending) + work.skipped} images in this shard (input: {work.input_summary}); "
-          f"{work.skipped} already done or recorded as failed; {len(work.pending)} to caption into "
-          f"{work.error_file.parent}", file=sys.stderr, flush=True)
-    if not work.pending:
-        print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
-        return 0
-    captioner, graphs = load_captioner(captioner_cls, settings, device, dtype)
-    return caption_work(captioner, graphs, work, settings, stop)
+    files = output_files(settings)
+    writer = ShardWriter(files.captions, files.errors, settings.model, truncate=settings.overwrite)
+    try:
+        work = plan_work(settings, part)
+        device = pick_device(settings.place.local_rank)
+        dtype = resolved_dtype(captioner_cls, settings.dtype, device.type)
+        settle_outputs(captioner_cls, settings, dtype)
+        print(f"{tag} {len(work.pending) + work.skipped} images in this shard (input: {work.input_summary}); "
+              f"{work.skipped} already done or recorded as failed; {len(work.pending)} to caption into "
+              f"{settings.model_dir}", file=sys.stderr, flush=True)
+        if not work.pending:
+            print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
+            return 0
+        captioner, graphs = load_captioner(captioner_cls, settings, device, dtype)
+        return caption_work(captioner, graphs, work, writer, settings, stop)
+    finally:
+        writer.close()
 
 
-def caption_work(captioner, graphs, work, settings, stop):
+def caption_work(captioner, graphs, work, writer, settings, stop):
     """The loop over the pending images: windows of prepared images, batches, lines; a signal stops it after
     the current batch."""
     tag = settings.tag
-    writer = ShardWriter(work, settings.model)
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
     smaller_sizes = queue.SimpleQueue()  # batch runner -> batcher: the size after an out-of-memory retry
@@ -124,7 +130,6 @@ def caption_work(captioner, graphs, work, settings, stop):
     finally:
         batches.close()
         progress.close()
-        writer.close()
     report(runner, graphs, work, tag, time.time() - started)
     if stop.signal is not None:
         left = len(work.pending) - runner.captioned - runner.failed
@@ -162,7 +167,7 @@ def run(captioner_cls):
     try:
         if captioner_cls.run_instead(args.model, own_options(args, own_flags)):
             sys.exit(0)
-        settings = resolve_settings(captioner_cls, args, own_flags, process_place())
+        settings = resolve_settings(captioner_cls, args, own_flags, process_place(args.part, args.parts))
         if settings.check_input:
             check_only(captioner_cls, settings)
             sys.exit(0)

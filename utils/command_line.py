@@ -87,6 +87,12 @@ def add_speed_flags(parser, captioner_cls):
 
 def add_run_flags(parser):
     add = parser.add_argument
+    add("--part", metavar="I/K", help="caption part I of K (0 <= I < K) and write it to files of its own, for "
+        "schedulers without array variables; by default the part comes from an array task (SLURM job arrays, AWS "
+        "Batch array jobs, Kubernetes Indexed Jobs with --parts), else the whole input")
+    add("--parts", type=int, metavar="K", help="the number of parts, the part being the array task's index as the "
+        "scheduler gives it (Kubernetes' JOB_COMPLETION_INDEX; or a SLURM array task resubmitted alone); default: "
+        "the array's task count, the part counted from its first index")
     add("--numgpus", type=int, default=None, help="the original scripts' flag, kept for compatibility: must equal "
         "the number of processes (WORLD_SIZE or SLURM_NTASKS)")
     add("--overwrite", action="store_true", help="delete this model/prompt's earlier outputs and their run records "

@@ -9,19 +9,28 @@ from pathlib import Path
 from typing import NamedTuple
 
 from utils.batch_runner import OUT_OF_MEMORY
-from utils.input_reader import read_part
 from utils.run_record import output_folders, run_settings, settle_records
 from utils.writer import complete_lines
 
 
 class Work(NamedTuple):
-    """What one process has to do: its images not yet done, and where their lines go."""
+    """What one process has to do: its images not yet done."""
     pending: list  # [(image, extra keys or None, [prompt keys still missing])], in input order
     skipped: int  # images of this part already done or recorded as failed
     input_summary: str  # what the whole input holds, e.g. "30 images" or "12 tar shards, 3.1 GB"
     image_root: str  # the folder that the pending image ids are relative to
-    caption_files: dict  # prompt key -> this process's captions file
-    error_file: Path
+
+
+class OutputFiles(NamedTuple):
+    """This process's files: they hold the lines of its part, and of no other process."""
+    captions: dict  # prompt key -> captions file
+    errors: Path
+
+
+def output_files(settings):
+    suffix = file_suffix(settings.place)
+    return OutputFiles({key: settings.model_dir / key / f"captions-{suffix}" for key in settings.prompts},
+                       settings.model_dir / f"errors-{suffix}")
 
 
 def recorded_images(folder, pattern, keep):
@@ -47,13 +56,14 @@ def file_suffix(place):
 
 
 def remove_earlier_outputs(settings):
-    """--overwrite: each process removes its own files; rank 0 also those of other world sizes. No process reads
-    them."""
+    """--overwrite: rank 0 removes the files of other world sizes (each process empties its own, which it holds
+    locked: utils/writer.py). No process reads them."""
     place, model_dir = settings.place, settings.model_dir
-    suffix = file_suffix(place)
+    if place.rank != 0:
+        return
     for old in [*model_dir.glob("errors-*.jsonl"),
                 *(f for key in settings.prompts for f in (model_dir / key).glob("captions-*.jsonl"))]:
-        if old.name.endswith(suffix) or (place.rank == 0 and not old.name.endswith(f"-of-{place.world:05d}.jsonl")):
+        if not old.name.endswith(f"-of-{place.world:05d}.jsonl"):
             old.unlink(missing_ok=True)
 
 
@@ -66,12 +76,10 @@ def settle_outputs(captioner_cls, settings, dtype):
                    settings.overwrite)
 
 
-def plan_work(settings):
-    """Read this process's part of the input and leave out what earlier runs did."""
-    place, model_dir, prompts = settings.place, settings.model_dir, settings.prompts
-    part, input_summary, image_root = read_part(settings.input, place.rank, place.world, settings.limit,
-                                                settings.image_root)
-    caption_files = {key: model_dir / key / f"captions-{file_suffix(place)}" for key in prompts}
+def plan_work(settings, part):
+    """This process's part of the input (input_reader.read_part's answer) less what earlier runs did."""
+    model_dir, prompts = settings.model_dir, settings.prompts
+    part, input_summary, image_root = part
     part_images = {image for image, _ in part}
     if settings.overwrite:  # settle_outputs removes the earlier outputs: none is read
         done, failed = {key: set() for key in prompts}, set()
@@ -84,5 +92,4 @@ def plan_work(settings):
         if missing and image not in failed and image not in seen:
             pending.append((image, extra, missing))
         seen.add(image)
-    return Work(pending, len(part) - len(pending), input_summary, image_root, caption_files,
-                model_dir / f"errors-{file_suffix(place)}")
+    return Work(pending, len(part) - len(pending), input_summary, image_root)

@@ -15,9 +15,11 @@ from utils.errors import UserError
 
 
 class ProcessPlace(NamedTuple):
-    rank: int  # this process's part of the input, 0 to world - 1
-    world: int  # the number of parts
+    rank: int  # this process's part of the input, 0 to world - 1: part * processes + process
+    world: int  # parts x processes
     local_rank: int  # this process's GPU on its node
+    part: int = 0  # the work unit (a scheduler's array task), 0 to parts - 1
+    parts: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +49,59 @@ class Settings:
     @property
     def tag(self):
         """How this process names itself on stderr."""
-        return f"[{self.model_dir.parent.name} rank {self.place.rank}/{self.place.world}]"
+        place = self.place
+        part = f"part {place.part}/{place.parts} " if place.parts > 1 else ""
+        return f"[{self.model_dir.parent.name} {part}rank {place.rank}/{place.world}]"
 
 
-def process_place():
-    """(rank, world size, local rank) from generate.sh's launcher (utils/launch.py, torchrun's variable names) or
-    SLURM's; (0, 1, 0) when neither."""
+# The variables of the schedulers that start the tasks of an array: (index, count); None where a count is not set.
+ARRAY_VARIABLES = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("AWS_BATCH_JOB_ARRAY_INDEX",
+                   "AWS_BATCH_JOB_ARRAY_SIZE"), ("JOB_COMPLETION_INDEX", None))
+
+
+def processes_of_part(env):
+    """(process, processes, local rank) within a work unit: from generate.sh's launcher (utils/launch.py, torchrun's
+    variable names) or from srun's tasks; (0, 1, 0) when neither."""
     for rank_var, world_var, local_var in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
                                            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if rank_var in os.environ and world_var in os.environ:
-            return ProcessPlace(int(os.environ[rank_var]), int(os.environ[world_var]),
-                                int(os.environ.get(local_var, 0)))
-    return ProcessPlace(0, 1, 0)
+        if rank_var in env and world_var in env:
+            return int(env[rank_var]), int(env[world_var]), int(env.get(local_var, 0))
+    return 0, 1, 0
+
+
+def work_unit(part, parts, env):
+    """(part, parts): --part I/K; else the array task's index, counted from the array's first index, of the array's
+    task count (--parts K: the index as the scheduler gives it, of K parts); else (0, 1)."""
+    if part is not None:
+        index, _, count = part.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise UserError(f"--part {part}: give I/K with 0 <= I < K, e.g. --part 3/100")
+        return int(index), int(count)
+    for index_var, count_var in ARRAY_VARIABLES:
+        if index_var not in env:
+            continue
+        if parts is not None:
+            index, count = int(env[index_var]), parts
+        elif count_var is None:
+            raise UserError(f"{index_var} is set: give --parts K, the number of parts (the Job's completions)")
+        else:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0)) if index_var.startswith("SLURM") else 0
+            index, count = int(env[index_var]) - first, int(env[count_var])
+        if not 0 <= index < count:
+            raise UserError(f"{index_var}={env[index_var]} is not a part of {count}: give the array indices 0 to "
+                            f"{count - 1}, or --parts K")
+        return index, count
+    if parts is not None:
+        raise UserError("--parts K takes the part's index from an array task (SLURM_ARRAY_TASK_ID, "
+                        "AWS_BATCH_JOB_ARRAY_INDEX or JOB_COMPLETION_INDEX), and none is set: give --part I/K")
+    return 0, 1
+
+
+def process_place(part=None, parts=None, env=os.environ):
+    """This process's place: its work unit, and its process within the unit."""
+    part, parts = work_unit(part, parts, env)
+    process, processes, local_rank = processes_of_part(env)
+    return ProcessPlace(part * processes + process, parts * processes, local_rank, part, parts)
 
 
 def resolve_prompts(args, captioner_cls):
@@ -82,6 +125,8 @@ def resolve_prompts(args, captioner_cls):
 def check_flags(args, world):
     if args.input_json is None:
         raise UserError("the following argument is required: --input-json")
+    if args.parts is not None and args.parts < 1:
+        raise UserError("--parts must be at least 1")
     if args.numgpus is not None and args.numgpus != world:
         raise UserError(f"--numgpus {args.numgpus} but {world} process(es) were launched "
                         f"(WORLD_SIZE or SLURM_NTASKS); drop --numgpus or launch {args.numgpus}")

@@ -1,5 +1,10 @@
-"""This rank's output files: the lines earlier runs wrote, read back to skip what is done, and the lines of each
-batch, appended whole."""
+"""The writer: this process's caption and error files, locked, appended with whole lines per batch.
+
+Each file is locked (flock) before it is read back or written, so that two processes never append to one file: an
+array task started twice, a launch run twice by mistake, a requeued task whose old copy still runs. The lock dies
+with its process, so a lock left by a killed process never blocks.
+"""
+import fcntl
 import json
 import os
 
@@ -31,13 +36,38 @@ def cut_partial_tail(path, chunk=1 << 16):
             f.truncate(end)
 
 
-def open_for_append(path):
-    """Open this rank's JSONL file for appending, first cutting off a partial last line left by a killed run
-    (what recorded_images did not count)."""
+def lock_holder(path):
+    """Who holds the flock on `path`, where this host's /proc/locks tells it: "process N on this host", else
+    "another process" (one on another host of a shared file system, or a system without /proc/locks)."""
+    stat = os.stat(path)
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and inode in fields:
+                    return f"process {fields[fields.index(inode) - 1]} on this host"
+    except OSError:
+        pass
+    return "another process"
+
+
+def open_locked(path, truncate):
+    """Open one of this process's JSONL files for appending, holding its lock; then cut off a partial last line
+    left by a killed run (truncate: empty it, for --overwrite)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
+    file = open(path, "a", encoding="utf-8")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise UserError(f"{path} is being written by {lock_holder(path)}: the same part of this run is running "
+                        "already; let it finish (or stop it) before starting it again") from None
+    if truncate:
+        file.truncate(0)
+    else:
         cut_partial_tail(path)
-    return open(path, "a", encoding="utf-8")
+    return file
 
 
 def write_lines(file, rows):
@@ -48,17 +78,21 @@ def write_lines(file, rows):
 
 
 class ShardWriter:
-    """This rank's caption and error files: whole lines, flushed and fsync'd per batch (write). A failed write
-    (a full disk) ends the run with one line; what was written before stays, and the next run resumes there."""
+    """This process's caption and error files, each locked while it runs: whole lines, flushed and fsync'd per batch.
+    A failed write (a full disk) ends the run with one line; what was written before stays, and the next run resumes
+    there."""
 
-    def __init__(self, work, model_name):
-        self.work, self.model_name = work, model_name
+    def __init__(self, caption_files, error_file, model_name, truncate=False):
+        self.model_name = model_name
         self.outputs, self.errors = {}, None
         try:
-            self.outputs = {key: open_for_append(path) for key, path in work.caption_files.items()}
-            self.errors = open_for_append(work.error_file)
-        except OSError as error:
+            for key, path in caption_files.items():
+                self.outputs[key] = open_locked(path, truncate)
+            self.errors = open_locked(error_file, truncate)
+        except (OSError, UserError) as error:
             self.close()
+            if isinstance(error, UserError):
+                raise
             raise UserError(f"cannot write {error.filename}: {error.strerror or error}") from None
 
     @staticmethod
@@ -69,19 +103,17 @@ class ShardWriter:
             raise UserError(f"cannot write {file.name}: {error.strerror or error}; the lines written before are "
                             "kept: make room and run the same command again to resume") from None
 
-    def write_errors(self, indexed_errors):
-        self.write(self.errors, [{"image": self.work.pending[index][0], "error": error}
-                                 for index, error in indexed_errors])
+    def write_errors(self, entries_and_errors):
+        """entries_and_errors: [((image, extra keys, missing prompt keys), reason)]."""
+        self.write(self.errors, [{"image": entry[0], "error": error} for entry, error in entries_and_errors])
 
-    def write_captions(self, indexes, wanted, results):
-        """results[i][j]: the Caption of image pending[indexes[i]] for prompt key wanted[j]."""
+    def write_captions(self, entries, wanted, results):
+        """results[i][j]: the Caption of entries[i] (image, extra keys, missing prompt keys) for prompt key
+        wanted[j]."""
         for j, key in enumerate(wanted):
-            rows = []
-            for index, per_prompt in zip(indexes, results):
-                image, extra, missing = self.work.pending[index]
-                if key in missing:
-                    rows.append({"image": image, "caption": per_prompt[j].text, "model": self.model_name,
-                                 "prompt": key, "truncated": per_prompt[j].truncated, **(extra or {})})
+            rows = [{"image": image, "caption": per_prompt[j].text, "model": self.model_name, "prompt": key,
+                     "truncated": per_prompt[j].truncated, **(extra or {})}
+                    for (image, extra, missing), per_prompt in zip(entries, results) if key in missing]
             self.write(self.outputs[key], rows)
 
     def close(self):
