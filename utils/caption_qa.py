@@ -26,8 +26,9 @@ import re
 import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.records import (RecordError, detect_format, index_format, iter_json_lines,  # noqa: E402
+if not __package__:  # python utils/caption_qa.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.records import (RecordError, detect_format, index_format, iter_json_lines,
                            iter_json_object, iter_records)
 
 FLAGS = ("empty", "truncated", "repetition", "refusal", "prompt_echo")

@@ -20,11 +20,12 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags  # noqa: E402
+if not __package__:  # python utils/gallery.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags
 from utils.images import UnreadableImage  # noqa: E402
 from utils.inputs import InputError, expand_inputs, read_image_bytes  # noqa: E402
-from utils.records import RecordError, composed_file  # noqa: E402
+from utils.records import RecordError, composed_file
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]

@@ -21,8 +21,9 @@ import sys
 import tempfile
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines  # noqa: E402
+if not __package__:  # python utils/merge.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines
 
 OUR_FILE = re.compile(r"captions-\d+-of-\d+\.jsonl$")
 ORIGINAL_FILE = re.compile(r"(.+)_\d+\.json$")

@@ -31,13 +31,14 @@ import tempfile
 import zlib
 from array import array
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
+if not __package__:  # python utils/merge_multi_caption.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,
                               trim_to_sentence, truncated_flags, write_report)
 from utils.inputs import InputError, expand_inputs, iter_samples  # noqa: E402
-from utils.records import (RecordError, composed_file, index_format, iter_json_lines,  # noqa: E402
+from utils.records import (RecordError, composed_file, index_format, iter_json_lines,
                            iter_json_object)
-from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput  # noqa: E402
+from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput
 
 # Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
 BYTES_PER_BUCKET = 32 << 20
