@@ -19,7 +19,6 @@ Flags (a caption can have several; flags only report, they never remove anything
 Token counts use the regex \\w+|[^\\w\\s] (words and single punctuation marks) unless --tokenizer
 names a Hugging Face tokenizer; word counts split on whitespace.
 """
-import argparse
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from collections import Counter
 
 if not __package__:  # python utils/caption_qa.py: makes utils importable (utils/as_package.py)
     import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
 from utils.records import (RecordError, detect_format, index_format, iter_json_lines,
                            iter_json_object, iter_records)
 
@@ -224,7 +224,8 @@ def iter_file_captions(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Flag suspicious captions (" + ", ".join(FLAGS) + ") and print statistics per caption "
                     "source. A caption file is one source; a folder is one source made of its captions-*.jsonl "
                     "files; in a multi-caption JSONL ({image, caption: [...]}) each position is a source.")

@@ -11,7 +11,6 @@ index.html in a browser. Captions and paths are escaped, and the page allows no 
 Images are found as captioning found them: image ids (paths, tar members, Parquet rows) relative to the
 image root of the run, --image-root or the root of the captioning input (--input-json).
 """
-import argparse
 import html
 import io
 import os
@@ -22,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 if not __package__:  # python utils/gallery.py: makes utils importable (utils/as_package.py)
     import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
 from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags
 from utils.images import UnreadableImage  # noqa: E402
 from utils.inputs import InputError, expand_inputs, read_image_bytes  # noqa: E402
@@ -182,7 +182,8 @@ def render_page(sources, sample, stats, thumbs, inputs, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Write a static HTML gallery (index.html, thumbs/, lengths.png) of a random sample of "
                     "images with all their captions side by side, flagged captions highlighted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",

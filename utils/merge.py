@@ -11,7 +11,6 @@ bounded whatever the row count: rows are streamed to the outputs in the order th
 duplicates are found by partitioning the image paths into hash buckets on disk and checking one bucket
 at a time.
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ from collections import defaultdict
 
 if not __package__:  # python utils/merge.py: makes utils importable (utils/as_package.py)
     import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
 from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines
 
 OUR_FILE = re.compile(r"captions-\d+-of-\d+\.jsonl$")
@@ -229,7 +229,8 @@ def merge_job(job):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Merge per-rank caption files into composed.jsonl ({image, caption} per line) and "
                     "composed_index.json ({image: caption}). Files are grouped by the folder they sit in "
                     "(one model/prompt folder); the original scripts' NAME_<rank>.json arrays also by NAME. "

@@ -20,7 +20,6 @@ shards (caption from KEY.txt, else "caption" in KEY.json) or Parquet (a caption 
 carry the image ids that captioning wrote (utils/inputs.py), relative to the same image root. With
 --output-format webdataset the joined rows become tar shards (utils/webdataset_output.py).
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -33,6 +32,7 @@ from array import array
 
 if not __package__:  # python utils/merge_multi_caption.py: makes utils importable (utils/as_package.py)
     import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
 from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,
                               trim_to_sentence, truncated_flags, write_report)
 from utils.inputs import InputError, expand_inputs, iter_samples  # noqa: E402
@@ -288,7 +288,8 @@ def call(function, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
                     "[original, c1, ..., cN], \"truncated\": [...]} per line (or webdataset shards), in the "
                     "original's order, c1..cN in --index order.")
