@@ -180,7 +180,7 @@ ORIGINAL = [("p/1.jpg", "one"), ("p/2.jpg", "two"), ("p/3.jpg", "three"), ("p/4.
 
 @pytest.fixture
 def multi(tmp_path):
-    """The original JSONL; index A as the seed's composed_index.json (misses 4), index B as a
+    """The original JSONL; index A as a composed_index.json of the original scripts (misses 4), index B as a
     composed.jsonl in a folder (misses 2, caption 5 truncated), both in an order of their own."""
     write_lines(tmp_path / "original.jsonl", [{"image": i, "caption": c} for i, c in ORIGINAL])
     a = {i: f"A {c}" for i, c in reversed(ORIGINAL) if i != "p/4.jpg"}

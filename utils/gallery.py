@@ -203,7 +203,8 @@ def main(argv=None):
                                         "JSONL, or the inputs in order")
     parser.add_argument("--thumb-size", type=int, default=256, help="longest thumbnail side in pixels (default 256)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
+                        help="a prompt text whose echo is flagged, besides the model scripts' preset prompts "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     if args.sample < 1:
         parser.error("--sample must be at least 1")

@@ -8,8 +8,8 @@ Reads our captioning output (captions-RRRRR-of-WWWWW.jsonl; a partial last line 
 also one cut inside a UTF-8 character or a complete one that lost its newline, is skipped and counted)
 and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when cut off). Memory stays
 bounded whatever the row count: rows are streamed to the outputs in the order they are read, and
-duplicates are found by partitioning the image paths into hash buckets on disk and checking one bucket
-at a time.
+duplicates are found by partitioning the image paths into hash buckets on disk (utils/hash_buckets.py)
+and checking one bucket at a time.
 """
 import json
 import multiprocessing
@@ -62,7 +62,7 @@ def find_caption_files(folder):
 
 def is_caption_file(path):
     """Our captions files always are. A NAME_<rank>.json is an original per-rank array when it is
-    an array whose first element has a caption: the seed's input list ([{"image": ...}]) or other
+    an array whose first element has a caption: the original scripts' input list ([{"image": ...}]) or other
     JSON may sit in the same folder under a similar name."""
     if OUR_FILE.match(os.path.basename(path)) or os.path.getsize(path) == 0:
         return True

@@ -11,9 +11,9 @@ writes {"image": p, "caption": [original, c1, ..., cN], "truncated": [null, t1, 
 original file's order, c1..cN in --index order; t1..tN are the indexes' truncated flags (null where
 an index has none, as a composed_index.json), so caption_qa.py judges each caption as it did before.
 Memory stays bounded whatever the row count: the original and every index are split by a hash of the
-image path into buckets on disk (temporary files), each bucket is joined on its own (only one
-bucket's captions are in memory at a time), and the joined rows are put back in the original order
-with the bucket number recorded for each original row.
+image path into buckets on disk (temporary files, utils/hash_buckets.py), each bucket is joined on its
+own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
+original order with the bucket number recorded for each original row.
 
 The original is JSONL ({"image", "caption"} per line), or the captioning input itself when it is tar
 shards (caption from KEY.txt, else "caption" in KEY.json) or Parquet (a caption or text column); its rows
