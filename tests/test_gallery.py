@@ -149,7 +149,7 @@ def test_composed_inputs_joined_by_image(tmp_path):
         assert f"a caption {i}." in text
         assert (f"b caption {i}." in text) == (i % 2 == 0)
     assert text.count("(no caption)") == sum(i % 2 for i in shown)
-    # The same seed gives the same sample.
+    # The same --seed gives the same sample.
     run_gallery(tmp_path / "a", tmp_path / "b", "--output-dir", tmp_path / "again", "--sample", "6", "--seed", "1")
     assert [i for i in range(30) if f">{i}.png<" in (tmp_path / "again" / "index.html").read_text()] == shown
 

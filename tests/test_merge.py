@@ -163,6 +163,15 @@ def test_merge_errors(tmp_path):
     assert not list((tmp_path / "bad").glob(".merge-*")), "temporary files left behind"
 
 
+def test_misspelt_flag_is_answered_in_one_line_with_a_suggestion(tmp_path):
+    """utils/arguments.py: no usage block, and the flag that was meant."""
+    result = run("merge.py", "--worker", "2", cwd=tmp_path, ok=False)
+    assert result.returncode == 2 and not result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "--workers" in lines[-1], result.stderr
+    assert lines[0].startswith("merge.py: error: unrecognized argument --worker"), result.stderr
+
+
 # merge_multi_caption.py
 
 ORIGINAL = [("p/1.jpg", "one"), ("p/2.jpg", "two"), ("p/3.jpg", "three"), ("p/4.jpg", "four"),
@@ -171,7 +180,7 @@ ORIGINAL = [("p/1.jpg", "one"), ("p/2.jpg", "two"), ("p/3.jpg", "three"), ("p/4.
 
 @pytest.fixture
 def multi(tmp_path):
-    """The original JSONL; index A as the seed's composed_index.json (misses 4), index B as a
+    """The original JSONL; index A as a composed_index.json of the original scripts (misses 4), index B as a
     composed.jsonl in a folder (misses 2, caption 5 truncated), both in an order of their own."""
     write_lines(tmp_path / "original.jsonl", [{"image": i, "caption": c} for i, c in ORIGINAL])
     a = {i: f"A {c}" for i, c in reversed(ORIGINAL) if i != "p/4.jpg"}

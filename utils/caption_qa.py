@@ -13,38 +13,28 @@ Flags (a caption can have several; flags only report, they never remove anything
   repetition  a looping model: some word 4-gram repeats so that at least REPEATED_FRACTION of the
               caption's 4-grams are repeats, or one word or phrase comes three times in a row
   refusal     "I'm sorry", "I cannot", "As an AI", ...
-  prompt_echo the caption contains one of the prompts (the seed's prompts plus --prompt texts) or
-              chat-template markers (USER:, ASSISTANT:, ###, <|im_start|>, <image>)
+  prompt_echo the caption contains one of the prompts (the model scripts' presets, utils/prompts.py, and
+              --prompt texts) or chat-template markers (USER:, ASSISTANT:, ###, <|im_start|>, <image>)
 
 Token counts use the regex \\w+|[^\\w\\s] (words and single punctuation marks) unless --tokenizer
 names a Hugging Face tokenizer; word counts split on whitespace.
 """
-import argparse
+import functools
 import json
 import os
 import re
 import sys
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.records import (RecordError, detect_format, index_format, iter_json_lines,  # noqa: E402
+if not __package__:  # python utils/caption_qa.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
+from utils.merge import OUR_FILE
+from utils.prompts import ALL as PRESET_PROMPTS  # a caption containing one echoes its prompt
+from utils.records import (RecordError, detect_format, index_format, iter_json_lines,
                            iter_json_object, iter_records)
 
 FLAGS = ("empty", "truncated", "repetition", "refusal", "prompt_echo")
-
-# The prompts of the original scripts (reference.md); a caption containing one echoes its prompt.
-SEED_PROMPTS = (
-    "Describe the image in detail.",
-    "Briefly describe the image with just a few words.",
-    "Briefly describe the image in one sentence.",
-    "Briefly describe the image with few noun words separated by ','.",
-    "Describe the style or your feelings about this image, do not say anything about the objects in the image.",
-    "Describe only the background of this image, do not say anything about the foreground objects.",
-    "Describe only the one main object in the image, do not say anything about the other objects or background.",
-    "Describe the image in detail:",
-    "Describe the <image> in English in detail:",
-    "Describe image content in English in detail:",
-)
 TRUNCATED_MIN_WORDS = 40
 REPEATED_FRACTION = 0.3
 TOKEN_PATTERN = r"\w+|[^\w\s]"
@@ -75,7 +65,7 @@ class Checker:
     """Computes the flags of one caption; holds the normalised prompt texts."""
 
     def __init__(self, prompts=()):
-        self.prompts = [p for p in (normalize(t.replace("<image>", " ")) for t in (*SEED_PROMPTS, *prompts)) if p]
+        self.prompts = [p for p in (normalize(t.replace("<image>", " ")) for t in (*PRESET_PROMPTS, *prompts)) if p]
         # A caption can only contain a prompt if it contains the prompt's first word.
         self.prompt_hints = {p.split()[0] for p in self.prompts}
 
@@ -222,8 +212,45 @@ def iter_file_captions(path):
         yield record["image"], record["caption"], record.get("truncated")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
+def input_files(item):
+    """The caption files of one INPUT: the file, or a folder's captions-*.jsonl files (together one source)."""
+    if os.path.isdir(item):
+        files = sorted(os.path.join(root, f) for root, _, fs in os.walk(item) for f in fs if OUR_FILE.match(f))
+        if not files:
+            raise RecordError(f"no captions-*.jsonl files under {item}")
+        return files
+    if os.path.isfile(item):
+        return [item]
+    raise RecordError(f"no such file or folder: {item}")
+
+
+def check_input(item, names, checker, new_stats, flagged):
+    """Flag and count the captions of one INPUT, writing the flagged ones to `flagged` (a file or None);
+    -> the summaries of its sources, one per caption position. new_stats: source name -> SourceStats."""
+    sources = {}
+    for path in input_files(item):
+        for image, captions, truncated_field in iter_file_captions(path):
+            if isinstance(captions, str):
+                captions = [captions]
+            elif not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise RecordError(f"{path}: the caption of {image} is neither a string nor a list of strings")
+            truncated = truncated_flags(captions, truncated_field)
+            for position, text in enumerate(captions):
+                if position not in sources:
+                    label = names[position] if position < len(names) else (
+                        f"caption[{position}]" if len(captions) > 1 or position else "")
+                    sources[position] = new_stats(f"{item} {label}".strip())
+                flags = checker.flags(text, truncated[position])
+                sources[position].add(image, text, flags)
+                if flagged and flags:
+                    flagged.write(json.dumps({"source": sources[position].name, "image": image,
+                                              "flags": list(flags), "caption": text}, ensure_ascii=False) + "\n")
+    return [sources[k].summary() for k in sorted(sources)]
+
+
+def parse_arguments(argv):
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Flag suspicious captions (" + ", ".join(FLAGS) + ") and print statistics per caption "
                     "source. A caption file is one source; a folder is one source made of its captions-*.jsonl "
                     "files; in a multi-caption JSONL ({image, caption: [...]}) each position is a source.")
@@ -236,46 +263,25 @@ def main(argv=None):
     parser.add_argument("--names", help="comma-separated source names for the positions of a multi-caption "
                                         "JSONL (default: caption[0], caption[1], ...)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="a prompt text to detect echoes of, besides the seed's prompts (repeatable)")
+                        help="a prompt text to detect echoes of, besides the model scripts' preset prompts "
+                             "(repeatable)")
     parser.add_argument("--examples", type=int, default=3, help="examples kept per flag and source (default 3)")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer (hub id or folder) for token counts; "
                                             f"default: the regex {TOKEN_PATTERN}")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     names = args.names.split(",") if args.names else []
     try:
         count_tokens, counter_name = token_counter(args.tokenizer)
         checker = Checker(args.prompt)
+        new_stats = functools.partial(SourceStats, examples=args.examples, count_tokens=count_tokens)
         summaries = []
         flagged = open(args.flagged, "w", encoding="utf-8") if args.flagged else None
         for item in args.inputs:
-            if os.path.isdir(item):
-                from utils.merge import OUR_FILE
-                files = sorted(os.path.join(root, f) for root, _, fs in os.walk(item) for f in fs if OUR_FILE.match(f))
-                if not files:
-                    raise RecordError(f"no captions-*.jsonl files under {item}")
-            elif os.path.isfile(item):
-                files = [item]
-            else:
-                raise RecordError(f"no such file or folder: {item}")
-            sources = {}
-            for path in files:
-                for image, captions, truncated_field in iter_file_captions(path):
-                    if isinstance(captions, str):
-                        captions = [captions]
-                    elif not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                        raise RecordError(f"{path}: the caption of {image} is neither a string nor a list of strings")
-                    truncated = truncated_flags(captions, truncated_field)
-                    for position, text in enumerate(captions):
-                        if position not in sources:
-                            label = names[position] if position < len(names) else (
-                                f"caption[{position}]" if len(captions) > 1 or position else "")
-                            sources[position] = SourceStats(f"{item} {label}".strip(), args.examples, count_tokens)
-                        flags = checker.flags(text, truncated[position])
-                        sources[position].add(image, text, flags)
-                        if flagged and flags:
-                            flagged.write(json.dumps({"source": sources[position].name, "image": image,
-                                                      "flags": list(flags), "caption": text}, ensure_ascii=False) + "\n")
-            summaries += [sources[k].summary() for k in sorted(sources)]
+            summaries += check_input(item, names, checker, new_stats, flagged)
         if flagged:
             flagged.close()
     except RecordError as e:

@@ -11,7 +11,6 @@ index.html in a browser. Captions and paths are escaped, and the page allows no 
 Images are found as captioning found them: image ids (paths, tar members, Parquet rows) relative to the
 image root of the run, --image-root or the root of the captioning input (--input-json).
 """
-import argparse
 import html
 import io
 import os
@@ -20,11 +19,13 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags  # noqa: E402
+if not __package__:  # python utils/gallery.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
+from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags
 from utils.images import UnreadableImage  # noqa: E402
 from utils.inputs import InputError, expand_inputs, read_image_bytes  # noqa: E402
-from utils.records import RecordError, composed_file  # noqa: E402
+from utils.records import RecordError, composed_file
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -181,7 +182,8 @@ def render_page(sources, sample, stats, thumbs, inputs, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Write a static HTML gallery (index.html, thumbs/, lengths.png) of a random sample of "
                     "images with all their captions side by side, flagged captions highlighted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -201,7 +203,8 @@ def main(argv=None):
                                         "JSONL, or the inputs in order")
     parser.add_argument("--thumb-size", type=int, default=256, help="longest thumbnail side in pixels (default 256)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
+                        help="a prompt text whose echo is flagged, besides the model scripts' preset prompts "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     if args.sample < 1:
         parser.error("--sample must be at least 1")

@@ -8,28 +8,28 @@ Reads our captioning output (captions-RRRRR-of-WWWWW.jsonl; a partial last line 
 also one cut inside a UTF-8 character or a complete one that lost its newline, is skipped and counted)
 and the original scripts' per-rank JSON arrays (NAME_<rank>.json, also when cut off). Memory stays
 bounded whatever the row count: rows are streamed to the outputs in the order they are read, and
-duplicates are found by partitioning the image paths into hash buckets on disk and checking one bucket
-at a time.
+duplicates are found by partitioning the image paths into hash buckets on disk (utils/hash_buckets.py)
+and checking one bucket at a time.
 """
-import argparse
 import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import tempfile
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines  # noqa: E402
+if not __package__:  # python utils/merge.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
+from utils.hash_buckets import BucketSizing, bucket_of, bucket_path, open_buckets
+from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines
 
 OUR_FILE = re.compile(r"captions-\d+-of-\d+\.jsonl$")
 ORIGINAL_FILE = re.compile(r"(.+)_\d+\.json$")
-# Image paths per bucket stay around this many bytes of input, so one bucket's set of paths is a
-# few tens of MiB whatever the dataset size.
-BYTES_PER_BUCKET = 64 << 20
-MAX_BUCKETS = 256
+# One bucket per 64 MiB of input, so one bucket's set of image paths is a few tens of MiB whatever the
+# dataset size; at most 256 bucket files are open at a time.
+BUCKETS = BucketSizing(bytes_per_bucket=64 << 20, max_buckets=256)
 
 encode = json.encoder.encode_basestring  # the C string encoder; json.dumps minus its overhead
 
@@ -62,7 +62,7 @@ def find_caption_files(folder):
 
 def is_caption_file(path):
     """Our captions files always are. A NAME_<rank>.json is an original per-rank array when it is
-    an array whose first element has a caption: the seed's input list ([{"image": ...}]) or other
+    an array whose first element has a caption: the original scripts' input list ([{"image": ...}]) or other
     JSON may sit in the same folder under a similar name."""
     if OUR_FILE.match(os.path.basename(path)) or os.path.getsize(path) == 0:
         return True
@@ -158,69 +158,78 @@ def merge_group(files, destination, name_prefix, num_buckets=None):
     os.makedirs(destination, exist_ok=True)
     jsonl_path = os.path.join(destination, name_prefix + "composed.jsonl")
     index_path = os.path.join(destination, name_prefix + "composed_index.json")
-    if not num_buckets:
-        total_bytes = sum(os.path.getsize(f) for f in files)
-        num_buckets = max(1, min(MAX_BUCKETS, total_bytes // BYTES_PER_BUCKET + 1))
+    num_buckets = num_buckets or BUCKETS.count(sum(os.path.getsize(f) for f in files))
     partial = []
-    work = tempfile.mkdtemp(prefix=".merge-", dir=destination)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=destination, ignore_cleanup_errors=True) as work:
         rows_path, entries_path = os.path.join(work, "rows.jsonl"), os.path.join(work, "index.json")
-        buckets = [open(os.path.join(work, f"bucket-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
-        rows = 0
-        with open(rows_path, "w", encoding="utf-8") as rows_out, \
-                open(entries_path, "w", encoding="utf-8") as entries_out:
-            for path in files:
-                for image, caption, truncated in iter_rows(path, lambda where, p=path: partial.append(p)):
-                    image_json, caption_json = encode(image), encode(caption)
-                    rows_out.write(f'{{"image": {image_json}, "caption": {caption_json}'
-                                   + (', "truncated": true}\n' if truncated else "}\n"))
-                    # One index member per line (JSON allows newlines between members), so pass 3
-                    # can filter the index line by line too.
-                    entries_out.write(f"{',' if rows else '{'}{image_json}: {caption_json}\n")
-                    buckets[hash(image) % num_buckets].write(f"{image_json}\t{rows}\n")
-                    rows += 1
-        for bucket in buckets:
-            bucket.close()
-
-        duplicate = bytearray((rows + 7) // 8)
-        duplicates = 0
-        for b in range(num_buckets):
-            seen = set()
-            with open(os.path.join(work, f"bucket-{b}"), encoding="utf-8") as bucket:
-                for line in bucket:
-                    image_json, row = line.rsplit("\t", 1)
-                    if image_json in seen:
-                        row = int(row)
-                        duplicate[row >> 3] |= 1 << (row & 7)
-                        duplicates += 1
-                    else:
-                        seen.add(image_json)
-            del seen
-
+        rows = write_rows(files, rows_path, entries_path, work, num_buckets, partial)
+        duplicate, duplicates = find_duplicates(work, num_buckets, rows)
         if duplicates:
-            with open(rows_path, encoding="utf-8") as rows_in, open(entries_path, encoding="utf-8") as entries_in, \
-                    open(rows_path + ".kept", "w", encoding="utf-8") as rows_out, \
-                    open(entries_path + ".kept", "w", encoding="utf-8") as entries_out:
-                first = True
-                for row, (line, entry) in enumerate(zip(rows_in, entries_in)):
-                    if duplicate[row >> 3] >> (row & 7) & 1:
-                        continue
-                    rows_out.write(line)
-                    entries_out.write(("{" if first else ",") + entry[1:])
-                    first = False
-                if first:
-                    entries_out.write("{")
-                entries_out.write("}\n")
-            rows_path, entries_path = rows_path + ".kept", entries_path + ".kept"
+            rows_path, entries_path = copy_kept(rows_path, entries_path, duplicate)
         else:
             with open(entries_path, "a", encoding="utf-8") as entries_out:
                 entries_out.write("}\n" if rows else "{}\n")
         os.replace(rows_path, jsonl_path)
         os.replace(entries_path, index_path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows - duplicates, "duplicates": duplicates, "partial": len(partial),
             "files": len(files), "outputs": (jsonl_path, index_path)}
+
+
+def write_rows(files, rows_path, entries_path, work, num_buckets, partial):
+    """Pass 1: every row to the temporary composed.jsonl and composed_index.json, and its image (as JSON)
+    and row number, one line, to the image's bucket; the files with a partial ending onto `partial`.
+    -> the number of rows."""
+    rows = 0
+    with open(rows_path, "w", encoding="utf-8") as rows_out, open(entries_path, "w", encoding="utf-8") as entries_out, \
+            open_buckets(work, "bucket", num_buckets) as buckets:
+        for path in files:
+            for image, caption, truncated in iter_rows(path, lambda where, p=path: partial.append(p)):
+                image_json, caption_json = encode(image), encode(caption)
+                rows_out.write(f'{{"image": {image_json}, "caption": {caption_json}'
+                               + (', "truncated": true}\n' if truncated else "}\n"))
+                # One index member per line (JSON allows newlines between members), so pass 3
+                # can filter the index line by line too.
+                entries_out.write(f"{',' if rows else '{'}{image_json}: {caption_json}\n")
+                buckets[bucket_of(image, num_buckets)].write(f"{image_json}\t{rows}\n")
+                rows += 1
+    return rows
+
+
+def find_duplicates(work, num_buckets, rows):
+    """Pass 2: -> (bitmap of the rows whose image an earlier row has, their count), a bucket at a time
+    (memory: one bucket's set of image paths)."""
+    duplicate = bytearray((rows + 7) // 8)
+    duplicates = 0
+    for b in range(num_buckets):
+        seen = set()
+        with open(bucket_path(work, "bucket", b), encoding="utf-8") as bucket:
+            for line in bucket:
+                image_json, row = line.rsplit("\t", 1)
+                if image_json in seen:
+                    row = int(row)
+                    duplicate[row >> 3] |= 1 << (row & 7)
+                    duplicates += 1
+                else:
+                    seen.add(image_json)
+    return duplicate, duplicates
+
+
+def copy_kept(rows_path, entries_path, duplicate):
+    """Pass 3: the temporary outputs again without the rows marked in `duplicate`; -> the paths of the copies."""
+    with open(rows_path, encoding="utf-8") as rows_in, open(entries_path, encoding="utf-8") as entries_in, \
+            open(rows_path + ".kept", "w", encoding="utf-8") as rows_out, \
+            open(entries_path + ".kept", "w", encoding="utf-8") as entries_out:
+        first = True
+        for row, (line, entry) in enumerate(zip(rows_in, entries_in)):
+            if duplicate[row >> 3] >> (row & 7) & 1:
+                continue
+            rows_out.write(line)
+            entries_out.write(("{" if first else ",") + entry[1:])
+            first = False
+        if first:
+            entries_out.write("{")
+        entries_out.write("}\n")
+    return rows_path + ".kept", entries_path + ".kept"
 
 
 def merge_job(job):
@@ -228,7 +237,8 @@ def merge_job(job):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Merge per-rank caption files into composed.jsonl ({image, caption} per line) and "
                     "composed_index.json ({image: caption}). Files are grouped by the folder they sit in "
                     "(one model/prompt folder); the original scripts' NAME_<rank>.json arrays also by NAME. "
@@ -241,16 +251,10 @@ def main(argv=None):
                         help="with INPUTs: write the outputs here (D/<folder relative to the INPUT folder> when "
                              "there are several groups); without INPUTs: the captioning output folder to merge "
                              "in place. Default: next to the caption files")
-    parser.add_argument("--buckets", type=int, metavar="N",
-                        help=f"hash buckets for finding duplicates (1 to {MAX_BUCKETS}); peak memory is about one "
-                             f"bucket's image paths. Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                        help="groups merged in parallel (default: CPU count, at most 4)")
+    BUCKETS.add_arguments(parser, memory="one bucket's image paths",
+                          workers="groups merged in parallel")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
-        parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
+    BUCKETS.check_arguments(parser, args)
     pool = None
     try:
         plan = collect_groups(args.inputs, args.output_dir)
@@ -261,9 +265,7 @@ def main(argv=None):
         else:
             results = map(merge_job, jobs)
         for (files, _, _), result in zip(plan, results):
-            print(f"merge.py: {os.path.dirname(os.path.abspath(files[0]))}: {result['rows']} rows from "
-                  f"{result['files']} file{'s' if result['files'] != 1 else ''}, {result['duplicates']} duplicates dropped (first kept), "
-                  f"{result['partial']} partial endings skipped -> {result['outputs'][0]}, {result['outputs'][1]}")
+            print_summary(files, result)
     except (MergeError, RecordError) as e:
         sys.exit(f"merge.py: error: {e}")
     except OSError as e:
@@ -272,6 +274,12 @@ def main(argv=None):
         if pool:  # let the other groups finish and clean up their temporary files
             pool.close()
             pool.join()
+
+
+def print_summary(files, result):
+    print(f"merge.py: {os.path.dirname(os.path.abspath(files[0]))}: {result['rows']} rows from {result['files']} "
+          f"file{'s' if result['files'] != 1 else ''}, {result['duplicates']} duplicates dropped (first kept), "
+          f"{result['partial']} partial endings skipped -> {result['outputs'][0]}, {result['outputs'][1]}")
 
 
 if __name__ == "__main__":

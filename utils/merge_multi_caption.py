@@ -11,37 +11,37 @@ writes {"image": p, "caption": [original, c1, ..., cN], "truncated": [null, t1, 
 original file's order, c1..cN in --index order; t1..tN are the indexes' truncated flags (null where
 an index has none, as a composed_index.json), so caption_qa.py judges each caption as it did before.
 Memory stays bounded whatever the row count: the original and every index are split by a hash of the
-image path into buckets on disk (temporary files), each bucket is joined on its own (only one
-bucket's captions are in memory at a time), and the joined rows are put back in the original order
-with the bucket number recorded for each original row.
+image path into buckets on disk (temporary files, utils/hash_buckets.py), each bucket is joined on its
+own (only one bucket's captions are in memory at a time), and the joined rows are put back in the
+original order with the bucket number recorded for each original row.
 
 The original is JSONL ({"image", "caption"} per line), or the captioning input itself when it is tar
 shards (caption from KEY.txt, else "caption" in KEY.json) or Parquet (a caption or text column); its rows
 carry the image ids that captioning wrote (utils/inputs.py), relative to the same image root. With
 --output-format webdataset the joined rows become tar shards (utils/webdataset_output.py).
 """
-import argparse
+import contextlib
 import json
 import multiprocessing
 import os
-import resource
-import shutil
 import sys
 import tempfile
-import zlib
 from array import array
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,  # noqa: E402
+if not __package__:  # python utils/merge_multi_caption.py: makes utils importable (utils/as_package.py)
+    import as_package  # noqa: F401
+from utils.arguments import ArgumentParser
+from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,
                               trim_to_sentence, truncated_flags, write_report)
+from utils.hash_buckets import BucketSizing, bucket_of, bucket_path, open_buckets, read_columns
 from utils.inputs import InputError, expand_inputs, iter_samples  # noqa: E402
-from utils.records import (RecordError, composed_file, index_format, iter_json_lines,  # noqa: E402
+from utils.records import (RecordError, composed_file, index_format, iter_json_lines,
                            iter_json_object)
-from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput  # noqa: E402
+from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput
 
-# Input bytes per bucket: a worker holds one bucket of every index, about 3 times this in memory.
-BYTES_PER_BUCKET = 32 << 20
-MAX_BUCKETS = 4000  # each bucket is an open file during passes 1, 2 and 4
+# A worker holds one bucket of every index, about 3 times the input bytes per bucket in memory; each
+# bucket is an open file during passes 1, 2 and 4.
+BUCKETS = BucketSizing(bytes_per_bucket=32 << 20, max_buckets=4000)
 
 encode = json.encoder.encode_basestring
 ROW = '{{"image": {}, "caption": [{}], "truncated": [{}]}}\n'
@@ -90,20 +90,14 @@ def iter_original_lines(path):
         yield record["image"], caption, truncated_flags(caption, record.get("truncated"))
 
 
-def bucket_of(image):
-    # crc32, not hash(): hash() differs between processes unless they are forked from one parent.
-    return zlib.crc32(image.encode("utf-8", "surrogatepass"))
-
-
 def split_original(name, inputs, image_root, work, num_buckets, qa):
     """Pass 1: the original rows into buckets (three lines a row: the image, then the captions and then
     their truncated flags as JSON texts joined by ", "); the bucket of each row, in order, into `order`."""
     stats = SourceStats(name) if qa else None
-    buckets = [open(os.path.join(work, f"original-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
     order, rows = array("H"), 0
-    with open(os.path.join(work, "order"), "wb") as order_out:
+    with open(os.path.join(work, "order"), "wb") as order_out, open_buckets(work, "original", num_buckets) as buckets:
         for image, captions, flags in iter_original(inputs, image_root):
-            b = bucket_of(image) % num_buckets
+            b = bucket_of(image, num_buckets)
             buckets[b].write(f"{encode(image)}\n{', '.join(map(encode, captions))}\n"
                              f"{', '.join(FLAG_JSON[flag] for flag in flags)}\n")
             order.append(b)
@@ -115,8 +109,6 @@ def split_original(name, inputs, image_root, work, num_buckets, qa):
                     stats.add(image, caption, qa.flags(caption, flag))
             rows += 1
         order.tofile(order_out)
-    for f in buckets:
-        f.close()
     return rows, stats
 
 
@@ -125,33 +117,23 @@ def split_index(k, path, work, num_buckets, qa, trim_truncated, drop_flags):
     truncated flag as JSON. A caption trimmed back to a complete sentence is no longer truncated."""
     stats = SourceStats(path) if qa else None
     counts = {"path": path, "entries": 0, "missing": 0, "trimmed": 0, "dropped_flagged": 0}
-    buckets = [open(os.path.join(work, f"index{k}-{b}"), "w", encoding="utf-8") for b in range(num_buckets)]
-    for image, caption, truncated in iter_index(path):
-        counts["entries"] += 1
-        if qa:
-            flags = qa.flags(caption, truncated)
-            stats.add(image, caption, flags)
-            if trim_truncated and "truncated" in flags:
-                trimmed = trim_to_sentence(caption)
-                if trimmed != caption:
-                    caption, truncated = trimmed, False
-                    counts["trimmed"] += 1
-            if drop_flags and any(flag in drop_flags for flag in flags):
-                counts["dropped_flagged"] += 1
-                continue  # treated as missing when joining, as the user asked
-        buckets[bucket_of(image) % num_buckets].write(f"{encode(image)}\n{encode(caption)}\n{FLAG_JSON[truncated]}\n")
-    for f in buckets:
-        f.close()
+    with open_buckets(work, f"index{k}", num_buckets) as buckets:
+        for image, caption, truncated in iter_index(path):
+            counts["entries"] += 1
+            if qa:
+                flags = qa.flags(caption, truncated)
+                stats.add(image, caption, flags)
+                if trim_truncated and "truncated" in flags:
+                    trimmed = trim_to_sentence(caption)
+                    if trimmed != caption:
+                        caption, truncated = trimmed, False
+                        counts["trimmed"] += 1
+                if drop_flags and any(flag in drop_flags for flag in flags):
+                    counts["dropped_flagged"] += 1
+                    continue  # treated as missing when joining, as the user asked
+            entry = f"{encode(image)}\n{encode(caption)}\n{FLAG_JSON[truncated]}\n"
+            buckets[bucket_of(image, num_buckets)].write(entry)
     return counts, stats
-
-
-def read_columns(path):
-    """The three columns of a bucket file: image, caption(s), truncated flag(s), one line each per entry,
-    which str.split and slicing take apart without a Python loop per line."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    os.remove(path)
-    return lines[0:-1:3], lines[1::3], lines[2::3]
 
 
 def join_bucket(b, work, num_indexes, missing):
@@ -160,11 +142,11 @@ def join_bucket(b, work, num_indexes, missing):
     for a dropped row. Whole columns at a time (map, zip, str.join), as per-row Python is slow."""
     columns, flag_columns = [], []
     for k in range(num_indexes):
-        images, captions, flags = read_columns(os.path.join(work, f"index{k}-{b}"))
+        images, captions, flags = read_columns(work, f"index{k}", b, 3)
         columns.append(dict(zip(images, captions)))
         flag_columns.append(dict(zip(images, flags)))
         del images, captions, flags
-    images, originals, original_flags = read_columns(os.path.join(work, f"original-{b}"))
+    images, originals, original_flags = read_columns(work, "original", b, 3)
     columns = [list(map(index.get, images)) for index in columns]
     flag_columns = [list(map(index.get, images)) for index in flag_columns]
     missed, incomplete = [], set()
@@ -183,7 +165,7 @@ def join_bucket(b, work, num_indexes, missing):
             present = [(column[i], flag_column[i]) for column, flag_column in zip(columns, flag_columns) if column[i]]
             rows[i] = ROW.format(images[i], ", ".join([originals[i], *(c for c, _ in present)]),
                                  ", ".join([original_flags[i], *(f for _, f in present)]))
-    with open(os.path.join(work, f"joined-{b}"), "w", encoding="utf-8") as joined:
+    with open(bucket_path(work, "joined", b), "w", encoding="utf-8") as joined:
         joined.writelines(rows)
     return missed
 
@@ -225,16 +207,11 @@ def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_t
     statistics (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
     index are split in parallel, then the buckets joined in parallel).
     """
-    if not num_buckets:
-        num_buckets = max(1, min(MAX_BUCKETS, bucket_bytes(original, indexes) // BYTES_PER_BUCKET + 1))
-    # Every process holds one file per bucket open; raise the soft limit (often 1024) if needed.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < num_buckets + 64:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, num_buckets + 64), hard))
-    work = tempfile.mkdtemp(prefix="merge-multi-", dir=tmp_dir)
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
-    try:
+    num_buckets = num_buckets or BUCKETS.count(bucket_bytes(original, indexes))
+    # Leaving the block stops the pool, then removes the bucket files.
+    with tempfile.TemporaryDirectory(prefix="merge-multi-", dir=tmp_dir, ignore_cleanup_errors=True) as work, \
+            (multiprocessing.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        starmap = pool.starmap if pool else lambda f, jobs: [f(*job) for job in jobs]
         name = original.files[0] if original.kind == "json" else os.path.commonpath(original.files)
         jobs = [(split_original, (name, original, image_root, work, num_buckets, qa))]
         jobs += [(split_index, (k, p, work, num_buckets, qa, trim_truncated, drop_flags))
@@ -250,10 +227,6 @@ def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_t
         for line in ordered_rows(work, num_buckets, summary):
             output.write(line)
         summary["output"] = output.close()
-    finally:
-        if pool:
-            pool.terminate()
-        shutil.rmtree(work, ignore_errors=True)
     if qa:
         summary["qa"] = [original_stats.summary()] + [stats.summary() for _, stats in index_results]
     return summary
@@ -261,8 +234,7 @@ def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_t
 
 def ordered_rows(work, num_buckets, summary):
     """Pass 4: the joined rows back in the original order; dropped rows are counted, not yielded."""
-    joined = [open(os.path.join(work, f"joined-{b}"), encoding="utf-8") for b in range(num_buckets)]
-    with open(os.path.join(work, "order"), "rb") as order_in:
+    with open(os.path.join(work, "order"), "rb") as order_in, open_buckets(work, "joined", num_buckets, "r") as joined:
         while True:
             order = array("H")
             try:
@@ -278,16 +250,15 @@ def ordered_rows(work, num_buckets, summary):
                 else:
                     summary["rows_out"] += 1
                     yield line
-    for f in joined:
-        f.close()
 
 
 def call(function, args):
     return function(*args)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
+def parse_arguments(argv):
+    parser = ArgumentParser(
+        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
                     "[original, c1, ..., cN], \"truncated\": [...]} per line (or webdataset shards), in the "
                     "original's order, c1..cN in --index order.")
@@ -327,42 +298,45 @@ def main(argv=None):
                         help="comma-separated flags whose generated captions are left out, i.e. treated as "
                              "missing from their index (then --missing decides); nothing is dropped otherwise")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="a prompt text whose echo is flagged, besides the seed's prompts (repeatable)")
+                        help="a prompt text whose echo is flagged, besides the model scripts' preset prompts "
+                             "(repeatable)")
     parser.add_argument("--tmp-dir", help="folder for the temporary bucket files (at most about the size of all inputs "
                                           "plus the output); default: the system's temporary folder")
-    parser.add_argument("--buckets", type=int, metavar="N",
-                        help=f"hash buckets (1 to {MAX_BUCKETS}); peak memory is about one bucket of all indexes. "
-                             f"Default: one per {BYTES_PER_BUCKET >> 20} MiB of input")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
-                        help="processes splitting and joining in parallel; memory grows with it "
-                             "(default: CPU count, at most 4)")
+    BUCKETS.add_arguments(parser, memory="one bucket of all indexes",
+                          workers="processes splitting and joining in parallel; memory grows with it")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    if args.buckets is not None and not 1 <= args.buckets <= MAX_BUCKETS:
-        parser.error(f"--buckets must be between 1 and {MAX_BUCKETS}")
+    BUCKETS.check_arguments(parser, args)
     if args.shard_size < 1:
         parser.error("--shard-size must be at least 1")
-    drop_flags = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
-    unknown = [f for f in drop_flags if f not in FLAGS]
+    args.drop_flagged = tuple(args.drop_flagged.split(",")) if args.drop_flagged else ()
+    unknown = [f for f in args.drop_flagged if f not in FLAGS]
     if unknown:
         parser.error(f"--drop-flagged: unknown flag {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     try:
         original = expand_inputs(args.original)
         image_root = args.image_root or original.root
         indexes = [composed_file(p) for p in args.index]
         output = (WebdatasetOutput(args.output, original, image_root, args.shard_size)
                   if args.output_format == "webdataset" else JsonlOutput(args.output))
-        qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or drop_flags else None
-        summary = merge(original, image_root, indexes, output, args.missing, qa, args.trim_truncated, drop_flags,
-                        args.tmp_dir, args.buckets, args.workers)
+        qa = Checker(args.prompt) if args.qa_report or args.trim_truncated or args.drop_flagged else None
+        summary = merge(original, image_root, indexes, output, args.missing, qa, args.trim_truncated,
+                        args.drop_flagged, args.tmp_dir, args.buckets, args.workers)
     except (InputError, RecordError, OutputFolderInUse) as e:
         sys.exit(f"merge_multi_caption.py: error: {e}")
     except OSError as e:
         sys.exit(f"merge_multi_caption.py: error: {e.filename or ''}: {e.strerror}")
+    print_summary(summary, args)
+
+
+def print_summary(summary, args):
     for counts in summary["indexes"]:
         extra = (f", {counts['trimmed']} trimmed" if args.trim_truncated else "") + \
-                (f", {counts['dropped_flagged']} left out as flagged" if drop_flags else "")
+                (f", {counts['dropped_flagged']} left out as flagged" if args.drop_flagged else "")
         print(f"merge_multi_caption.py: index {counts['path']}: {counts['entries']} entries, "
               f"{counts['missing']} original images missing{extra}")
     print(f"merge_multi_caption.py: {summary['rows_in']} original rows, {summary['rows_out']} written, "

@@ -1,8 +1,8 @@
 """Streaming readers for the JSON formats this project meets.
 
 Inputs and outputs can hold tens of millions of rows, so nothing here loads a whole file: a JSON
-array (the seed's input format and the original scripts' per-rank outputs) is decoded one element
-at a time, a JSONL file one line at a time.
+array (the original scripts' input list and per-rank outputs) is decoded one element at a time, a JSONL
+file one line at a time, a composed_index.json ({image: caption}) one member at a time.
 
 Files that a killed writer (or a full disk) left cut off may end inside a UTF-8 character: the readers
 decode only what is complete, so such a tail reads as a partial ending, not as a decoding error.
@@ -15,6 +15,8 @@ from json.decoder import scanstring
 
 _CHUNK = 1 << 20
 _WHITESPACE = " \t\r\n"
+_BLANK_CHARS = _WHITESPACE + "\ufeff"  # a byte order mark may start a file
+_BLANK_RUN = re.compile(f"[{_BLANK_CHARS}]*")
 _decoder = json.JSONDecoder()
 
 
@@ -29,7 +31,7 @@ def detect_format(path):
             chunk = f.read(4096)
             if not chunk:
                 raise RecordError(f"{path}: the file is empty")
-            stripped = chunk.decode("utf-8", "ignore").lstrip(_WHITESPACE + "\ufeff")
+            stripped = chunk.decode("utf-8", "ignore").lstrip(_BLANK_CHARS)
             if stripped:
                 break
     if stripped[0] == "[":
@@ -39,6 +41,47 @@ def detect_format(path):
     raise RecordError(f"{path}: not JSON or JSONL (starts with {stripped[:20]!r})")
 
 
+class _ArrayText:
+    """The text of a JSON array file, decoded a chunk at a time: buf[pos:] is what is not parsed yet."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+        self.buf, self.pos, self.eof = "", 0, False
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def fill(self):
+        chunk = self.f.read(_CHUNK)
+        self.eof = not chunk
+        try:
+            text = self.decoder.decode(chunk, final=self.eof)
+        except UnicodeDecodeError as e:
+            if not (self.eof and e.reason == "unexpected end of data"):
+                raise RecordError(f"{self.path}: not UTF-8 text") from None
+            text = ""  # the file ends inside a character: the element it is in is half-written
+        self.buf = self.buf[self.pos:] + text
+        self.pos = 0
+
+    def next_char(self):
+        """The first non-blank character from pos, which moves there; "" at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _BLANK_CHARS:
+                self.pos += 1
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self.fill()
+
+    def value(self):
+        """The JSON value at pos, which moves past it; json.JSONDecodeError where the file ends first."""
+        while True:
+            try:
+                value, self.pos = _decoder.raw_decode(self.buf, self.pos)
+                return value
+            except json.JSONDecodeError:
+                if self.eof:
+                    raise
+                self.fill()
+
+
 def iter_json_array(path, allow_truncated=False, on_partial=None):
     """Yield the elements of a JSON array one by one.
 
@@ -46,84 +89,69 @@ def iter_json_array(path, allow_truncated=False, on_partial=None):
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
     on_partial: called with a description when that happens, so callers can report it.
     """
-    with open(path, "rb") as f:
-        buf, pos, eof = "", 0, False
-        decoder = codecs.getincrementaldecoder("utf-8")()
-
-        def fill():
-            nonlocal buf, pos, eof
-            chunk = f.read(_CHUNK)
-            eof = not chunk
-            try:
-                text = decoder.decode(chunk, final=eof)
-            except UnicodeDecodeError as e:
-                if not (eof and e.reason == "unexpected end of data"):
-                    raise RecordError(f"{path}: not UTF-8 text") from None
-                text = ""  # the file ends inside a character: the element it is in is half-written
-            buf = buf[pos:] + text
-            pos = 0
-
-        def skip_blank():
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in _WHITESPACE + "\ufeff":
-                    pos += 1
-                if pos < len(buf) or eof:
-                    return
-                fill()
-
-        def truncated(what):
-            if allow_truncated:
-                if on_partial:
-                    on_partial(what)
-                return
+    def truncated(what):
+        if not allow_truncated:
             raise RecordError(f"{path}: the JSON array is cut off ({what})")
+        if on_partial:
+            on_partial(what)
 
-        fill()
-        skip_blank()
-        if pos >= len(buf) or buf[pos] != "[":
+    with open(path, "rb") as f:
+        text = _ArrayText(f, path)
+        if text.next_char() != "[":
             raise RecordError(f"{path}: expected a JSON array (a list of objects)")
-        pos += 1
+        text.pos += 1
         index = 0
         while True:
-            skip_blank()
-            if pos >= len(buf):
+            char = text.next_char()
+            if not char:
                 return truncated(f"after {index} elements")
-            if buf[pos] == "]":
+            if char == "]":
                 return
-            while True:
-                try:
-                    element, end = _decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as e:
-                    if eof:
-                        if allow_truncated:
-                            return truncated(f"half-written element {index}")
-                        raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
-                    fill()
-            pos = end
+            try:
+                element = text.value()
+            except json.JSONDecodeError as e:
+                if allow_truncated:
+                    return truncated(f"half-written element {index}")
+                raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
             yield element
             index += 1
-            skip_blank()
-            if pos >= len(buf):
+            char = text.next_char()
+            if not char:
                 return truncated(f"after {index} elements")
-            if buf[pos] == ",":
-                pos += 1
-            elif buf[pos] != "]":
+            if char == ",":
+                text.pos += 1
+            elif char != "]":
                 raise RecordError(f"{path}: not valid JSON after element {index - 1}: expected ',' or ']'")
 
 
-_BLANK, _PARTIAL = object(), object()
+def complete_lines(file):
+    """The lines of a file opened in binary mode that end with a newline: a partial tail (a writer killed or
+    out of disk space mid-line, maybe inside a UTF-8 character, or one still writing) is never decoded."""
+    for line in file:
+        if not line.endswith(b"\n"):
+            return
+        yield line
+
+
+def _ends_in_partial_line(file):
+    """Whether the last line read from a binary file lacked its newline (where complete_lines stopped)."""
+    if not file.tell():
+        return False
+    file.seek(-1, os.SEEK_CUR)
+    return file.read(1) != b"\n"
+
+
+_BLANK_LINE, _PARTIAL_LINE = object(), object()
 
 
 def _parse_line(path, number, raw, partial_allowed, scan=_decoder.scan_once):
-    """One JSONL line (bytes) -> its object, _BLANK, or _PARTIAL for a partial last line where allowed.
+    """One JSONL line (bytes) -> its object, _BLANK_LINE, or _PARTIAL_LINE for a partial last line where allowed.
     scan is the C scanner behind json.loads, without its Python wrappers."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         if partial_allowed:
-            return _PARTIAL
+            return _PARTIAL_LINE
         raise RecordError(f"{path}:{number}: not UTF-8 text") from None
     try:
         record, end = scan(line, 0)
@@ -131,12 +159,12 @@ def _parse_line(path, number, raw, partial_allowed, scan=_decoder.scan_once):
             raise StopIteration
     except (StopIteration, json.JSONDecodeError):  # not one JSON value at column 0: json.loads decides
         if not line.strip():
-            return _BLANK
+            return _BLANK_LINE
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             if partial_allowed:
-                return _PARTIAL
+                return _PARTIAL_LINE
             raise RecordError(f"{path}:{number}: not valid JSON: {e.msg}") from None
     return record
 
@@ -146,19 +174,22 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
 
     allow_partial_last: a last line without its newline that does not decode or parse (a writer
     killed mid-line, maybe inside a UTF-8 character) is skipped instead of raising; on_partial, if
-    given, is called with its line number. require_newline: such a line is skipped even when it
-    parses (files of our writer, which ends every line with one: the rest of the line may be lost).
+    given, is called with its line number. require_newline: any last line without its newline is
+    skipped so, unread (complete_lines), even one that would parse: for files of our writer, which
+    ends every line with one, so the rest of the line may be lost.
     """
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            partial_allowed = allow_partial_last and not raw.endswith(b"\n")
-            record = _PARTIAL if partial_allowed and require_newline else _parse_line(path, number, raw, partial_allowed)
-            if record is _PARTIAL:
+        number = 0
+        for number, raw in enumerate(complete_lines(f) if require_newline else f, 1):
+            record = _parse_line(path, number, raw, allow_partial_last and not raw.endswith(b"\n"))
+            if record is _PARTIAL_LINE:
                 if on_partial:
                     on_partial(number)
                 return
-            if record is not _BLANK:
+            if record is not _BLANK_LINE:
                 yield number, record
+        if require_newline and on_partial and _ends_in_partial_line(f):
+            on_partial(number + 1)
 
 
 def iter_records(path, allow_truncated=False):
@@ -170,26 +201,24 @@ def iter_records(path, allow_truncated=False):
             yield record
 
 
-_BLANK = re.compile(r"[ \t\r\n\ufeff]*")
-
-
 class _NeedMore(Exception):
     """The buffer ends inside the member being parsed."""
 
 
 def iter_json_object(path):
-    """Yield (key, value) for each member of one JSON object, e.g. the seed's composed_index.json
-    ({image: caption}), without holding the whole object in memory."""
+    """Yield (key, value) for each member of one JSON object, e.g. a composed_index.json ({image: caption}),
+    without holding the whole object in memory."""
     with open(path, encoding="utf-8") as f:
         buf, eof = "", False
 
         def char_at(i, what):
             """Index of the first non-blank character from i, checked against `what`."""
-            i = _BLANK.match(buf, i).end()
+            i = _BLANK_RUN.match(buf, i).end()
             if i >= len(buf):
                 raise _NeedMore
             if buf[i] not in what:
-                raise RecordError(f"{path}: not valid JSON after {count} members: expected {' or '.join(map(repr, what))}")
+                expected = " or ".join(map(repr, what))
+                raise RecordError(f"{path}: not valid JSON after {count} members: expected {expected}")
             return i
 
         def parse_member(pos):
@@ -197,7 +226,7 @@ def iter_json_object(path):
             i = char_at(pos, '"')
             key, i = scanstring(buf, i + 1)
             i = char_at(i, ":") + 1
-            i = _BLANK.match(buf, i).end()
+            i = _BLANK_RUN.match(buf, i).end()
             if buf[i:i + 1] == '"':
                 value, i = scanstring(buf, i + 1)
             else:
@@ -211,7 +240,7 @@ def iter_json_object(path):
         while True:
             try:
                 if not opened:
-                    i = _BLANK.match(buf, pos).end()
+                    i = _BLANK_RUN.match(buf, pos).end()
                     if i >= len(buf):
                         raise _NeedMore
                     if buf[i] != "{":
@@ -247,10 +276,10 @@ def index_format(path):
     if path.endswith(".jsonl"):
         return "lines"
     with open(path, encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip(" \t\r\n\ufeff")
+        head = f.read(1 << 16).lstrip(_BLANK_CHARS)
     if not head.startswith("{"):
         raise RecordError(f"{path}: expected a composed_index.json object or {{\"image\", \"caption\"}} lines")
-    rest = head[1:].lstrip(" \t\r\n")
+    rest = head[1:].lstrip(_WHITESPACE)
     if rest.startswith('"'):
         try:
             key, _ = scanstring(rest, 1)
