@@ -211,11 +211,11 @@ def test_relative_ids_found_from_the_captioning_input(tmp_path):
 
 
 def test_images_straight_from_shards_and_parquet(tmp_path):
-    """Ids of tar members and Parquet rows, as captioning writes them (utils/inputs.py), shown from the files."""
+    """Ids of tar members and Parquet rows, as captioning writes them (utils/input_reader.py), shown from the files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sample_images import write_tar_shard
-    from utils.inputs import expand_inputs, iter_samples
+    from utils.input_reader import expand_inputs, iter_samples
 
     colours = list(COLORS.values())
     os.makedirs(tmp_path / "shards")

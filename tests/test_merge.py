@@ -165,11 +165,11 @@ def test_merge_errors(tmp_path):
 
 def test_misspelt_flag_is_answered_in_one_line_with_a_suggestion(tmp_path):
     """utils/arguments.py: no usage block, and the flag that was meant."""
-    result = run("merge.py", "--worker", "2", cwd=tmp_path, ok=False)
+    result = run("merge.py", "--wrokers", "2", cwd=tmp_path, ok=False)
     assert result.returncode == 2 and not result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) <= 2 and "--workers" in lines[-1], result.stderr
-    assert lines[0].startswith("merge.py: error: unrecognized argument --worker"), result.stderr
+    assert lines[0].startswith("merge.py: error: unrecognized argument --wrokers"), result.stderr
 
 
 # merge_multi_caption.py

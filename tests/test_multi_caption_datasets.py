@@ -11,7 +11,7 @@ import pytest
 from conftest import run_command
 from sample_images import image_bytes, write_tar_shard
 
-from utils.inputs import iter_tar_samples
+from utils.tar_shards import iter_tar_samples
 
 
 def run(*args, ok=True):

@@ -250,7 +250,6 @@ def check_input(item, names, checker, new_stats, flagged):
 
 def parse_arguments(argv):
     parser = ArgumentParser(
-        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Flag suspicious captions (" + ", ".join(FLAGS) + ") and print statistics per caption "
                     "source. A caption file is one source; a folder is one source made of its captions-*.jsonl "
                     "files; in a multi-caption JSONL ({image, caption: [...]}) each position is a source.")

@@ -23,8 +23,9 @@ if not __package__:  # python utils/gallery.py: makes utils importable (utils/as
     import as_package  # noqa: F401
 from utils.arguments import ArgumentParser
 from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags
-from utils.images import UnreadableImage  # noqa: E402
-from utils.inputs import InputError, expand_inputs, read_image_bytes  # noqa: E402
+from utils.errors import InputError
+from utils.images import UnreadableImage
+from utils.input_reader import expand_inputs, read_image_bytes
 from utils.records import RecordError, composed_file
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -183,7 +184,6 @@ def render_page(sources, sample, stats, thumbs, inputs, seed):
 
 def main(argv=None):
     parser = ArgumentParser(
-        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Write a static HTML gallery (index.html, thumbs/, lengths.png) of a random sample of "
                     "images with all their captions side by side, flagged captions highlighted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -238,7 +238,6 @@ def merge_job(job):
 
 def main(argv=None):
     parser = ArgumentParser(
-        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Merge per-rank caption files into composed.jsonl ({image, caption} per line) and "
                     "composed_index.json ({image: caption}). Files are grouped by the folder they sit in "
                     "(one model/prompt folder); the original scripts' NAME_<rank>.json arrays also by NAME. "

@@ -17,7 +17,7 @@ original order with the bucket number recorded for each original row.
 
 The original is JSONL ({"image", "caption"} per line), or the captioning input itself when it is tar
 shards (caption from KEY.txt, else "caption" in KEY.json) or Parquet (a caption or text column); its rows
-carry the image ids that captioning wrote (utils/inputs.py), relative to the same image root. With
+carry the image ids that captioning wrote (utils/input_reader.py), relative to the same image root. With
 --output-format webdataset the joined rows become tar shards (utils/webdataset_output.py).
 """
 import contextlib
@@ -34,7 +34,8 @@ from utils.arguments import ArgumentParser
 from utils.caption_qa import (FLAGS, TOKEN_PATTERN, Checker, SourceStats, print_table,
                               trim_to_sentence, truncated_flags, write_report)
 from utils.hash_buckets import BucketSizing, bucket_of, bucket_path, open_buckets, read_columns
-from utils.inputs import InputError, expand_inputs, iter_samples  # noqa: E402
+from utils.errors import InputError
+from utils.input_reader import expand_inputs, iter_samples
 from utils.records import (RecordError, composed_file, index_format, iter_json_lines,
                            iter_json_object)
 from utils.webdataset_output import OutputFolderInUse, WebdatasetOutput
@@ -202,7 +203,7 @@ def merge(original, image_root, indexes, output, missing="drop", qa=None, trim_t
           tmp_dir=None, num_buckets=None, workers=1):
     """Write the joined rows to `output` (JsonlOutput or WebdatasetOutput); return a summary dict.
 
-    original: the Inputs (utils/inputs.py) of --original; image_root: the folder its ids start from (as
+    original: the Inputs (utils/input_reader.py) of --original; image_root: the folder its ids start from (as
     in captioning: --image-root, else original.root). qa: a caption_qa.Checker to flag captions and gather
     statistics (trim_truncated and drop_flags need it). workers: processes for passes 1 to 3 (the original and each
     index are split in parallel, then the buckets joined in parallel).
@@ -258,7 +259,6 @@ def call(function, args):
 
 def parse_arguments(argv):
     parser = ArgumentParser(
-        allow_abbrev=False,  # a misspelt flag (--worker) is reported, not taken for the one it begins
         description="Join the original captions with generated ones: writes {\"image\": p, \"caption\": "
                     "[original, c1, ..., cN], \"truncated\": [...]} per line (or webdataset shards), in the "
                     "original's order, c1..cN in --index order.")

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from utils.batch_runner import OUT_OF_MEMORY
 from utils.run_record import output_folders, run_settings, settle_records
-from utils.writer import complete_lines
+from utils.records import complete_lines
 
 
 class Work(NamedTuple):

@@ -21,7 +21,8 @@ import tarfile
 from PIL import Image
 
 from utils.images import UnreadableImage
-from utils.inputs import IMAGE_EXTENSIONS, key_and_extension, read_image_bytes, split_container
+from utils.input_reader import read_image_bytes, split_container
+from utils.tar_shards import IMAGE_EXTENSIONS, key_and_extension
 
 PIL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 

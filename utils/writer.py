@@ -11,15 +11,6 @@ import os
 from utils.errors import UserError
 
 
-def complete_lines(file):
-    """The lines of a file opened in binary mode that end with a newline: a partial tail (a writer killed or
-    out of disk space mid-line, maybe inside a UTF-8 character, or one still writing) is never decoded."""
-    for line in file:
-        if not line.endswith(b"\n"):
-            return
-        yield line
-
-
 def cut_partial_tail(path, chunk=1 << 16):
     """Truncate a file after its last newline, reading only its end (the file may be gigabytes)."""
     with open(path, "rb+") as f:
