@@ -13,6 +13,7 @@ One split rule for every kind (part_bounds): part r of n takes [r*total//n, (r+1
 JSON input, of the rows of Parquet files, or of the bytes of tar shards laid end to end (a sample belongs to the
 part whose range holds its first header, so a process reads only the headers of the shards its range touches).
 """
+import bisect
 import functools
 import itertools
 import os
@@ -22,7 +23,7 @@ from typing import NamedTuple
 from utils.errors import InputError, UserError
 from utils.images import read_file
 from utils.parquet_files import parquet_layout, read_parquet_image, read_rows
-from utils.records import RecordError, iter_records
+from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines, iter_records
 from utils.tar_shards import image_member, open_tar, read_tar_image, sample_starts, tar_caption
 
 _CONTAINERS = (".tar", ".parquet")
@@ -211,13 +212,15 @@ def check_input(spec, limit):
     """--check-input: the input's one-line summary, after validating a JSON input whole or opening each shard or
     Parquet file (reading none through: that is each process's work)."""
     inputs = expand_inputs(spec)
-    return read_json_part(spec, 0, 1, limit)[1] if inputs.kind == "json" else check_inputs(inputs)
+    if inputs.kind != "json":
+        return check_inputs(inputs)
+    return f"{sum(1 for _ in checked_entries(spec, iter_records(spec), limit))} images"
 
 
-def json_entries(path, limit):
+def checked_entries(path, records, limit=None):
     """The entries of a JSON array or JSONL input, each checked: an object with an "image" path."""
     try:
-        for index, record in enumerate(iter_records(path)):
+        for index, record in enumerate(records):
             if limit is not None and index >= limit:
                 return
             if not isinstance(record, dict):
@@ -231,12 +234,35 @@ def json_entries(path, limit):
         raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
-def read_json_part(path, rank, world, limit):
-    """Validate the whole JSON input, then keep only this process's part."""
-    total = sum(1 for _ in json_entries(path, limit))
+def json_part_records(path, rank, world, limit):
+    """This process's records of a JSON input and the summary. JSONL is cut by bytes: a process reads and checks
+    only its own lines. A JSON array is scanned whole once, counting and checking its elements and marking where
+    every few thousandth begins; the part's elements are then read from the mark before them."""
+    try:
+        kind = detect_format(path)
+    except RecordError as e:
+        raise UserError(str(e)) from None
+    if kind == "lines" and limit is None:
+        size = os.path.getsize(path)
+        records = (record for _, record in iter_json_lines(path, byte_range=part_bounds(size, rank, world)))
+        return checked_entries(path, records), f"{size / 1e6:.1f} MB of JSONL"
+    marks = []
+    every = iter_json_array(path, marks=marks) if kind == "array" else iter_records(path)
+    total = sum(1 for _ in checked_entries(path, every, limit))
     start, stop = part_bounds(total, rank, world)
+    if kind == "lines":
+        return itertools.islice(checked_entries(path, iter_records(path)), start, stop), f"{total} images"
+    mark = marks[bisect.bisect_right(marks, start, key=lambda m: m[1]) - 1] if marks else None  # marks[0]: element 0
+    records = iter_json_array(path, start=mark)
+    first = mark[1] if mark else 0
+    return itertools.islice(checked_entries(path, records), start - first, stop - first), f"{total} images"
+
+
+def read_json_part(path, rank, world, limit):
+    """This process's part of a JSON input as [(image, extra keys or None)], and the input's summary."""
+    records, summary = json_part_records(path, rank, world, limit)
     part = []
-    for record in itertools.islice(json_entries(path, limit), start, stop):
+    for record in records:
         extra = {(f"input_{k}" if k in OUTPUT_FIELDS else k): v for k, v in record.items() if k != "image"}
         part.append((record["image"], extra or None))
-    return part, f"{total} images"
+    return part, summary

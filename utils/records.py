@@ -18,6 +18,7 @@ _WHITESPACE = " \t\r\n"
 _BLANK_CHARS = _WHITESPACE + "\ufeff"  # a byte order mark may start a file
 _BLANK_RUN = re.compile(f"[{_BLANK_CHARS}]*")
 _decoder = json.JSONDecoder()
+MARK_EVERY = 4096  # elements between the marks iter_json_array leaves for a later start
 
 
 class RecordError(ValueError):
@@ -42,12 +43,14 @@ def detect_format(path):
 
 
 class _ArrayText:
-    """The text of a JSON array file, decoded a chunk at a time: buf[pos:] is what is not parsed yet."""
+    """The text of a JSON array file, decoded a chunk at a time: buf[pos:] is what is not parsed yet, and buf[0] is
+    at byte `base` of the file."""
 
-    def __init__(self, f, path):
+    def __init__(self, f, path, start=0):
         self.f, self.path = f, path
-        self.buf, self.pos, self.eof = "", 0, False
+        self.buf, self.pos, self.eof, self.base = "", 0, False, start
         self.decoder = codecs.getincrementaldecoder("utf-8")()
+        f.seek(start)
 
     def fill(self):
         chunk = self.f.read(_CHUNK)
@@ -58,36 +61,48 @@ class _ArrayText:
             if not (self.eof and e.reason == "unexpected end of data"):
                 raise RecordError(f"{self.path}: not UTF-8 text") from None
             text = ""  # the file ends inside a character: the element it is in is half-written
+        self.base = self.offset()
         self.buf = self.buf[self.pos:] + text
         self.pos = 0
+
+    def offset(self):
+        """The byte of the file at pos."""
+        done = self.buf[:self.pos]
+        return self.base + (len(done) if done.isascii() else len(done.encode("utf-8")))
 
     def next_char(self):
         """The first non-blank character from pos, which moves there; "" at the end of the file."""
         while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in _BLANK_CHARS:
-                self.pos += 1
+            self.pos = _BLANK_RUN.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or self.eof:
                 return self.buf[self.pos:self.pos + 1]
             self.fill()
 
-    def value(self):
-        """The JSON value at pos, which moves past it; json.JSONDecodeError where the file ends first."""
+    def value(self, scan=_decoder.scan_once):
+        """The JSON value at pos, which moves past it; json.JSONDecodeError where the file ends first. scan is the
+        C scanner behind json.loads, without its Python wrappers."""
         while True:
             try:
-                value, self.pos = _decoder.raw_decode(self.buf, self.pos)
+                value, self.pos = scan(self.buf, self.pos)
                 return value
+            except StopIteration as e:
+                if self.eof:
+                    raise json.JSONDecodeError("Expecting value", self.buf, e.value) from None
+                self.fill()
             except json.JSONDecodeError:
                 if self.eof:
                     raise
                 self.fill()
 
 
-def iter_json_array(path, allow_truncated=False, on_partial=None):
+def iter_json_array(path, allow_truncated=False, on_partial=None, start=None, marks=None):
     """Yield the elements of a JSON array one by one.
 
     allow_truncated: an unfinished array (the original scripts leave one when killed: no closing
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
     on_partial: called with a description when that happens, so callers can report it.
+    start: (byte, index) where an element begins, as `marks` gave it: read from there, numbering from index.
+    marks: a list that gets (byte, index) of every MARK_EVERY-th element, for a later start.
     """
     def truncated(what):
         if not allow_truncated:
@@ -96,17 +111,20 @@ def iter_json_array(path, allow_truncated=False, on_partial=None):
             on_partial(what)
 
     with open(path, "rb") as f:
-        text = _ArrayText(f, path)
-        if text.next_char() != "[":
-            raise RecordError(f"{path}: expected a JSON array (a list of objects)")
-        text.pos += 1
-        index = 0
+        text = _ArrayText(f, path, start[0] if start else 0)
+        if start is None:
+            if text.next_char() != "[":
+                raise RecordError(f"{path}: expected a JSON array (a list of objects)")
+            text.pos += 1
+        index = start[1] if start else 0
         while True:
             char = text.next_char()
             if not char:
                 return truncated(f"after {index} elements")
             if char == "]":
                 return
+            if marks is not None and index % MARK_EVERY == 0:
+                marks.append((text.offset(), index))
             try:
                 element = text.value()
             except json.JSONDecodeError as e:
@@ -169,7 +187,7 @@ def _parse_line(path, number, raw, partial_allowed, scan=_decoder.scan_once):
     return record
 
 
-def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_newline=False):
+def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_newline=False, byte_range=None):
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
     allow_partial_last: a last line without its newline that does not decode or parse (a writer
@@ -177,10 +195,14 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
     given, is called with its line number. require_newline: any last line without its newline is
     skipped so, unread (complete_lines), even one that would parse: for files of our writer, which
     ends every line with one, so the rest of the line may be lost.
+    byte_range: (low, high): only the lines that start at a byte in [low, high).
     """
     with open(path, "rb") as f:
-        number = 0
-        for number, raw in enumerate(complete_lines(f) if require_newline else f, 1):
+        number, high = (0, None) if byte_range is None else (_seek_line_start(f, byte_range[0]), byte_range[1])
+        lines = complete_lines(f) if require_newline else f
+        for number, raw in enumerate(lines, number + 1):
+            if high is not None and f.tell() - len(raw) >= high:
+                return
             record = _parse_line(path, number, raw, allow_partial_last and not raw.endswith(b"\n"))
             if record is _PARTIAL_LINE:
                 if on_partial:
@@ -190,6 +212,18 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
                 yield number, record
         if require_newline and on_partial and _ends_in_partial_line(f):
             on_partial(number + 1)
+
+
+def _seek_line_start(f, low):
+    """Move to the first line that starts at byte `low` or later; the number of lines before it."""
+    if low > 0:
+        f.seek(low - 1)
+        f.readline()  # the rest of the line that holds byte low - 1: it starts before low
+    start, before = f.tell(), 0
+    f.seek(0)
+    while f.tell() < start:
+        before += f.read(min(_CHUNK, start - f.tell())).count(b"\n")
+    return before
 
 
 def iter_records(path, allow_truncated=False):

@@ -4,7 +4,9 @@ An image counts as done for a prompt when a complete line of any captions-*.json
 whatever the number of processes that wrote it; an image recorded as unreadable in the checkpoint folder's
 errors-*.jsonl is skipped too (unless --retry-errors), except one that ran out of memory even alone.
 """
+import io
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,10 +35,54 @@ def output_files(settings):
                        settings.model_dir / f"errors-{suffix}")
 
 
-def recorded_images(folder, pattern, keep):
-    """Image paths in `keep` that appear in the JSONL files matching `pattern` (any world size)."""
+# A line as the writer writes it, with an image id that needs no unescaping: read by a regular expression, C-speed,
+# rather than decoded line by line (a million lines of earlier captions in a fraction of a second).
+WRITTEN_LINE = re.compile(rb'^\{"image": "([^"\\\n]*)"[^\n]*\}$', re.MULTILINE)
+CHUNK = 16 << 20
+
+
+def complete_chunks(file):
+    """The file's bytes in chunks that end with a newline; a partial tail (utils/records.py's complete_lines) is
+    left out."""
+    rest = b""
+    while chunk := file.read(CHUNK):
+        chunk, rest = rest + chunk, b""
+        end = chunk.rfind(b"\n") + 1
+        chunk, rest = chunk[:end], chunk[end:]
+        if chunk:
+            yield chunk
+
+
+def images_of_lines(chunk):
+    """The "image" of each JSON line of a chunk, skipping lines that are not one of ours."""
+    images = WRITTEN_LINE.findall(chunk)
+    if len(images) == chunk.count(b"\n"):
+        return [image.decode("utf-8", "replace") for image in images]
+    images = []
+    for line in complete_lines(io.BytesIO(chunk)):
+        try:
+            images.append(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return images
+
+
+def captioned_images(folder, keep):
+    """Image ids in `keep` that a complete line of a captions-*.jsonl in `folder` names (any world size)."""
     found = set()
-    for file in sorted(Path(folder).glob(pattern)):
+    for file in sorted(Path(folder).glob("captions-*.jsonl")):
+        if file.is_file():
+            with open(file, "rb") as f:
+                for chunk in complete_chunks(f):
+                    found.update(image for image in images_of_lines(chunk) if image in keep)
+    return found
+
+
+def failed_images(folder, keep):
+    """Image ids in `keep` that an errors-*.jsonl in `folder` records as unreadable, except those that ran out of
+    memory even alone (not the image's fault: tried again)."""
+    found = set()
+    for file in sorted(Path(folder).glob("errors-*.jsonl")):
         if not file.is_file():
             continue
         with open(file, "rb") as f:
@@ -84,8 +130,8 @@ def plan_work(settings, part):
     if settings.overwrite:  # settle_outputs removes the earlier outputs: none is read
         done, failed = {key: set() for key in prompts}, set()
     else:
-        done = {key: recorded_images(model_dir / key, "captions-*.jsonl", part_images) for key in prompts}
-        failed = set() if settings.retry_errors else recorded_images(model_dir, "errors-*.jsonl", part_images)
+        done = {key: captioned_images(model_dir / key, part_images) for key in prompts}
+        failed = set() if settings.retry_errors else failed_images(model_dir, part_images)
     pending, seen = [], set()
     for image, extra in part:
         missing = [key for key in prompts if image not in done[key]]
