@@ -175,6 +175,22 @@ def decode_with_cuda_graphs(model, unread_inputs=()):
     return steps
 
 
+# what decode_with_cuda_graphs sets on each generating module besides its DecodeStepGraph, and what generate()
+# then notes there (the length of its static caches)
+_PATCHED = ("get_compiled_call", "_prepare_static_cache", "generate", "_previous_max_cache_length")
+
+
+def eager_decoding(model):
+    """Undo decode_with_cuda_graphs: every generate() of `model` (and of its submodules) decodes eagerly again, with
+    transformers' own cache; the recordings and the caches kept with them are freed."""
+    for module in model.modules():
+        step = module.__dict__.pop("_decode_step_graph", None)
+        if step is not None:
+            step.reset()
+            for name in _PATCHED:
+                module.__dict__.pop(name, None)
+
+
 def uses_static_cache(model):
     """Whether generate() of `model` runs with a static KV cache (decode_with_cuda_graphs made it so): a cache that
     a caller passes to it must then be a StaticCache sized for the whole generation."""
