@@ -84,7 +84,7 @@ class EndAtLength(LogitsProcessor):
 
 
 class EndAtRowLength:
-    """EndAtLength for utils/refill.py, whose slots hold rows at different steps: a row processor (rows: the
+    """EndAtLength for utils/generation/refill.py, whose slots hold rows at different steps: a row processor (rows: the
     call's row each slot holds, generated: its new tokens so far) over the lengths of the call's rows. Like the
     refill loop, it never waits for the GPU (the forced end token's index is a number, not a GPU tensor)."""
 
@@ -152,8 +152,8 @@ class CaptionLengths:
         return output
 
     def refill(self, generate, steps, *args, **kwargs):
-        """utils/refill.py's generate(), the next planned lengths forced per row; steps: a Counter of its decode
-        steps and slot-steps so far (bench/throughput.py counts them). A slot-step without a live row counts as
+        """utils/generation/refill.py's generate(), the next planned lengths forced per row; steps: a Counter of its
+        decode steps and slot-steps so far (bench/throughput.py counts them). A slot-step without a live row counts as
         finished."""
         end = kwargs["eos_token_id"]
         end_ids = end if isinstance(end, list) else [end]

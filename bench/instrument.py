@@ -1,8 +1,8 @@
 """Named ranges and timers that bench/throughput.py puts around the captioning code, from outside it.
 
-The benchmark does not edit the loop (utils/captioning.py) or the model scripts: it replaces a method or a
-module's forward for the time of a measurement and puts the original back afterwards (`patched`). Ranges are
-torch.profiler.record_function ranges named "bench: ...", which a profile shows on the CPU timeline; the
+The benchmark does not edit the loop (utils/caption_loop.py and its stages) or the model scripts: it replaces a
+method or a module's forward for the time of a measurement and puts the original back afterwards (`patched`).
+Ranges are torch.profiler.record_function ranges named "bench: ...", which a profile shows on the CPU timeline; the
 timeline analysis (bench/timeline.py) attributes time and GPU kernels to them.
 """
 import contextlib
@@ -13,8 +13,8 @@ import torch
 from torch.profiler import record_function
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from utils import refill
-from utils.cuda_graphs import DecodeStepGraph
+from utils.generation import refill
+from utils.generation.cuda_graphs import DecodeStepGraph
 
 PREFIX = "bench: "
 _MISSING = object()
@@ -81,7 +81,7 @@ def prefill_or_decode(forward):
 def marked_regions(model, generating, parts):
     """Ranges around the model's parts ({label: dotted submodule path from `model`}), the generating module's
     prefill and eager decode forwards, CUDA graph recording, logits processors, stopping criteria and the pieces
-    of utils/refill.py's loop."""
+    of utils/generation/refill.py's loop."""
     with contextlib.ExitStack() as stack:
         for label, path in parts.items():
             stack.enter_context(patched(model.get_submodule(path), "forward", in_range(label)))

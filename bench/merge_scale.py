@@ -1,6 +1,6 @@
 """Benchmark the merge scripts on synthetic data: rows/s and peak RSS.
 
-    python bench/merge_scale.py --rows 1000000 --indexes 5
+    python -m bench.merge_scale --rows 1000000 --indexes 5
 
 Makes, in --workdir, an original JSONL of N rows and K caption folders of per-rank captions files
 (our captioning output format, rows shuffled across 8 ranks, captions of 10 to 80 words in

@@ -1,7 +1,7 @@
 """generate.sh on several GPUs: scaling with a real-size checkpoint, and exactly-once under failures.
 
-    python bench/multi_gpu.py --real-size /tmp/qwen2-vl-7b-random --processes 1,2 --images 1024
-    python bench/multi_gpu.py --checks --processes 2
+    python -m bench.multi_gpu --real-size /tmp/qwen2-vl-7b-random --processes 1,2 --images 1024
+    python -m bench.multi_gpu --checks --processes 2
 
 --real-size DIR: a Qwen2-VL-7B with random weights is saved to DIR once, in the hub format (config,
 safetensors shards, the tests' tokenizer and processor files), so every process loads it through the real
@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+REPO = Path(__file__).resolve().parents[1]  # generate.sh and utils/merge.py run from here
 
-SUMMARY = re.compile(r"\[qwen rank (\d+)/(\d+)\] captioned (\d+), failed (\d+), skipped (\d+), ([\d.]+) s, ([\d.]+) images/s")
+SUMMARY = re.compile(r"\[qwen rank (\d+)/(\d+)\] captioned (\d+), failed (\d+), skipped (\d+), ([\d.]+) s, "
+                     r"([\d.]+) images/s")
 
 
 def command(input_file, out, model, flags):
@@ -92,8 +92,9 @@ def rank_pids():
 def save_real_size_qwen(folder):
     """A random-weight Qwen2-VL-7B in the hub format: the real loading path reads it like a download."""
     import torch
-    from throughput import qwen_checkpoint
     from transformers import Qwen2VLForConditionalGeneration
+
+    from bench.throughput import qwen_checkpoint
     folder = Path(folder)
     if (folder / "model.safetensors.index.json").exists():
         return folder
@@ -111,7 +112,7 @@ def save_real_size_qwen(folder):
 
 
 def scaling(args, model, folder):
-    from throughput import make_images
+    from bench.throughput import make_images
     folder.mkdir()
     make_images(folder, args.images)
     flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
@@ -134,7 +135,8 @@ def scaling(args, model, folder):
         total = sum(r["images_per_s"] for r in row["ranks"])
         row["aggregate_images_per_s"] = round(total, 2)
         row["vs_one_gpu"] = round(total / one, 2) if one else None
-        row["slowest_rank_vs_one_gpu"] = round(min(r["images_per_s"] for r in row["ranks"]) / one, 3) if one and row["ranks"] else None
+        row["slowest_rank_vs_one_gpu"] = (round(min(r["images_per_s"] for r in row["ranks"]) / one, 3)
+                                          if one and row["ranks"] else None)
     return rows
 
 
@@ -166,8 +168,9 @@ def sigterm_launcher(input_file, out, model, flags, processes):
 
 def checks(args, folder):
     from PIL import Image
-    from qwen_checkpoint import make_checkpoint
-    from sample_images import _pattern, write_input
+
+    from tests.qwen_checkpoint import make_checkpoint
+    from tests.sample_images import _pattern, write_input
     model = make_checkpoint(folder / "tiny-qwen2-vl")
     names = []
     for i in range(args.check_images):
@@ -185,7 +188,8 @@ def checks(args, folder):
     nodes = [start(input_file, folder / "nodes", model, flags, NUM_GPUS=1, NNODES=2, NODE_RANK=r,
                    CUDA_VISIBLE_DEVICES=r % max(1, args.gpus)) for r in range(2)]
     statuses = [finish(n)[0] for n in nodes]
-    per_file = [{row["image"] for row in map(json.loads, open(f))} for f in (folder / "nodes").glob("qwen/*/default/captions-*")]
+    per_file = [{row["image"] for row in map(json.loads, open(f))}
+                for f in (folder / "nodes").glob("qwen/*/default/captions-*")]
     result["two nodes: exit statuses"] = statuses
     result["two nodes: shards disjoint and complete"] = (sum(map(len, per_file)) == len(names)
                                                          and set().union(*per_file) == set(names))
@@ -195,13 +199,15 @@ def checks(args, folder):
     result[f"kill -9 rank {p - 1}: lines on disk then, launcher status"] = [killed_after, status]
     status, _ = finish(start(input_file, folder / "killed", model, flags, NUM_GPUS=p))
     rows = caption_lines(folder / "killed")
-    result["kill -9, rerun: every image exactly once"] = status == 0 and sorted(r["image"] for r in rows) == sorted(names)
+    result["kill -9, rerun: every image exactly once"] = (status == 0
+                                                          and sorted(r["image"] for r in rows) == sorted(names))
     result["kill -9, rerun: merged equals one process"] = merged(folder / "killed") == reference
 
     result["SIGTERM to the launcher"] = sigterm_launcher(input_file, folder / "term", model, flags, p)
     status, _ = finish(start(input_file, folder / "term", model, flags, NUM_GPUS=p))
     rows = caption_lines(folder / "term")
-    result["SIGTERM, rerun: every image exactly once"] = status == 0 and sorted(r["image"] for r in rows) == sorted(names)
+    result["SIGTERM, rerun: every image exactly once"] = (status == 0
+                                                          and sorted(r["image"] for r in rows) == sorted(names))
     result["SIGTERM, rerun: merged equals one process"] = merged(folder / "term") == reference
     return result
 

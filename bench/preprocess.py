@@ -1,6 +1,6 @@
 """CPU cost of image decoding + preprocessing per model, on one core: how many --num-workers a GPU needs.
 
-    python bench/preprocess.py --images 64 --json bench/out/preprocess.json
+    python -m bench.preprocess --images 64 --json bench/out/preprocess.json
 
 Each model's `prepare` (what the loop's worker processes run: open, decode, convert, resize, and for
 most models normalise) with its real settings, on the JPEG mix of bench/throughput.py, one process,
@@ -11,17 +11,14 @@ import argparse
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
-
-from utils.images import open_image  # noqa: E402
+from bench.throughput import make_images
+from utils.images import open_image
 
 
 def preparers():
@@ -51,7 +48,6 @@ def main():
     parser.add_argument("--json", default="bench/out/preprocess.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from throughput import make_images
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / name for name in make_images(Path(tmp), args.images)]

@@ -1,7 +1,8 @@
-"""GPU throughput of the captioning scripts against the seed's loop, on real-size random-weight models.
+"""GPU throughput of the captioning scripts against the seed's loop, on real-size random-weight models. The seed:
+the original scripts, Holistic-CLIP's synthetic_caption scripts, whose loop the "seed" rows run.
 
-    python bench/throughput.py --models qwen --json bench/out/throughput.json
-    python bench/throughput.py --smoke [--lengths realistic] [--profile /tmp/trace]   # CPU check of the benchmark
+    python -m bench.throughput --models qwen --json bench/out/throughput.json
+    python -m bench.throughput --smoke [--lengths realistic] [--profile /tmp/trace]   # CPU check of the benchmark
 
 For each model: the real architecture (its published config) is built with random weights directly on
 the GPU, the tokenizer and processor files come from the tests' tiny checkpoints (token ids do not
@@ -11,13 +12,13 @@ the same work. Images: a mix of typical web-image sizes written as JPEG files.
 Rows:
   seed bN   the seed's loop: images opened and preprocessed synchronously in the loop, one generate()
             per batch of N in input order.
-  ours bN   the real script's loop (utils/captioning.py): worker processes, batches sorted by length,
+  ours bN   the real script's loop (utils/caption_loop.py): worker processes, batches sorted by length,
             out-of-memory backoff, sdpa_grouped attention, lines written to disk.
   ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
             images/s counts images, each with K captions.
 Columns: images/s, prefill and decode time of one batch, peak GPU memory, and model FLOPs utilisation
 (model FLOPs per caption x images/s / measured bf16 matmul peak). Our rows also report the seconds inside
-caption() and those the main process waited on the data loader's workers.
+caption() and those the batcher thread waited on the image workers.
 
 Before the rows, the split: prefill and decode step time of one sorted batch, and for Qwen2-VL and MiniGPT-4
 the time of each part of the prefill (vision tower, Q-Former, language model, ...; GPU synchronised around
@@ -35,7 +36,6 @@ import functools
 import importlib
 import json
 import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -46,18 +46,16 @@ import torch
 from PIL import Image
 from torch.profiler import record_function
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from utils import refill  # noqa: E402
-from utils.captioning import build_parser, caption_shard  # noqa: E402
-from utils.compiled_prefill import compile_prefill, eager_forwards  # noqa: E402
-from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
-from utils.images import open_image  # noqa: E402
-
-from caption_lengths import CaptionLengths  # noqa: E402
-from instrument import PREFIX, loader_wait, marked_regions, patched, timed  # noqa: E402
-from timeline import BatchProfile  # noqa: E402
+from bench.caption_lengths import CaptionLengths
+from bench.instrument import PREFIX, loader_wait, marked_regions, patched, timed
+from bench.timeline import BatchProfile
+from utils.caption_loop import caption_part, load_captioner
+from utils.command_line import build_parser
+from utils.generation import refill
+from utils.generation.compiled_prefill import eager_forwards
+from utils.generation.cuda_graphs import eager_decoding
+from utils.images import open_image
+from utils.settings import ProcessPlace, resolve_settings
 
 
 # Typical CC3M/CC12M image sizes (width, height); Qwen2-VL turns them into ~100 to ~900 image tokens.
@@ -118,12 +116,10 @@ def random_weights_loader(model_class, device, dtype):
     return from_pretrained
 
 
-def eager_model(model):
-    """Undo compile_prefill and decode_with_cuda_graphs: the seed's rows run as plain generate() does."""
-    eager_forwards(model)
-    for module in model.modules():
-        for name in ("generate", "get_compiled_call", "_prepare_static_cache", "_decode_step_graph"):
-            module.__dict__.pop(name, None)
+def script_settings(captioner_class, flags):
+    """The Settings a model script resolves from its command line `flags`, in a run of one process."""
+    parser, own_flags = build_parser(captioner_class)
+    return resolve_settings(captioner_class, parser.parse_args(flags), own_flags, ProcessPlace(0, 1, 0))
 
 
 def unknown_ids_as_unk(tokenizer_class, size):
@@ -140,8 +136,9 @@ def sync(device):
 # ----------------------------------------------------------------------------------------------- Qwen2-VL
 
 def qwen_checkpoint(folder, tiny):
-    from qwen_checkpoint import make_checkpoint
     from transformers import Qwen2VLConfig
+
+    from tests.qwen_checkpoint import make_checkpoint
     path = make_checkpoint(folder / "qwen")
     if not tiny:  # the real architecture and pixel limits; weights are made on the GPU, not read
         config = Qwen2VLConfig.from_pretrained(path)
@@ -175,7 +172,7 @@ def internvl_checkpoint(folder, tiny):
     """A native InternVL2 folder: the tests' tiny original checkpoint converted, then (not tiny) given the
     InternVL2-8B architecture (InternViT-300M + InternLM2.5-7B)."""
     import internvl
-    from internvl_checkpoint import build_checkpoint
+    from tests.internvl_checkpoint import build_checkpoint
     original = Path(build_checkpoint(str(folder / "internvl-original")))
     native = Path(internvl.convert_checkpoint(str(original), str(folder / "internvl")))
     if not tiny:
@@ -212,7 +209,7 @@ def llava_checkpoint(size):
     """A llava-hf folder: the tests' tiny one, then (not tiny) given LLaVA-1.5-7B/13B's architecture (CLIP ViT-L/14
     at 336 px, Vicuna v1.5 with llava-hf's 32064-row vocabulary)."""
     def checkpoint(folder, tiny):
-        from llava_checkpoint import build_checkpoints
+        from tests.llava_checkpoint import build_checkpoints
         path = build_checkpoints(folder / f"llava-{size}").hf
         if not tiny:
             config = json.loads((path / "config.json").read_text())
@@ -233,7 +230,7 @@ def minigpt4_checkpoint(folder, tiny):
     """The tests' tiny original files (tokenizer, eval config); not tiny, the model is built with MiniGPT-4's
     real architecture instead of read: EVA ViT-g (39 of 40 blocks), the BLIP-2 Q-Former, Vicuna-7B v0."""
     import minigpt4
-    from minigpt4_checkpoint import build
+    from tests.minigpt4_checkpoint import build
     root = build(str(folder / "minigpt4"))
     os.environ["TORCH_HOME"] = f"{root}/torch_home"
     if not tiny:
@@ -379,7 +376,8 @@ def profile_decode(captioner, images, new_tokens, device):
         totals.append({e.key: e.self_device_time_total for e in prof.key_averages()})
     steps = new_tokens - 1
     decode = sorted(((totals[1][k] - totals[0].get(k, 0)) / steps / 1000, k) for k in totals[1])[::-1]
-    print(f"decode, batch {len(images)}: GPU busy {sum(ms for ms, _ in decode):.2f} ms per step; top kernels (ms/step):")
+    print(f"decode, batch {len(images)}: GPU busy {sum(ms for ms, _ in decode):.2f} ms per step; "
+          "top kernels (ms/step):")
     for ms, key in decode[:15]:
         print(f"  {ms:8.3f}  {key[:110]}")
     return sum(ms for ms, _ in decode)
@@ -400,8 +398,8 @@ def marked_generate(lengths):
 
 
 def refill_at_lengths(lengths, steps):
-    """wrap for utils/refill.py's generate: a call made by a planned caption() gets its rows' lengths (steps: the
-    Counter that counted_steps fills)."""
+    """wrap for utils/generation/refill.py's generate: a call made by a planned caption() gets its rows' lengths
+    (steps: the Counter that counted_steps fills)."""
     def wrap(generate):
         @functools.wraps(generate)
         def bench_refill(*args, **kwargs):
@@ -413,7 +411,7 @@ def refill_at_lengths(lengths, steps):
 
 
 def counted_steps(steps):
-    """wrap for utils/refill.py's Slots.step: counts the decode steps and the slot-steps."""
+    """wrap for utils/generation/refill.py's Slots.step: counts the decode steps and the slot-steps."""
     def wrap(step):
         @functools.wraps(step)
         def counted_step(slots):
@@ -427,9 +425,9 @@ def planned_lengths(lengths):
     """wrap for caption(): draws the lengths of the call's rows before it runs."""
     def wrap(caption):
         @functools.wraps(caption)
-        def caption_at_lengths(captioner, images, prompts):
+        def caption_at_lengths(captioner, images, prompts, inputs=None):
             lengths.plan(images, prompts)
-            return caption(captioner, images, prompts)
+            return caption(captioner, images, prompts, inputs)
         return caption_at_lengths
     return wrap
 
@@ -456,15 +454,18 @@ class ModelBench:
         self.captioner_class = getattr(importlib.import_module(spec["script"]), spec["captioner"])
         self.model_class = getattr(transformers, spec["model_class"])
         self.checkpoint = spec["checkpoint"](folder, args.tiny)
-        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        self.dtype_name = "float32" if args.tiny else "bfloat16"
+        self.dtype = getattr(torch, self.dtype_name)
         self.model_class.from_pretrained = random_weights_loader(self.model_class, device, self.dtype)
         self.paths = [folder / n for n in names]
         self.lengths = None
         if args.lengths == "realistic":
             prompt_keys = {text: key for key, text in self.captioner_class.prompts.items()}
             self.lengths = CaptionLengths(prompt_keys, args.new_tokens, args.lengths_seed)
-        # fixed: every caption exactly --new-tokens long; realistic: EndAtLength decides
-        self.length_flags = ["--max-new-tokens", str(args.new_tokens)] + (
+        # the script's flags in every command line of the benchmark; fixed lengths: every caption exactly
+        # --new-tokens long; realistic: EndAtLength decides
+        self.script_flags = [spec.get("checkpoint_flag", "--model"), str(self.checkpoint), "--dtype", self.dtype_name,
+                             "--temperature", "0", "--max-new-tokens", str(args.new_tokens)] + (
             ["--min-new-tokens", str(args.new_tokens)] if self.lengths is None else [])
         self.sync = functools.partial(sync, device)
 
@@ -486,17 +487,13 @@ class ModelBench:
         return rows, flops, self.split
 
     def build_captioner(self):
-        """One captioner for the processor and the model (built once, shared by every row)."""
-        flag = self.spec.get("checkpoint_flag", "--model")
-        parsed = build_parser(self.captioner_class).parse_args(
-            ["--input-json", "x", flag, str(self.checkpoint), *self.length_flags, "--temperature", "0"])
-        parsed.dtype = self.dtype
-        self.attn_implementation = parsed.attn_implementation
-        captioner = self.captioner_class(parsed, self.device)
-        if self.device.type == "cuda" and "--no-compile" not in self.args.ours_flags:  # the split measures ours
-            compile_prefill(captioner.model)
-        if self.device.type == "cuda" and "--no-cuda-graphs" not in self.args.ours_flags:
-            decode_with_cuda_graphs(captioner.model, getattr(captioner, "unread_in_decode", ()))
+        """One captioner for the processor and the model (built once, shared by every row), loaded as the loop loads
+        it with --ours-flags: the split measures ours (on a GPU, the prefill compiled and decode steps as CUDA graphs
+        unless --ours-flags turns them off)."""
+        settings = script_settings(self.captioner_class,
+                                   ["--input-json", "x", *self.script_flags, *self.args.ours_flags])
+        self.attn_implementation = settings.attn_implementation
+        captioner, _ = load_captioner(self.captioner_class, settings, self.device, self.dtype_name)
         return captioner
 
     def flops(self, new_tokens, prompts=1):
@@ -507,9 +504,7 @@ class ModelBench:
         """Prefill and decode of one batch as our loop forms it: the middle quarter of a read-ahead window of 4
         batches sorted by length."""
         captioner, args = self.captioner, self.args
-        window = [captioner.prepare(open_image(p)) for p in self.paths[:4 * size]]
-        if hasattr(captioner, "cost"):  # models whose prompt length varies per image
-            window.sort(key=captioner.cost)
+        window = sorted((captioner.prepare(open_image(p)) for p in self.paths[:4 * size]), key=captioner.cost)
         images = window[len(window) * 3 // 8:][:size]
         prefill, step = prefill_and_decode(captioner, images, args.new_tokens, self.device)
         split = dict(prefill_s=round(prefill, 3), decode_step_ms=round(step * 1000, 2))
@@ -580,7 +575,8 @@ class ModelBench:
     def seed(self, batch_size, images, prompts):
         """The seed's rows ran transformers' plain sdpa and generate(); returns the images captioned (0: it ran out
         of memory, which the seed's loop does not survive)."""
-        eager_model(self.captioner.model)
+        eager_forwards(self.captioner.model)
+        eager_decoding(self.captioner.model)
         set_attention(self.captioner.model, "sdpa")
         try:
             seed_loop(self.captioner, self.paths[:images], batch_size, prompts)
@@ -592,17 +588,16 @@ class ModelBench:
 
     def ours(self, batch_size, images, prompts, profile=None, decode_rows=None):
         """The real script's loop on the first `images` images, its batches profiled by `profile` (a BatchProfile)
-        if given; returns seconds inside caption() (the GPU's work and the inputs it builds; the rest of the loop's
-        time is waiting for prepared images, writing and starting) and in the DataLoader's __next__ (waiting on
-        the worker processes)."""
+        if given; returns seconds inside caption() (the GPU's work and the CPU's beyond the inputs that the batcher
+        thread made ahead; the rest of the loop's time is waiting for batches, writing and starting) and in the
+        DataLoader's __next__ (the batcher thread waiting on the image workers)."""
         args, spec = self.args, self.spec
         out = self.folder / f"out-{self.name}-{batch_size}-{time.time()}"
-        cli = ["--input-json", str(self.folder / "input.json"), spec.get("checkpoint_flag", "--model"),
-               str(self.checkpoint), "--output-dir", str(out), "--batch-size", str(batch_size), *self.length_flags,
-               "--temperature", "0", "--num-workers", str(args.num_workers), "--limit", str(images),
-               "--dtype", "float32" if args.tiny else "bfloat16", *args.ours_flags,
-               *(["--decode-rows", str(decode_rows)] if decode_rows else [])]
-        parsed = build_parser(self.captioner_class).parse_args(cli)
+        settings = script_settings(self.captioner_class, [
+            "--input-json", str(self.folder / "input.json"), *self.script_flags, "--output-dir", str(out),
+            "--batch-size", str(batch_size), "--num-workers", str(args.num_workers), "--limit", str(images),
+            "--prompts", ",".join(prompts), *args.ours_flags,
+            *(["--decode-rows", str(decode_rows)] if decode_rows else [])])
         seconds = dict(in_caption=0.0)
         with contextlib.ExitStack() as stack:
             stack.enter_context(patched(self.captioner_class, "caption", timed(seconds, "in_caption", self.sync)))
@@ -611,8 +606,7 @@ class ModelBench:
                 stack.enter_context(patched(self.captioner_class, "caption", profile))
                 stack.enter_context(patched(self.captioner_class, "__init__",
                                             regions_marked(stack, spec.get("parts", {}))))
-            status = caption_shard(self.captioner_class, parsed,
-                                   {key: self.captioner_class.prompts[key] for key in prompts}, 0, 1, 0)
+            status = caption_part(self.captioner_class, settings)
             if profile:
                 profile.stop()  # when the run had no batch after the profiled ones
         lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))

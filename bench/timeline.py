@@ -22,7 +22,7 @@ from collections import Counter
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from instrument import PREFIX
+from bench.instrument import PREFIX
 
 BATCH = PREFIX + "caption()"
 END = PREFIX + "end of profile window"

@@ -1,15 +1,13 @@
 """`sdpa_grouped`: PyTorch SDPA attention without copying the KV cache per query head.
 
-With a padding mask (every left-padded batch has one), transformers' sdpa path cannot use SDPA's own
-grouped-query support and repeats each key/value head for every query head that shares it: the whole KV
-cache is copied 4x (InternLM2) to 7x (Qwen2) in every layer. While decoding, on an H100 with Qwen2-VL-7B at
-batch 128, that copy took 25 of the 43 ms of GPU time per step (bench/RESULTS.md). When prefilling a few
-tokens on top of a long cache (utils/shared_prefix.py: each prompt's own tokens after the image's shared
-prefix), it took 0.45 s of the 1.7 s that this prefill spent on the GPU per batch (bench/RESULTS.md run 28).
-Instead, the query heads of a group stand in the query-length dimension: (batch, kv_heads, group x length,
-dim) against (batch, kv_heads, keys, dim), each group's rows masked as its positions are; the same arithmetic,
-no copy of the keys. Without a mask, or without grouped heads, transformers' sdpa path runs unchanged (SDPA's
-own grouped-query support needs no copy there).
+With a padding mask (every left-padded batch has one), transformers' sdpa path cannot use SDPA's own grouped-query
+support and repeats each key/value head for every query head that shares it: the whole KV cache is copied 4x
+(InternLM2) to 7x (Qwen2) in every layer. That copy is a large part of a decode step's GPU time, and of a prefill of
+a few tokens on top of a long cache (utils/generation/shared_prefix.py: each prompt's own tokens after the image's
+shared prefix); see bench/RESULTS.md. Instead, the query heads of a group stand in the query-length dimension:
+(batch, kv_heads, group x length, dim) against (batch, kv_heads, keys, dim), each group's rows masked as its
+positions are; the same arithmetic, no copy of the keys. Without a mask, or without grouped heads, transformers'
+sdpa path runs unchanged (SDPA's own grouped-query support needs no copy there).
 """
 import torch
 from transformers import AttentionInterface

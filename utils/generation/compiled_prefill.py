@@ -3,18 +3,16 @@
 In a prefill over a batch's whole prompts (InternVL2-8B at batch 128: about 240,000 tokens), transformers' RMSNorm
 runs as six elementwise kernels over float32 copies of the activations, a gated MLP's SiLU and product as two more,
 QuickGELU (CLIP's and Qwen2-VL's vision towers) as three, each reading and writing whole activations. Compiled,
-each becomes one fused kernel between the unchanged matrix products (bench/elementwise_fusion.py: an RMSNorm over
-65,536 Qwen2-7B tokens 3.53 -> 0.40 ms on an H100). In the scripts' loop: 1.05x (MiniGPT-4) to 1.11x (InternVL2)
-images/s (bench/RESULTS.md runs 61-67).
+each becomes one fused kernel between the unchanged matrix products, which makes the prefill, and the scripts,
+faster (see bench/RESULTS.md).
 
-Decode steps (one token per row) run the eager forward: CUDA graphs replay them (utils/cuda_graphs.py), and
-compiled code was slower there (run 60). Compiled code is shared by every module of a class, with dynamic sizes,
-so a process compiles a few times in its first batches (seconds with inductor's on-disk cache, tens of seconds
-without) and then never again.
+Decode steps (one token per row) run the eager forward: CUDA graphs replay them (utils/generation/cuda_graphs.py),
+and compiled code was slower there. Compiled code is shared by every module of a class, with dynamic sizes, so a
+process compiles a few times in its first batches (faster with inductor's on-disk cache) and then never again.
 
 Fused kernels round differently from the eager chain: bfloat16 activations differ in their last bits, as they do
 between batch sizes. In float32 the GPU tests require the tokens of eager generate() (tests/test_cuda_graphs.py,
-tokens_of_all_paths in tests/conftest.py).
+tokens_of_all_paths in tests/conftest.py). `eager_forwards` undoes `compile_prefill`.
 """
 import functools
 

@@ -1,31 +1,26 @@
 """Decode steps of `generate()` replayed as CUDA graphs.
 
-Between two tokens, transformers' generate loop runs the model's forward eagerly: about a thousand
-small kernels per step for a 7B model, each launched from Python. On an H100 with Qwen2-VL-7B at batch
-256 the GPU was busy 16 ms of each 78 ms step (bench/RESULTS.md): decoding waited on the CPU. A CUDA
-graph records the kernels of one decode step once and then replays them with a single launch.
+Between two tokens, transformers' generate loop runs the model's forward eagerly: about a thousand small kernels per
+step for a 7B model, each launched from Python, so the GPU waits on the CPU (see bench/RESULTS.md). A CUDA graph
+records the kernels of one decode step once, then replays them with a single launch.
 
-A graph needs fixed shapes and fixed memory, so generate() runs with transformers' static KV cache
-(allocated for the batch, written in place), and each step's inputs are copied into the tensors the
-graph was recorded with. A caller that brings its own cache (utils/shared_prefix.py: a prefix prefilled
-beforehand) brings a StaticCache; `uses_static_cache` tells it when. generate() asks the model for its
-decode-step forward through `get_compiled_call` (its hook for torch.compile); answering there with a
-graph leaves everything else to transformers (logits processors, stopping, padding), so the tokens are
-those of plain generate().
+A graph needs fixed shapes and fixed memory, so generate() runs with transformers' static KV cache (allocated for
+the batch, written in place), and each step's inputs are copied into the tensors the graph was recorded with.
+generate() asks the model for its decode-step forward through `get_compiled_call` (its hook for torch.compile);
+answering there with a graph leaves everything else to transformers (logits processors, stopping, padding), so the
+tokens are those of plain generate(). generate() also reads its "have all rows ended?" flag one step late
+(transformers' DeferredStopCheck, which transformers turns on only on Apple GPUs), so that the CPU does not wait
+for each step to end before it launches the next; generate() undoes the extra step itself.
 
-generate() also reads its "have all rows ended?" flag one step late (transformers' DeferredStopCheck, which
-transformers turns on only on Apple GPUs): reading it at once made the CPU wait for every step to end before it
-could launch the next, so the GPU sat idle while the CPU ran generate()'s loop between two steps. The step run
-after the last row ended is undone by generate() itself.
-
-The first decode step with a new static cache runs eagerly (it also warms up the kernels for the new shapes),
-the second is recorded. The cache outlives the call with its recording: the next call of the same shape (rows and
-cache length: every full batch of LLaVA-1.5 and MiniGPT-4, whose prompts have one length) empties that cache and
-replays from its first decode step, which saves the eager step and the recording per batch (bench/RESULTS.md runs
-38-45). A call of another shape frees both first. This holds because a decode step reads only its inputs, the
-cache and the weights (generate() passes the position ids, also Qwen2-VL's). A caller's own cache
-(utils/shared_prefix.py) is recorded for that call alone. Prefill stays eager. A step that cannot be recorded (a
-model whose forward reads a GPU value on the CPU) runs eagerly, with one warning.
+The first decode step with a new static cache runs eagerly (it warms up the kernels for the new shapes), the second
+is recorded. The cache outlives the call with its recording: the next call of the same shape (rows and cache
+length: every full batch of LLaVA-1.5 and MiniGPT-4, whose prompts have one length) empties that cache and replays
+from its first decode step; a call of another shape frees both first. This holds because a decode step reads only
+its inputs (generate() passes the position ids, also Qwen2-VL's), the cache and the weights. A caller that brings
+its own cache (utils/generation/shared_prefix.py: a prefix prefilled beforehand) brings a StaticCache
+(`uses_static_cache` says when), recorded for that call alone. Prefill stays eager. A step that cannot be recorded
+(a forward that reads a GPU value on the CPU) runs eagerly, with one warning. `eager_decoding` undoes
+`decode_with_cuda_graphs`.
 """
 import contextlib
 import functools
@@ -75,8 +70,8 @@ class DecodeStepGraph:
 
     @contextlib.contextmanager
     def for_one_call(self):
-        """A recording of its own for one generate() call (or utils/refill.py's decode loop), dropped when the call
-        ends: nothing recorded outlives the batch."""
+        """A recording of its own for one generate() call (or utils/generation/refill.py's decode loop), dropped when
+        the call ends: nothing recorded outlives the batch."""
         self.reset()
         try:
             yield self
@@ -131,8 +126,8 @@ class DecodeStepGraph:
                 e = e.__context__
             self.recording_failed = True
             self.reset()
-            print(f"CUDA graphs: cannot record a decode step of {type(self.model).__name__} ({str(e).splitlines()[0]}); "
-                  "decoding eagerly", file=sys.stderr, flush=True)
+            print(f"CUDA graphs: cannot record a decode step of {type(self.model).__name__} "
+                  f"({str(e).splitlines()[0]}); decoding eagerly", file=sys.stderr, flush=True)
             return
         self.graph = graph
 
@@ -145,10 +140,11 @@ def capture_stream():
 def capture(graph, forward):
     """Record forward() into graph and return its outputs; nothing runs, the cache is not touched. What
     torch.cuda.graph() does, less its emptying of the CUDA and pinned-memory caches first: at every batch that
-    freed the loader's pinned memory (cudaFreeHost, 0.7 s in one gap, bench/RESULTS.md) and the memory the next
-    batch then allocates again. Only this thread's CUDA calls are restricted while it records ("thread_local"):
-    the loader's pinning thread allocates pinned memory meanwhile (the batcher thread keeps it busy while the GPU
-    runs a batch), which in the default "global" mode breaks the recording and that thread, and hung run 50."""
+    freed the loader's pinned memory (a long cudaFreeHost while the GPU idled, see bench/RESULTS.md) and the memory
+    the next batch then allocates again. Only this thread's CUDA calls are restricted while it records
+    ("thread_local"): the loader's pinning thread allocates pinned memory meanwhile (the batcher thread keeps it
+    busy while the GPU runs a batch), which in the default "global" mode breaks the recording and that thread, and
+    once hung a run."""
     torch.cuda.synchronize()  # the eager work before the capture has finished
     with torch.cuda.stream(capture_stream()):
         graph.capture_begin(capture_error_mode="thread_local")
@@ -175,6 +171,22 @@ def decode_with_cuda_graphs(model, unread_inputs=()):
     return steps
 
 
+# what decode_with_cuda_graphs sets on each generating module besides its DecodeStepGraph, and what generate()
+# then notes there (the length of its static caches)
+_PATCHED = ("get_compiled_call", "_prepare_static_cache", "generate", "_previous_max_cache_length")
+
+
+def eager_decoding(model):
+    """Undo decode_with_cuda_graphs: every generate() of `model` (and of its submodules) decodes eagerly again, with
+    transformers' own cache; the recordings and the caches kept with them are freed."""
+    for module in model.modules():
+        step = module.__dict__.pop("_decode_step_graph", None)
+        if step is not None:
+            step.reset()
+            for name in _PATCHED:
+                module.__dict__.pop(name, None)
+
+
 def uses_static_cache(model):
     """Whether generate() of `model` runs with a static KV cache (decode_with_cuda_graphs made it so): a cache that
     a caller passes to it must then be a StaticCache sized for the whole generation."""
@@ -182,8 +194,8 @@ def uses_static_cache(model):
 
 
 def decode_step_graph(model):
-    """The DecodeStepGraph of `model` for a decode loop of its own (utils/refill.py), whose inputs and cache then
-    stay at fixed addresses: where decode_with_cuda_graphs made one and the model is on a GPU, else None."""
+    """The DecodeStepGraph of `model` for a decode loop of its own (utils/generation/refill.py), whose inputs and
+    cache then stay at fixed addresses: where decode_with_cuda_graphs made one and the model is on a GPU, else None."""
     return model.__dict__.get("_decode_step_graph") if model.device.type == "cuda" else None
 
 
@@ -216,7 +228,7 @@ def _static_cache_generate(generate, module, step):
             return generate(*args, **kwargs)
         # Size the cache for this batch, not for the longest batch so far (transformers keeps the maximum).
         module.__dict__.pop("_previous_max_cache_length", None)
-        if "past_key_values" in kwargs:  # a caller's own cache (utils/shared_prefix.py): recorded for this call
+        if "past_key_values" in kwargs:  # a caller's own cache (utils/generation/shared_prefix.py): for this call
             recording = step.for_one_call()
         else:  # generate()'s cache, kept with its recording for the next call of the same shape
             kwargs["cache_implementation"] = "static"

@@ -1,32 +1,27 @@
 """Decoding in a fixed number of rows ("slots") that each take the next (image, prompt) row as soon as its caption
 ends: continuous batching within one caption() call (--decode-rows).
 
-In one generate() call every row runs until the longest caption of the batch ends. With the paper's five prompts
-the captions differ a lot in length (a noun list ends after ~15 tokens, a detailed description runs into the
-77-token limit): in bench/RESULTS.md run 22, 39% of the decode row-steps of five-prompt batches went to captions
-that had already ended. Compacting the batch instead (fewer rows) saved less than it cost (run 23): a decode step
-of an 8B model at 80 rows mostly reads the weights. Here the steps stay full: a caption() call's rows (image-major,
-all prompts of an image) decode in `decode_rows` slots, and a slot whose caption ended takes a waiting row.
+In one generate() call every row runs until the batch's longest caption ends. With the paper's five prompts the
+captions differ a lot in length (a noun list ends after ~15 tokens, a detailed description runs into the 77-token
+limit), so many decode row-steps go to captions that have ended; compacting the batch saved less than it cost, as a
+decode step of an 8B model mostly reads the weights (see bench/RESULTS.md). Here the steps stay full: a call's rows
+(image-major) decode in `decode_rows` slots; a slot whose caption ended takes the next waiting row.
 
 - Rows join image by image, all the prompts of an image at once, once enough slots are free (`admit_threshold`):
-  the images' shared prefixes are prefilled once and each row's own tokens on top (utils/shared_prefix.py), which
-  gives every row its first new token; the rows' keys and values are then copied into columns 0..width-1 of their
-  slots. One prefill takes at most a quarter of the slots' rows (`admit_limit`), more free slots take several.
-- Every slot writes at its own column (SlotLayer), so a row that joins late starts at column 0 of its slot while
-  the others are deep into their captions. The attention mask (slots x columns) holds each row's own columns, and
-  each row's position ids count its own tokens as generate() counts them: every row sees exactly what it sees
-  alone. The cache has `width + max_new_tokens` columns, width being the widest prefilled row of the call.
-- The loop never waits for the GPU before launching the next step: a step's tokens (and the first tokens of rows
-  that join) come to the CPU while the next step runs, and the CPU reads them after launching it. So a slot whose
-  row ended runs one step more before it takes a new row (its token is dropped), and the GPU does not sit idle
-  while the CPU appends tokens and launches the next step (bench/RESULTS.md run 28: 0.8 s of a 19.7 s batch).
-- A decode step is the model's forward on one token per slot; on the GPU it is replayed from a CUDA graph (the
-  model's DecodeStepGraph, utils/cuda_graphs.py): all slot state lives in tensors updated in place, so one
-  recording serves the whole call however rows come and go.
-- Tokens are chosen with transformers' own logits processors and warpers for the generation settings (greedy or
-  sampling; e.g. LLaVA's suppressed image token); min_new_tokens is applied per row, since rows start at different
-  steps. Settings whose processors read the generated text (repetition penalty, n-gram blocking...) are not
-  supported here: shared_prefix.generate() then decodes without refilling.
+  the images' shared prefixes are prefilled once and each row's own tokens on top (utils/generation/prefill.py),
+  which gives every row its first new token; their keys and values are then copied into columns 0..width-1 of
+  their slots. One prefill takes at most a quarter of the slots' rows (`admit_limit`).
+- Every slot writes at its own column (SlotLayer), so a row that joins late starts at column 0 of its slot. The
+  mask (slots x columns) holds each row's own columns, and its position ids count its own tokens as generate()
+  does: every row sees exactly what it sees alone. The cache has `width + max_new_tokens` columns.
+- The loop never waits for the GPU before launching the next step (the GPU would idle while the CPU appends
+  tokens): a step's tokens come to the CPU while the next one runs, so a slot whose row ended runs one step more
+  before it takes a new row (its token is dropped).
+- On the GPU a decode step replays the model's CUDA graph (its DecodeStepGraph, utils/generation/cuda_graphs.py):
+  all slot state lives in tensors updated in place, so one recording serves the whole call.
+- Tokens are chosen with transformers' own logits processors and warpers (greedy or sampling); min_new_tokens is
+  applied per row, as rows start at different steps. Processors that read the generated text (repetition penalty,
+  n-gram blocking...) are not supported: shared_prefix.generate() then decodes without refilling.
 """
 import contextlib
 from itertools import accumulate
@@ -156,14 +151,14 @@ class RefillDecoder:
         self.slots = Slots(model, size, self.widest_row() + max_new_tokens, graph or model)
         self.admit_threshold = max(widest, size // 8)  # rows join in groups: one prefill for several images
         # at most this many rows per prefill: when most slots free at once (captions of one length), the prefilled
-        # rows' cache, held beside the slots' until copied, stays a quarter of theirs (bench/RESULTS.md run 30:
-        # 76.6 GiB at 128 slots with one prefill for all)
+        # rows' cache, held beside the slots' until copied, stays a quarter of theirs (one prefill for all the free
+        # slots nearly filled the GPU's memory, see bench/RESULTS.md)
         self.admit_limit = max(widest, size // 4)
         self.waiting = list(range(len(prompt_ids)))  # images whose rows have not joined yet
 
     def widest_row(self):
         """Columns of the widest prefilled row any group of images can give: the longest shared prefix and the
-        longest own part, as utils/shared_prefix.py left-pads them."""
+        longest own part, as utils/generation/prefill.py left-pads them."""
         prefix_lengths = [shared_prefix_length(rows) for rows in self.prompt_ids]
         own = max(len(ids) - length for rows, length in zip(self.prompt_ids, prefix_lengths) for ids in rows)
         return max(prefix_lengths) + own
