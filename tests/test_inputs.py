@@ -1,4 +1,5 @@
 """utils/input_reader.py, tar_shards.py, parquet_files.py: what an INPUT names, tar shards and Parquet read as samples, ranks' slices, bytes by id."""
+import json
 import os
 
 import pyarrow as pa
@@ -185,3 +186,24 @@ def test_parquet_rows_split_exactly_once_and_bad_files_give_one_line(tmp_path):
     (tmp_path / "3.parquet").write_text("not parquet")
     with pytest.raises(InputError, match="3.parquet: not a readable Parquet file"):
         check_inputs(expand_inputs(str(tmp_path)))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "array"])
+def test_json_parts_hold_every_entry_once_in_order(tmp_path, kind):
+    """JSONL cut by bytes, a JSON array by count from the marks of its scan (more than two marks' worth of elements,
+    some of them non-ASCII and on several lines): the parts of any world size hold every entry once, in order."""
+    from utils.input_reader import read_part
+    from utils.records import MARK_EVERY
+    entries = [{"image": f"{index}-é.png" if index % 7 else f"{index}.png", "n": index}
+               for index in range(2 * MARK_EVERY + 123)]
+    path = tmp_path / ("in.jsonl" if kind == "jsonl" else "in.json")
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(entry, ensure_ascii=False) + ("\n\n" if i % 5 == 0 else "\n")
+                                for i, entry in enumerate(entries)), encoding="utf-8")
+    else:
+        path.write_text("[" + ",\n  ".join(json.dumps(entry, ensure_ascii=False, indent=1 if i % 9 == 0 else None)
+                                           for i, entry in enumerate(entries)) + "]", encoding="utf-8")
+    for world in (1, 2, 3, 7):
+        parts = [read_part(str(path), rank, world, None)[0] for rank in range(world)]
+        assert [image for part in parts for image, _ in part] == [entry["image"] for entry in entries]
+        assert [extra["n"] for part in parts for _, extra in part] == list(range(len(entries)))

@@ -165,6 +165,26 @@ def test_other_checkpoint_or_settings_stop_before_the_model_loads(qwen_checkpoin
     assert again.returncode == 2 and "--max-new-tokens 4 then, 6 now" in again.stderr
 
 
+def test_fine_tunes_of_one_base_are_told_apart_by_their_weights(qwen_checkpoint, dataset, tmp_path):
+    """/run1/final and /run2/final: the same file names, sizes, config and tokenizer, one tensor different. The
+    second is another checkpoint (it stops before the model loads); a copy of the first is the same one (resumes)."""
+    from safetensors.torch import load_file, save_file
+    first_run, second_run, copy = (tmp_path / name / "final" for name in ("run1", "run2", "copy"))
+    for folder in (first_run, second_run, copy):
+        shutil.copytree(qwen_checkpoint, folder)
+    weights = load_file(second_run / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1  # the same shape and dtype: the same file size
+    save_file(weights, second_run / "model.safetensors", metadata={"format": "pt"})
+    assert (second_run / "model.safetensors").stat().st_size == (first_run / "model.safetensors").stat().st_size
+    out = tmp_path / "out"
+    run_command(command(str(first_run), dataset, out, "--limit", "3"))
+    other = run_command(command(str(second_run), dataset, out, "--limit", "3"), check=False)
+    assert other.returncode == 2 and "--model" in other.stderr and "then," in other.stderr, other.stderr
+    same = run_command(command(str(copy), dataset, out, "--limit", "3"))
+    assert "3 already done" in same.stderr
+
+
 def test_outputs_without_a_record_are_not_passed_off(qwen_checkpoint, dataset, tmp_path):
     """Captions written before run records existed cannot be checked: the run stops instead of skipping them."""
     folder = tmp_path / "out" / "qwen" / CHECKPOINT / "default"

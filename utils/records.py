@@ -195,15 +195,24 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
     given, is called with its line number. require_newline: any last line without its newline is
     skipped so, unread (complete_lines), even one that would parse: for files of our writer, which
     ends every line with one, so the rest of the line may be lost.
-    byte_range: (low, high): only the lines that start at a byte in [low, high).
+    byte_range: (low, high): only the lines that start at a byte in [low, high); their numbers count from the
+    first of them, but an error names the line of the file.
     """
     with open(path, "rb") as f:
-        number, high = (0, None) if byte_range is None else (_seek_line_start(f, byte_range[0]), byte_range[1])
+        start, high = (0, None) if byte_range is None else (_seek_line_start(f, byte_range[0]), byte_range[1])
         lines = complete_lines(f) if require_newline else f
-        for number, raw in enumerate(lines, number + 1):
+        number = 0
+        for number, raw in enumerate(lines, 1):
             if high is not None and f.tell() - len(raw) >= high:
                 return
-            record = _parse_line(path, number, raw, allow_partial_last and not raw.endswith(b"\n"))
+            partial_allowed = allow_partial_last and not raw.endswith(b"\n")
+            try:
+                record = _parse_line(path, number, raw, partial_allowed)
+            except RecordError:
+                if not start:
+                    raise
+                # the message names the line of the file: count the lines before the range, now that it matters
+                _parse_line(path, number + _lines_before(f, start), raw, partial_allowed)
             if record is _PARTIAL_LINE:
                 if on_partial:
                     on_partial(number)
@@ -215,15 +224,20 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
 
 
 def _seek_line_start(f, low):
-    """Move to the first line that starts at byte `low` or later; the number of lines before it."""
+    """Move to the first line that starts at byte `low` or later; its byte."""
     if low > 0:
         f.seek(low - 1)
         f.readline()  # the rest of the line that holds byte low - 1: it starts before low
-    start, before = f.tell(), 0
+    return f.tell()
+
+
+def _lines_before(f, end):
+    """The number of lines that end before byte `end` (f's position is lost)."""
+    count = 0
     f.seek(0)
-    while f.tell() < start:
-        before += f.read(min(_CHUNK, start - f.tell())).count(b"\n")
-    return before
+    while f.tell() < end:
+        count += f.read(min(_CHUNK, end - f.tell())).count(b"\n")
+    return count
 
 
 def iter_records(path, allow_truncated=False):

@@ -54,6 +54,10 @@ def open_locked(path, truncate):
         file.close()
         raise UserError(f"{path} is being written by {lock_holder(path)}: the same part of this run is running "
                         "already; let it finish (or stop it) before starting it again") from None
+    except OSError as error:
+        file.close()
+        raise UserError(f"{path}: cannot lock it ({error.strerror or error}): the file system does not support "
+                        "flock (Lustre: mount with -o flock); see docs/cluster.md") from None
     if truncate:
         file.truncate(0)
     else:
