@@ -27,6 +27,16 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def model_settings(captioner_cls, *argv, dtype="float32"):
+    """The ModelSettings that the loop builds captioner_cls with for this command line (--input-json given)."""
+    from utils.caption_loop import model_settings
+    from utils.command_line import build_parser
+    from utils.settings import ProcessPlace, resolve_settings
+    parser, own_flags = build_parser(captioner_cls)
+    args = parser.parse_args(["--input-json", "unused.json", *map(str, argv)])
+    return model_settings(captioner_cls, resolve_settings(captioner_cls, args, own_flags, ProcessPlace(0, 1, 0)), dtype)
+
+
 @pytest.fixture(scope="session")
 def qwen_checkpoint(tmp_path_factory):
     from qwen_checkpoint import make_checkpoint
@@ -48,10 +58,10 @@ def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_t
     scripts run it there (compile_prefill, also left on `model`). With graphs, every path must decode through them
     (the shared one with its own static cache, the refill with its slots)."""
     import torch
-    from utils import shared_prefix
-    from utils.compiled_prefill import compile_prefill
-    from utils.cuda_graphs import decode_with_cuda_graphs
-    # utils/refill.py: the rows of about half the images at a time, refilled as captions end
+    from utils.generation import shared_prefix
+    from utils.generation.compiled_prefill import compile_prefill
+    from utils.generation.cuda_graphs import decode_with_cuda_graphs
+    # utils/generation/refill.py: the rows of about half the images at a time, refilled as captions end
     refill = functools.partial(shared_prefix.generate, decode_rows=sum(map(len, prompt_ids)) // 2)
     refill.__name__ = "refill"
     tokens = {}
