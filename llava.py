@@ -2,24 +2,28 @@
 
 Both formats run as transformers' LlavaForConditionalGeneration. An original checkpoint
 (liuhaotian/llava-v1.5-13b: LlavaLlamaForCausalLM, Llama weights plus model.mm_projector.*, the CLIP
-vision tower named in `mm_vision_tower`) is converted at load time; nothing of the LLaVA repository is
-needed. Images, prompt and token ids are prepared as LLaVA-1.5's own inference does: pad to a square
-filled with the image-processor mean colour, CLIP preprocessing, the llava_v1 conversation, and
-`tokenizer_image_token` (the prompt is split at the image and each piece tokenized on its own).
+vision tower named in `mm_vision_tower`) is converted at load time (convert/llava.py). Images, prompt and
+token ids are prepared as LLaVA-1.5's own inference does: pad to a square filled with the image-processor
+mean colour, CLIP preprocessing, the llava_v1 conversation, and `tokenizer_image_token` (the prompt is
+split at the image and each piece tokenized on its own).
 
 With several prompts, the vision tower runs once per image and the tokens its prompts share (system text, the
 576 image tokens, the text before the question) are prefilled once per image; each (image, prompt) row then
-prefills only its question and all rows decode together (utils/shared_prefix.py).
+prefills only its question and all rows decode together (utils/generation/shared_prefix.py).
 """
 import functools
-import json
 import os
 import re
+from typing import Any, NamedTuple
 
 from PIL import Image
 
-from utils.captioning import (Caption, UserError, by_image, generation_kwargs, inference_mode, run, stopped_at_limit,
-                              stack_to_device)
+from utils import prompts as presets
+from utils.caption_loop import run
+from utils.captioner import Caption, Captioner, by_image, inference_mode, stopped_at_limit
+from utils.checkpoints import fetch_folder, read_json
+from utils.errors import UserError
+from utils.generation.tensors import stack_to_device
 
 # torch, transformers and huggingface_hub are imported where they are used: --help and mistakes answer at once.
 
@@ -27,26 +31,17 @@ from utils.captioning import (Caption, UserError, by_image, generation_kwargs, i
 # starts with the image, as LLaVA-1.5's evaluation scripts build it: "<image>\n" + question.
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-# Llama config keys an original checkpoint carries for its language model.
-LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-              "rope_scaling", "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-              "tie_word_embeddings", "initializer_range")
-# What an original config must say to be LLaVA-1.5: key -> (the original code's default, supported values).
-LLAVA_15_SETTINGS = {"mm_projector_type": ("linear", ("mlp2x_gelu",)),
-                     "mm_patch_merge_type": ("flat", ("flat",)),
-                     "mm_use_im_start_end": (False, (False,)),
-                     "mm_use_im_patch_token": (True, (False,)),
-                     "mm_vision_select_feature": ("patch", ("patch", "cls_patch")),
-                     "image_aspect_ratio": ("square", ("pad", "square"))}
+# what a hub id is downloaded with: configs, tokenizer and one weight format (safetensors where there are some)
+CHECKPOINT_FILES = ["*.json", "tokenizer.model", "*.safetensors", "*.bin"]
 
 
 def split_prompt(question):
     """The llava_v1 prompt as (text before the image, text after it).
 
     An `<image>` tag at the start or end of the question is dropped: the image already opens the user
-    turn. One inside the text, as in the seed's "Describe the <image> in English in detail:", is read as
-    the word "image"; the seed put the image there, mid-sentence and without any conversation."""
+    turn. One inside the text, as in the original scripts' "Describe the <image> in English in detail:", is
+    read as the word "image"; the original scripts put the image there, mid-sentence and without any
+    conversation."""
     question = re.sub(r"^\s*<image>\s*|\s*<image>\s*$", "", question).replace("<image>", "image")
     return f"{SYSTEM} USER: ", f"\n{question} ASSISTANT:"
 
@@ -70,112 +65,66 @@ def prepare_image(image, image_processor, pad):
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def local_checkpoint(name_or_path, what):
-    """A local folder for a folder path or a hub id (downloads configs, tokenizer and one weight format)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    import huggingface_hub
-    patterns = ["*.json", "tokenizer.model"]
-    try:
-        files = huggingface_hub.list_repo_files(name_or_path)
-        patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
-        offline = False
-    except Exception:  # no hub access: use what an earlier download left in the cache
-        patterns += ["*.safetensors", "*.bin"]
-        offline = True
-    try:
-        return huggingface_hub.snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=offline)
-    except Exception as error:
-        raise UserError(f"{what} {name_or_path!r} is not a folder and could not be fetched from the hub: "
-                        f"{type(error).__name__}") from error
+class LoadedCheckpoint(NamedTuple):
+    model: Any  # LlavaForConditionalGeneration
+    tokenizer: Any
+    image_processor_folder: str  # where the CLIP preprocessing config is
+    pad: bool  # pad images to a square first (image_aspect_ratio "pad")
+    generate_defaults: dict  # fixed generate() kwargs
 
 
-def read_weights(folder):
-    """All tensors of a checkpoint folder, safetensors or PyTorch pickles, sharded or not."""
-    import safetensors.torch
-    import torch
-    for index, single in (("model.safetensors.index.json", "model.safetensors"),
-                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if os.path.isfile(os.path.join(folder, index)):
-            with open(os.path.join(folder, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.isfile(os.path.join(folder, single)):
-            files = [single]
-        else:
-            continue
-        paths = [os.path.join(folder, name) for name in files]
-        if single.endswith(".safetensors"):
-            return {k: v for path in paths for k, v in safetensors.torch.load_file(path).items()}
-        return {k: v for path in paths
-                for k, v in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()}
-    raise UserError(f"no model.safetensors or pytorch_model.bin (or their index) in {folder}")
+def load_original_checkpoint(folder, config, vision_tower, settings, device):
+    """An original LLaVA-1.5 folder, converted while loading, with its CLIP tower (--vision-tower, else
+    mm_vision_tower)."""
+    from transformers import LlamaTokenizer
+
+    from convert.llava import load_original
+    tower = fetch_folder(vision_tower or config["mm_vision_tower"], CHECKPOINT_FILES, "--vision-tower")
+    model = load_original(folder, config, tower, settings.dtype, device, settings.attn_implementation)
+    # the class the original loads; AutoTokenizer, misled by model_type "llava", builds a generic tokenizer
+    # without sentencepiece's dummy prefix
+    tokenizer = LlamaTokenizer.from_pretrained(folder)
+    # the original vocabulary has no image token: never generate it
+    return LoadedCheckpoint(model, tokenizer, tower, config.get("image_aspect_ratio") == "pad",
+                            {"suppress_tokens": [model.config.image_token_id]})
 
 
-def is_original_format(config):
-    # model_type is "llava" in both formats (AutoConfig would silently build a default llava-hf
-    # config from an original one), so tell them apart by the original's mm_* keys.
-    return "mm_vision_tower" in config or "mm_projector_type" in config
+def load_hf_checkpoint(folder, vision_tower, settings, device):
+    """A llava-hf folder, as it is."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    if vision_tower:
+        raise UserError("--vision-tower is for original-format checkpoints; "
+                        f"{folder} is a llava-hf checkpoint with its own vision tower")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=settings.dtype, device_map=device, attn_implementation=settings.attn_implementation)
+    # llava-hf's LLaVA-1.5 conversions were all trained with image_aspect_ratio "pad"
+    return LoadedCheckpoint(model, AutoTokenizer.from_pretrained(folder), folder, True, {})
 
 
-def convert_original(folder, config, vision_tower):
-    """LlavaConfig and native state dict for an original LLaVA-1.5 checkpoint plus its CLIP vision tower.
-
-    The original has no `<image>` token: the native model gets one more embedding row (zeros; the image
-    features replace it) at id = the original vocabulary size. Its output row is never generated."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    for key, (default, supported) in LLAVA_15_SETTINGS.items():
-        if config.get(key, default) not in supported:
-            raise UserError(f"{folder}: {key}={config.get(key, default)!r} is not LLaVA-1.5 "
-                            f"(expected one of {supported})")
-    vision_config = CLIPVisionConfig.from_pretrained(vision_tower)
-    if config.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
-        raise UserError(f"vision tower {vision_tower} has hidden size {vision_config.hidden_size}, "
-                        f"the checkpoint expects mm_hidden_size {config['mm_hidden_size']}")
-    missing = [key for key in ("vocab_size", "hidden_size", "mm_vision_select_layer") if key not in config]
-    if missing:
-        raise UserError(f"{folder}/config.json lacks {', '.join(missing)}")
-    vocab_size = config["vocab_size"]
-    text_config = LlamaConfig(**{**{k: config[k] for k in LLAMA_KEYS if k in config}, "vocab_size": vocab_size + 1})
-    llava_config = LlavaConfig(
-        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), image_token_index=vocab_size,
-        vision_feature_layer=config["mm_vision_select_layer"], projector_hidden_act="gelu",
-        vision_feature_select_strategy="full" if config.get("mm_vision_select_feature") == "cls_patch" else "default",
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        pad_token_id=config.get("pad_token_id"))
-
-    projector = {"model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
-                 "model.mm_projector.2.": "model.multi_modal_projector.linear_2."}
-    state = {}
-    for key, value in read_weights(folder).items():
-        if key.startswith("model.vision_tower.") or key.endswith(".rotary_emb.inv_freq"):
-            continue  # LLaVA loads the tower from mm_vision_tower, whatever the checkpoint holds
-        prefix = next((p for p in projector if key.startswith(p)), None)
-        if prefix:
-            state[projector[prefix] + key[len(prefix):]] = value
-        elif key.startswith("model."):
-            state["model.language_model." + key[len("model."):]] = value
-        else:
-            state[key] = value  # lm_head.weight
-    embeddings = state["model.language_model.embed_tokens.weight"]
-    state["model.language_model.embed_tokens.weight"] = torch.cat(
-        [embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
-    lm_head = state["lm_head.weight"]
-    state["lm_head.weight"] = torch.cat([lm_head, lm_head.new_zeros(1, lm_head.shape[1])])
-    for key, value in read_weights(vision_tower).items():
-        if key.startswith("vision_model.") and not key.endswith("position_ids"):
-            state["model.vision_tower." + key[len("vision_model."):]] = value
-    return llava_config, state
+def load_checkpoint(settings, device):
+    """--model in either format."""
+    from convert.llava import is_original_format
+    folder = fetch_folder(settings.model, CHECKPOINT_FILES)
+    config = read_json(os.path.join(folder, "config.json"))
+    if config is None:
+        raise UserError(f"no config.json in {folder}")
+    vision_tower = settings.options["vision_tower"]
+    if is_original_format(config):
+        return load_original_checkpoint(folder, config, vision_tower, settings, device)
+    if "LlavaForConditionalGeneration" in config.get("architectures", []):
+        return load_hf_checkpoint(folder, vision_tower, settings, device)
+    raise UserError(f"{folder} is neither a llava-hf (LlavaForConditionalGeneration) nor an original "
+                    "LLaVA-1.5 (mm_vision_tower in config.json) checkpoint")
 
 
-class LlavaCaptioner:
+class LlavaCaptioner(Captioner):
     name = "llava"
     default_model = "liuhaotian/llava-v1.5-13b"
-    prompts = {"default": "Describe the <image> in English in detail:"}
+    prompts = presets.LLAVA
     default_prompt = "default"
-    # The seed sampled at temperature 0.2 (top_p None, one beam) with one image per call; 8 images per
-    # call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image and prompt;
-    # with several prompts, a batch that runs out of memory is split and retried).
+    # The original scripts sampled at temperature 0.2 (top_p None, one beam) with one image per call; 8 images
+    # per call fit a 40 GB GPU with the 13B model in float16 (26 GB weights, ~0.6 GB of cache per image and
+    # prompt; with several prompts, a batch that runs out of memory is split and retried).
     defaults = {"batch_size": 8, "temperature": 0.2}
     default_dtype = "float16"
     caption_flags = ("vision_tower",)
@@ -189,60 +138,24 @@ class LlavaCaptioner:
             "liuhaotian/llava-v1.5-13b, converted while loading; its CLIP tower comes from mm_vision_tower or "
             "--vision-tower). Every prompt becomes the user turn of LLaVA-1.5's llava_v1 conversation, after the "
             "image: '<system> USER: <image>\\n<prompt> ASSISTANT:'. A '<image>' tag at the start or end of a prompt "
-            "is dropped; one inside it reads as the word 'image', so the default preset (the seed's 'Describe the "
-            "<image> in English in detail:') asks 'Describe the image in English in detail:'. Images are padded to "
-            "a square with the CLIP mean colour before the CLIP preprocessing, as LLaVA-1.5 does. Decoding "
-            "defaults to the seed's sampling at temperature 0.2; --temperature 0 is greedy.")
+            "is dropped; one inside it reads as the word 'image', so the default preset (the original scripts' "
+            "'Describe the <image> in English in detail:') asks 'Describe the image in English in detail:'. Images "
+            "are padded to a square with the CLIP mean colour before the CLIP preprocessing, as LLaVA-1.5 does. "
+            "Decoding defaults to the original scripts' sampling at temperature 0.2; --temperature 0 is greedy.")
         parser.add_argument(
             "--vision-tower", default=None, metavar="DIR",
             help="original-format checkpoints only: the CLIP vision tower (folder or hub id) instead of the "
                  "one the checkpoint names in mm_vision_tower (openai/clip-vit-large-patch14-336 for LLaVA-1.5)")
 
-    def __init__(self, args, device):
-        from transformers import AutoTokenizer, CLIPImageProcessorPil, LlamaTokenizer, LlavaForConditionalGeneration
+    def __init__(self, settings, device):
+        from transformers import CLIPImageProcessorPil
 
-        import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-        folder = local_checkpoint(args.model, "checkpoint")
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise UserError(f"no config.json in {folder}")
-        with open(config_path) as f:
-            config = json.load(f)
-        if is_original_format(config):
-            vision_tower = local_checkpoint(args.vision_tower or config["mm_vision_tower"], "vision tower")
-            llava_config, state = convert_original(folder, config, vision_tower)
-            model, info = LlavaForConditionalGeneration.from_pretrained(
-                None, config=llava_config, state_dict=state, dtype=args.dtype, device_map=device,
-                attn_implementation=args.attn_implementation, output_loading_info=True)
-            problems = [*info["missing_keys"], *info["unexpected_keys"], *info["mismatched_keys"]]
-            if problems:
-                raise UserError(f"{folder}: weights do not match LLaVA-1.5 (missing, unexpected or mismatched: "
-                                f"{', '.join(map(str, problems[:5]))})")
-            processor_folder = vision_tower
-            # the original vocabulary has no image token: never generate it
-            fixed_generation_kwargs = {"suppress_tokens": [llava_config.image_token_id]}
-            pad = config.get("image_aspect_ratio") == "pad"
-            # the class the original loads; AutoTokenizer, misled by model_type "llava", builds a generic
-            # tokenizer without sentencepiece's dummy prefix
-            tokenizer = LlamaTokenizer.from_pretrained(folder)
-        elif "LlavaForConditionalGeneration" in config.get("architectures", []):
-            if args.vision_tower:
-                raise UserError("--vision-tower is for original-format checkpoints; "
-                                f"{folder} is a llava-hf checkpoint with its own vision tower")
-            model = LlavaForConditionalGeneration.from_pretrained(
-                folder, dtype=args.dtype, device_map=device, attn_implementation=args.attn_implementation)
-            processor_folder = folder
-            fixed_generation_kwargs = {}
-            pad = True  # llava-hf's LLaVA-1.5 conversions were all trained with image_aspect_ratio "pad"
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        else:
-            raise UserError(f"{folder} is neither a llava-hf (LlavaForConditionalGeneration) nor an original "
-                            "LLaVA-1.5 (mm_vision_tower in config.json) checkpoint")
+        import utils.generation.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
+        model, self.tokenizer, processor_folder, pad, generate_defaults = load_checkpoint(settings, device)
         self.model = model.eval()
         self.device = device
-        self.tokenizer = tokenizer
-        self.generation = generation_kwargs(args, **fixed_generation_kwargs)
-        self.decode_rows = args.decode_rows
+        self.generation = settings.decoding.generate_kwargs(**generate_defaults)
+        self.decode_rows = settings.decode_rows
         self.image_token_id = model.config.image_token_id
         vision = model.config.vision_config
         self.num_image_tokens = (vision.image_size // vision.patch_size) ** 2 + (
@@ -274,8 +187,9 @@ class LlavaCaptioner:
     def generate(self, pixel_values, prompt_ids):
         """Greedy or sampled captions of (image, prompt) rows, image-major. prompt_ids[i]: the prompt ids of
         image i's rows. The vision tower runs once per image; with several prompts per image, the tokens they
-        share (system text, image, the text before the question) are prefilled once (utils/shared_prefix.py)."""
-        from utils import shared_prefix
+        share (system text, image, the text before the question) are prefilled once
+        (utils/generation/shared_prefix.py)."""
+        from utils.generation import shared_prefix
         output = shared_prefix.generate(
             self.model, prompt_ids, self.image_features(pixel_values), self.image_token_id, self.pad_token_id,
             self.decode_rows, eos_token_id=self.tokenizer.eos_token_id, **self.generation)
@@ -284,7 +198,7 @@ class LlavaCaptioner:
         return [Caption(text.strip(), stopped_at_limit(row, {self.tokenizer.eos_token_id}))
                 for text, row in zip(texts, new_tokens)]
 
-    def caption(self, images, prompts):
+    def caption(self, images, prompts, inputs=None):
         ids = [self.prompt_ids(prompt) for prompt in prompts]
         # all (image, prompt) rows in one generate(): images x prompts sequences decode together
         return by_image(self.generate(stack_to_device(images, self.device), [ids] * len(images)), prompts)

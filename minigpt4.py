@@ -3,7 +3,8 @@
 MiniGPT-4 is EVA ViT-g/14 (every block but the last) -> ln_vision -> BLIP-2 Q-Former with 32 query tokens ->
 llama_proj -> Vicuna v0. The Llama-2 variant has no Q-Former: llama_proj maps each group of 4 neighbouring
 patch features to one LLM embedding. The parts are transformers' Blip2VisionModel, Blip2QFormerModel and
-LlamaForCausalLM; the weights come from the files MiniGPT-4 users have:
+LlamaForCausalLM (the LAVIS files converted while loading: convert/minigpt4.py); the weights come from the
+files MiniGPT-4 users have:
 
     eva_vit_g.pth                    EVA ViT-g, LAVIS names (downloaded into the torch hub cache when missing there,
                                      as the original does; so is the Q-Former file)
@@ -16,27 +17,18 @@ found through the original eval config (--cfg-path) or given by flags. Prompts, 
 and answer cleaning follow the original's Chat (minigpt4/conversation/conversation.py).
 """
 import argparse
-import fcntl
 import functools
-import http.client
-import json
 import os
 import re
-import socket
-import sys
 from pathlib import Path
 
 import sentencepiece
 import torch
 import torchvision.transforms.functional as TF
 import yaml
-from safetensors import safe_open
 from torch import nn
 from transformers import (
-    Blip2Config,
-    Blip2QFormerConfig,
     Blip2QFormerModel,
-    Blip2VisionConfig,
     Blip2VisionModel,
     LlamaForCausalLM,
     LogitsProcessor,
@@ -46,9 +38,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-import utils.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-from utils.captioning import (Caption, HostCopy, UserError, by_image, generation_kwargs, run, stack_to_device,
-                             to_device_async)
+import utils.generation.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
+from convert.minigpt4 import eva_vision_config, lavis_qformer_config, lavis_to_transformers, read_blip2_folder
+from utils import prompts as presets
+from utils.caption_loop import run
+from utils.captioner import Caption, Captioner, by_image
+from utils.checkpoints import download_file
+from utils.errors import UserError
+from utils.generation.tensors import HostCopy, stack_to_device, to_device_async
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,8 +61,8 @@ TEMPLATES = {
     "llama2": SYSTEM + "<s>[INST] <Img><ImageHere></Img> {} [/INST] ",  # CONV_VISION_LLama2
 }
 STOP = "###"  # the original stops on the ids of '###' and cuts the answer there
-# Chat.answer's generation arguments (num_beams 1 is the loop's default), the seed's temperature 0.5;
-# its repetition_penalty of 1.05 is applied by RepetitionPenaltyWithBos below.
+# Chat.answer's generation arguments (num_beams 1 is the loop's default), the original recaptioning script's
+# temperature 0.5; its repetition_penalty of 1.05 is applied by RepetitionPenaltyWithBos below.
 CHAT_GENERATION = {"temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0}
 REPETITION_PENALTY = 1.05
 MAX_LENGTH = 2000  # Chat.answer keeps the last MAX_LENGTH - max_new_tokens context embeddings
@@ -75,28 +72,12 @@ QFORMER_FILE = "blip2_pretrained_flant5xxl.pth"
 # where the original downloads both files from (LAVIS' eva_vit.py, MiniGPT-4's default q_former_model);
 # MINIGPT4_DOWNLOAD_URL replaces this folder, for a mirror (the tests point it at a local server)
 LAVIS_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
-DOWNLOAD_TIMEOUT = 30  # seconds a download may wait for the server before it counts as failed (no network)
 MODEL_CONFIGS = {"vicuna0": "minigpt4_vicuna0.yaml", "llama2": "minigpt4_llama2.yaml"}
 PLACEHOLDER = "please set this value"  # what the original configs hold until the user edits them
 
-# LAVIS names -> transformers names, in this order, as transformers' BLIP-2 conversion script renames them.
-LAVIS_TO_TRANSFORMERS = [
-    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
-    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
-    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
-    ("visual_encoder.blocks.", "vision_model.encoder.layers."),
-    (".norm1.", ".layer_norm1."),
-    (".norm2.", ".layer_norm2."),
-    (".attn.qkv.", ".self_attn.qkv."),
-    (".attn.proj.", ".self_attn.projection."),
-    ("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm."),
-    ("Qformer.bert.", "qformer."),
-    ("attention.self.", "attention.attention."),  # also crossattention.self.
-]
-
 
 def preprocess(image, size):
-    """The original's blip2_image_eval processor, after the seed's convert('RGB')."""
+    """The original's blip2_image_eval processor, after the original scripts' convert('RGB')."""
     image = TF.resize(image.convert("RGB"), [size, size], interpolation=TF.InterpolationMode.BICUBIC)
     return TF.normalize(TF.to_tensor(image), CLIP_MEAN, CLIP_STD)
 
@@ -134,7 +115,7 @@ class StopOnText(StoppingCriteria):
     A row's text can come to hold `stop` only at a step whose token decodes to text with stop's last character
     (sentencepiece text grows piece by piece; '#' is one byte, so no byte-fallback sequence makes one late).
     Such tokens are marked once for the whole vocabulary, and only rows that just generated one are decoded:
-    decoding every row at every step took 1 s of each batch of 128 images (bench/RESULTS.md).
+    decoding every row at every step is slow on large batches (bench/RESULTS.md).
 
     The check runs one step late, so that it never waits for the GPU: each step's tokens (and which of them are
     marked) start their copy to the CPU, and the rows of the step before, whose copy has arrived by then, are
@@ -217,78 +198,6 @@ def load_pth(path, what):
         raise UserError(f"cannot read {what} {path}: {error}")
 
 
-def lavis_to_transformers(state):
-    state = dict(state)
-    for q_key in [key for key in state if key.endswith(".attn.q_bias")]:
-        # EVA has biases for q and v only; transformers holds one qkv bias, zero for k
-        prefix = q_key[: -len("q_bias")]
-        q_bias, v_bias = state.pop(q_key), state.pop(prefix + "v_bias")
-        state[prefix + "qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
-    converted = {}
-    for key, value in state.items():
-        for old, new in LAVIS_TO_TRANSFORMERS:
-            key = key.replace(old, new)
-        converted[key] = value
-    return converted
-
-
-def eva_vision_config(state, image_size, attn_implementation):
-    """EVA ViT-g as create_eva_vit_g builds it: head width 88, MLP ratio 4.3637, eps 1e-6, one block fewer
-    than the file holds (BLIP-2 and MiniGPT-4 use the second-to-last layer)."""
-    if "cls_token" not in state or "blocks.0.attn.qkv.weight" not in state:
-        raise UserError("the ViT file is not an EVA ViT-g state dict (eva_vit_g.pth, LAVIS names)")
-    width = state["cls_token"].shape[-1]
-    blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
-    patch_size = state["patch_embed.proj.weight"].shape[-1]
-    positions = state["pos_embed"].shape[1]
-    if positions != (image_size // patch_size) ** 2 + 1:
-        raise UserError(f"the ViT has {positions} positions, image size {image_size} with patch {patch_size} "
-                        f"needs {(image_size // patch_size) ** 2 + 1}")
-    return Blip2VisionConfig(
-        hidden_size=width, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=len(blocks) - 1, num_attention_heads=width // 88, image_size=image_size,
-        patch_size=patch_size, layer_norm_eps=1e-6, qkv_bias=True, attn_implementation=attn_implementation,
-    )
-
-
-def lavis_qformer_config(state, vision_width, attn_implementation):
-    """The Q-Former as init_Qformer builds it: BERT-base layout (head width 64, eps 1e-12), cross-attention
-    every 2nd layer."""
-    if "query_tokens" not in state:
-        raise UserError("the Q-Former file has no query_tokens (blip2_pretrained_flant5xxl.pth, LAVIS names)")
-    width = state["query_tokens"].shape[-1]
-    layers = {int(key.split(".")[4]) for key in state if key.startswith("Qformer.bert.encoder.layer.")}
-    return Blip2QFormerConfig(
-        hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=width // 64,
-        intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-        cross_attention_frequency=2, encoder_hidden_size=vision_width, layer_norm_eps=1e-12,
-        attn_implementation=attn_implementation,
-    )
-
-
-def read_blip2_folder(folder, attn_implementation):
-    """ViT, Q-Former and query tokens from a BLIP-2 folder in transformers format (its vision config already
-    lacks the last EVA block); post_layernorm is LAVIS' ln_vision."""
-    config = Blip2Config.from_pretrained(folder)
-    config.vision_config._attn_implementation = attn_implementation
-    config.qformer_config._attn_implementation = attn_implementation
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
-    state = {}
-    for shard in shards:
-        path = os.path.join(folder, shard)
-        if not os.path.isfile(path):
-            raise UserError(f"missing {path} (BLIP-2 folders are read from safetensors)")
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                if key.startswith(("vision_model.", "qformer.", "query_tokens")):
-                    state[key.replace("vision_model.post_layernorm.", "ln_vision.")] = f.get_tensor(key)
-    return config.vision_config, config.qformer_config, config.num_query_tokens, state
-
 
 def read_eval_config(path):
     """The model section of an original eval config merged over its model_type's default model config, as
@@ -321,61 +230,40 @@ def download_url(name):
     return os.environ.get("MINIGPT4_DOWNLOAD_URL", LAVIS_URL).rstrip("/") + "/" + name
 
 
-def download_to_cache(url, path, flag):
-    """Fetch a file the original would fetch, as it does (torch.hub's download_url_to_file with a progress bar,
-    into torch hub's cache). The processes of one machine take turns on a lock file, so one downloads and the
-    others find the file."""
-    timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isfile(path):
-                print(f"minigpt4.py: downloading {url} to {path}", file=sys.stderr, flush=True)
-                torch.hub.download_url_to_file(url, path, progress=True)
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        raise UserError(f"{os.path.basename(path)} is not in {os.path.dirname(path)} and cannot be downloaded "
-                        f"from {url} ({error}): download it there, or pass {flag} FILE") from None
-    finally:
-        socket.setdefaulttimeout(timeout)
-
-
-def resolve_files(args):
-    """Which files to load: flags first, then the eval config, then the original's defaults (downloaded into
-    torch hub's cache when missing there, as the original does)."""
-    config = read_eval_config(args.cfg_path) if args.cfg_path else {"image_size": 224}
-    model_type = args.model_type or config.get("model_type", "vicuna0")
+def locate_files(model, options):
+    """Which files to load: flags first, then the eval config, then the original's defaults in torch hub's cache;
+    and {path: URL} of those the original downloads there when they are missing. Reads the eval config only."""
+    config = read_eval_config(options["cfg_path"]) if options["cfg_path"] else {"image_size": 224}
+    model_type = options["model_type"] or config.get("model_type", "vicuna0")
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    vit_url = download_url(EVA_FILE)
     qformer = given(config.get("q_former_model")) or download_url(QFORMER_FILE)
     qformer_url = qformer if qformer.startswith(("http://", "https://")) else None
     files = {
         "model_type": model_type,
         "has_qformer": config.get("has_qformer", model_type == "vicuna0"),
         "image_size": config["image_size"],
-        "blip2": args.blip2,
-        "vit": args.vit or os.path.join(cache, EVA_FILE),
-        "qformer": args.qformer or (os.path.join(cache, os.path.basename(qformer_url)) if qformer_url else qformer),
-        "ckpt": args.model if args.model != MiniGPT4Captioner.default_model else given(config.get("ckpt")),
-        "llm": args.llm or given(config.get("llama_model")),
+        "blip2": options["blip2"],
+        "vit": options["vit"] or os.path.join(cache, EVA_FILE),
+        "qformer": options["qformer"] or (os.path.join(cache, os.path.basename(qformer_url)) if qformer_url
+                                          else qformer),
+        "ckpt": model if model != MiniGPT4Captioner.default_model else given(config.get("ckpt")),
+        "llm": options["llm"] or given(config.get("llama_model")),
     }
-    downloads = {}  # path -> URL of the files the original downloads, where no flag names another file
-    if not args.vit:
-        downloads[files["vit"]] = vit_url
-    if not args.qformer and qformer_url:
-        downloads[files["qformer"]] = qformer_url
-    check_files(files, downloads)
-    return files
-
-
-def check_files(files, downloads):
-    """Every file is checked before the first is loaded, and the small ones before anything is downloaded."""
     if not files["ckpt"]:
         raise UserError("no MiniGPT-4 checkpoint: pass --model (pretrained_minigpt4*.pth) or a --cfg-path "
                         "config with its ckpt set")
     if not files["llm"]:
         raise UserError("no LLM folder: pass --llm or set llama_model in the config")
+    downloads = {}  # path -> URL of the files the original downloads, where no flag names another file
+    if not options["vit"]:
+        downloads[files["vit"]] = download_url(EVA_FILE)
+    if not options["qformer"] and qformer_url:
+        downloads[files["qformer"]] = qformer_url
+    return files, downloads
+
+
+def fetch_missing_files(files, downloads):
+    """Every file is checked before the first is loaded, and the small ones before anything is downloaded."""
     needed = [(files["ckpt"], "MiniGPT-4 checkpoint"), (os.path.join(files["llm"], "config.json"), "LLM config"),
               (os.path.join(files["llm"], "tokenizer.model"), "LLM tokenizer")]
     if files["blip2"]:
@@ -386,9 +274,16 @@ def check_files(files, downloads):
             needed.append((files["qformer"], "Q-Former file"))
     for path, what in needed:
         if not os.path.isfile(path) and path in downloads:
-            download_to_cache(downloads[path], path, "--vit" if path == files["vit"] else "--qformer")
+            download_file(downloads[path], path, "--vit" if path == files["vit"] else "--qformer")
         if not os.path.isfile(path):
             raise UserError(f"{what} not found: {path}")
+
+
+def resolve_files(model, options):
+    """The files to load (locate_files), each found on disk or downloaded."""
+    files, downloads = locate_files(model, options)
+    fetch_missing_files(files, downloads)
+    return files
 
 
 def load_model(files, dtype, device, attn_implementation):
@@ -440,12 +335,12 @@ def load_model(files, dtype, device, attn_implementation):
     return model.to(device=device, dtype=dtype).eval()
 
 
-class MiniGPT4Captioner:
+class MiniGPT4Captioner(Captioner):
     name = "minigpt4"
     default_model = "minigpt4"  # placeholder: the checkpoint comes from --cfg-path unless --model names it
-    prompts = {"default": "Describe image content in English in detail:"}
+    prompts = presets.MINIGPT4
     default_prompt = "default"
-    defaults = {"batch_size": 3}  # the seed's; its max_new_tokens 77 is the loop's default
+    defaults = {"batch_size": 3}  # the original scripts'; their max_new_tokens 77 is the loop's default
     default_dtype = "float16"  # the original runs the ViT (vit_precision fp16) and the LLM in float16
     caption_flags = ("cfg_path", "model_type", "vit", "qformer", "blip2", "llm")
     model_on_hub = False  # --model is the .pth file (or comes from --cfg-path), checked by resolve_files
@@ -467,24 +362,27 @@ class MiniGPT4Captioner:
             "Salesforce/blip2-flan-t5-xxl) as the source of ViT and Q-Former, instead of --vit/--qformer")
         add("--minigpt4-ckpt", dest="model", metavar="FILE", default=argparse.SUPPRESS, help="the same as --model: "
             "the MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4.pth, pretrained_minigpt4_llama2_7b.pth); "
-            "its file name (from here or from --cfg-path) names the output folder; default: the --cfg-path config's ckpt")
+            "its file name (from here or from --cfg-path) names the output folder; default: the --cfg-path "
+            "config's ckpt")
         add("--llm", metavar="FOLDER", help="Vicuna v0 or Llama-2-chat folder in HF format with tokenizer.model; "
             "default: the config's llama_model")
 
-    @staticmethod
-    def checkpoint_name(args):
+    @classmethod
+    def name_checkpoint(cls, model, options):
         """Output folder: the MiniGPT-4 checkpoint's file name, also when it comes from --cfg-path, so that two
-        variants in one --output-dir never share (and skip) each other's captions."""
-        return Path(resolve_files(args)["ckpt"]).stem
+        variants in one --output-dir never share (and skip) each other's captions. Reads the eval config only:
+        the files are checked, and downloaded where missing, when the model loads."""
+        files, _ = locate_files(model, options)
+        return Path(files["ckpt"]).stem
 
-    def __init__(self, args, device):
-        files = resolve_files(args)
+    def __init__(self, settings, device):
+        files = resolve_files(settings.model, settings.options)
         self.model_type = files["model_type"]
-        self.device, self.dtype = device, args.dtype
-        self.model = load_model(files, args.dtype, device, args.attn_implementation)
+        self.device, self.dtype = device, settings.dtype
+        self.model = load_model(files, settings.dtype, device, settings.attn_implementation)
         self.tokenizer = SlowLlamaTokenizer(os.path.join(files["llm"], "tokenizer.model"))
         self.prepare = functools.partial(preprocess, size=files["image_size"])
-        self.generation = generation_kwargs(args, **CHAT_GENERATION)
+        self.generation = settings.decoding.generate_kwargs(**CHAT_GENERATION)
         self.segment_ids = functools.lru_cache(maxsize=64)(self.segment_ids)  # the same few prompts in every batch
         self.stop_on_text = StopOnText(self.tokenizer, STOP, self.model.language_model.config.vocab_size, device)
 
@@ -506,7 +404,7 @@ class MiniGPT4Captioner:
         return contexts[:, -(MAX_LENGTH - self.generation["max_new_tokens"]):]
 
     @torch.inference_mode()
-    def caption(self, images, prompts):
+    def caption(self, images, prompts, inputs=None):
         pixel_values = stack_to_device(images, self.device).to(self.dtype)
         image_embeds = self.model.encode_images(pixel_values)
         by_prompt = [self.contexts(image_embeds, prompt) for prompt in prompts]

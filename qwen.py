@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, NamedTuple
 from utils import prompts as presets
 from utils.caption_loop import run
 from utils.captioner import Caption, Captioner, by_image, stopped_at_limit
+from utils.checkpoints import fetch_folder
 from utils.generation.tensors import left_padded, mask_positions, to_device, to_device_async
 
 # torch, transformers and qwen_vl_utils are imported where they are used: --help and mistakes answer at once.
 if TYPE_CHECKING:
     import torch
+
+# what a hub id is downloaded with: configs (model, generation, processor, chat template), tokenizer and weights
+CHECKPOINT_FILES = ["*.json", "*.txt", "*.jinja", "*.safetensors"]
 
 
 class PreparedImage(NamedTuple):
@@ -60,7 +64,7 @@ def vision_layout(visual, cu_seqlens, positions):
     """The vision tower's calls in this context take the batch's layout made beforehand, as transformers'
     vision_utils lets a caller precompute it: each image's patch boundaries (cu_seqlens) on the CPU and the
     patches' rotary positions. From the grids on the GPU, each vision block reads the boundaries back (a wait
-    for the GPU), then launches one attention call per image while the GPU idles (bench/RESULTS.md run 49)."""
+    for the GPU), then launches one attention call per image while the GPU idles (bench/RESULTS.md)."""
     layout = {"cu_seqlens": cu_seqlens, "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
               "position_ids": positions}
     hook = visual.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, **layout}),
@@ -94,7 +98,8 @@ class QwenCaptioner(Captioner):
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         import utils.generation.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
-        self.processor = AutoProcessor.from_pretrained(settings.model)
+        folder = fetch_folder(settings.model, CHECKPOINT_FILES)
+        self.processor = AutoProcessor.from_pretrained(folder)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.
         min_pixels = settings.options["min_pixels"] or image_processor.size["shortest_edge"]
@@ -103,7 +108,7 @@ class QwenCaptioner(Captioner):
         self.prepare = functools.partial(prepare_image, min_pixels=min_pixels, max_pixels=max_pixels,
                                          image_processor=image_processor, dtype=settings.dtype)
         self.model = Qwen2VLForConditionalGeneration.from_pretrained(
-            settings.model, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
+            folder, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
         # flash-attn's varlen call reads the boundaries on the GPU; the other implementations split on the CPU
         self.boundaries_on_gpu = settings.attn_implementation == "flash_attention_2"
         self.prompt_ids = functools.lru_cache(maxsize=64)(self.prompt_ids)  # the same few prompts in every batch

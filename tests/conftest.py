@@ -27,6 +27,16 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def model_settings(captioner_cls, *argv, dtype="float32"):
+    """The ModelSettings that the loop builds captioner_cls with for this command line (--input-json given)."""
+    from utils.caption_loop import model_settings
+    from utils.command_line import build_parser
+    from utils.settings import ProcessPlace, resolve_settings
+    parser, own_flags = build_parser(captioner_cls)
+    args = parser.parse_args(["--input-json", "unused.json", *map(str, argv)])
+    return model_settings(captioner_cls, resolve_settings(captioner_cls, args, own_flags, ProcessPlace(0, 1, 0)), dtype)
+
+
 @pytest.fixture(scope="session")
 def qwen_checkpoint(tmp_path_factory):
     from qwen_checkpoint import make_checkpoint

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import read_jsonl, run_command
 from sample_images import write_input
-from utils.cuda_graphs import decode_with_cuda_graphs
+from utils.generation.cuda_graphs import decode_with_cuda_graphs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

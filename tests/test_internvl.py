@@ -2,7 +2,6 @@
 
 The expected values here are written out from the original algorithms (dynamic_preprocess, the conversation
 templates, the tokenizers the original loaded), not taken from internvl.py."""
-import argparse
 import json
 import sys
 
@@ -15,12 +14,16 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torchvision.transforms.functional import InterpolationMode
 
-from conftest import REPO, read_jsonl, run_command, tokens_of_all_paths
+from conftest import REPO, model_settings, read_jsonl, run_command, tokens_of_all_paths
 from internvl_checkpoint import build_checkpoint
 
 sys.path.insert(0, str(REPO))
 import internvl  # noqa: E402
-from utils.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
+from convert import internvl as convert_internvl  # noqa: E402
+from utils import prompts as presets  # noqa: E402
+from utils.checkpoints import fetch_folder  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.generation.cuda_graphs import decode_with_cuda_graphs  # noqa: E402
 
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
@@ -32,10 +35,11 @@ def checkpoints(tmp_path_factory):
             ("internlm2", "internlm2-vit6b", "qwen2")}
 
 
-def make_args(model, **overrides):
-    args = dict(model=model, dtype=torch.float32, max_new_tokens=8, min_new_tokens=None, temperature=None,
-                top_p=None, num_beams=1, max_tiles=6, attn_implementation="eager", decode_rows=None)
-    return argparse.Namespace(**{**args, **overrides})
+def make_settings(model, max_new_tokens=8, attn_implementation="eager", decode_rows=None):
+    """float32, the model's own decoding (greedy), --max-tiles 6 (the default)."""
+    return model_settings(internvl.InternVLCaptioner, "--model", model, "--max-new-tokens", max_new_tokens,
+                          "--attn-implementation", attn_implementation,
+                          *(["--decode-rows", decode_rows] if decode_rows else []))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +51,7 @@ def early_end_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def captioners(checkpoints):
-    return {variant: internvl.InternVLCaptioner(make_args(path), torch.device("cpu"))
+    return {variant: internvl.InternVLCaptioner(make_settings(path), torch.device("cpu"))
             for variant, path in checkpoints.items()}
 
 
@@ -92,7 +96,8 @@ def original_pixels(image, columns, rows):
     thumbnail when more than one tile, torchvision Resize/ToTensor/Normalize."""
     image = image.convert("RGB")
     resized = image.resize((448 * columns, 448 * rows))
-    tiles = [resized.crop((c * 448, r * 448, (c + 1) * 448, (r + 1) * 448)) for r in range(rows) for c in range(columns)]
+    tiles = [resized.crop((c * 448, r * 448, (c + 1) * 448, (r + 1) * 448))
+             for r in range(rows) for c in range(columns)]
     if len(tiles) > 1:
         tiles.append(image.resize((448, 448)))
     transform = T.Compose([T.Resize((448, 448), interpolation=InterpolationMode.BICUBIC), T.ToTensor(),
@@ -120,7 +125,7 @@ def test_internlm2_prompt_ids(checkpoints, captioners):
     sp = spm.SentencePieceProcessor(model_file=folder + "/tokenizer.model")
     with open(folder + "/tokenizer_config.json") as f:
         ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}
-    question = internvl.PROMPTS["noun"]
+    question = presets.INTERNVL["noun"]
     # transformers' slow tokenizer splits at the added tokens and sentencepiece encodes each piece; BOS first
     expected = ([1, ids["<|im_start|>"]] + sp.encode("system\n" + SYSTEM) + [ids["<|im_end|>"], ids["<|im_start|>"]]
                 + sp.encode("user\n") + [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * 256 * 3 + [ids["</img>"]]
@@ -135,7 +140,7 @@ def test_internlm2_prompt_ids(checkpoints, captioners):
 
 def test_qwen2_prompt_ids(checkpoints, captioners):
     folder = checkpoints["qwen2"]
-    question = internvl.PROMPTS["main"]
+    question = presets.INTERNVL["main"]
     query = internlm2_query(question, 2)  # Hermes-2 renders exactly like internlm2-chat
     expected = Tokenizer.from_file(folder + "/tokenizer.json").encode(query).ids  # the original's fast tokenizer
     captioner = captioners["qwen2"]
@@ -175,7 +180,7 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
     captioner = captioners[variant]
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
     assert [len(x) for x in images] == [3, 3, 1]
-    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun")]
+    prompts = [presets.INTERNVL[k] for k in ("detail", "noun")]
     vision_calls = []
     hook = captioner.model.model.vision_tower.register_forward_hook(
         lambda module, args, kwargs, output: vision_calls.append(len(kwargs["pixel_values"])), with_kwargs=True)
@@ -196,10 +201,10 @@ def test_batched_prompts_match_one_by_one(variant, captioners):
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_answers_end_at_the_end_token(variant, early_end_checkpoints):
     """Rows that finish early (then padded by generate) decode as one-by-one; truncated only without an end."""
-    captioner = internvl.InternVLCaptioner(make_args(early_end_checkpoints[variant], max_new_tokens=8),
+    captioner = internvl.InternVLCaptioner(make_settings(early_end_checkpoints[variant], max_new_tokens=8),
                                            torch.device("cpu"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    prompts = [internvl.PROMPTS[k] for k in ("detail", "noun")]
+    prompts = [presets.INTERNVL[k] for k in ("detail", "noun")]
     batched = captioner.caption(images, prompts)
     assert {c.truncated for row in batched for c in row} == {True, False}
     for i, image in enumerate(images):
@@ -217,7 +222,7 @@ def one_prompt_at_a_time(captioners):
     images = [images[0], images[2]]  # 3 tiles and 1 tile: prefixes of different lengths
     references = {}
     for variant in ("internlm2", "qwen2"):
-        by_prompt = [captioners[variant].caption(images, [internvl.PROMPTS[key]]) for key in RECIPE]
+        by_prompt = [captioners[variant].caption(images, [presets.INTERNVL[key]]) for key in RECIPE]
         references[variant] = images, [[captions[i][0] for captions in by_prompt] for i in range(len(images))]
     return references
 
@@ -226,16 +231,16 @@ def one_prompt_at_a_time(captioners):
 def test_five_prompt_recipe_matches_one_prompt_at_a_time(variant, cache, checkpoints, captioners,
                                                          one_prompt_at_a_time):
     """The five prompts of the recipe (questions of different lengths) for images of different tile counts in one
-    caption(): each image's tokens before the question are prefilled once (utils/shared_prefix.py), and every caption
-    is the one of the plain path with that prompt alone. "static" is the cache that CUDA graphs decode with, here on
-    the CPU."""
+    caption(): each image's tokens before the question are prefilled once (utils/generation/shared_prefix.py), and
+    every caption is the one of the plain path with that prompt alone. "static" is the cache that CUDA graphs decode
+    with, here on the CPU."""
     if cache == "static":
-        captioner = internvl.InternVLCaptioner(make_args(checkpoints[variant]), torch.device("cpu"))
+        captioner = internvl.InternVLCaptioner(make_settings(checkpoints[variant]), torch.device("cpu"))
         decode_with_cuda_graphs(captioner.model)  # a static KV cache; no graphs on the CPU
     else:
         captioner = captioners[variant]
     images, expected = one_prompt_at_a_time[variant]
-    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    prompts = [presets.INTERNVL[key] for key in RECIPE]
     own_lengths = {len(captioner.prompt_ids(prompt, 1)) for prompt in prompts}
     assert len(own_lengths) >= 4  # mixed question lengths
     prefills = []  # (sequences, tokens) of every language-model call that is not a decode step
@@ -254,14 +259,14 @@ def test_five_prompt_recipe_matches_one_prompt_at_a_time(variant, cache, checkpo
 
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_checkpoints, monkeypatch):
-    """--decode-rows (utils/refill.py): 3 images x 5 prompts in 7 rows. Rows join image by image while rows of other
-    images are still decoding, at other columns and positions; each caption, ended or truncated, is the one of that
-    image with that prompt alone."""
-    from utils import refill
-    args = make_args(early_end_checkpoints[variant], attn_implementation="sdpa_grouped", decode_rows=7)
-    captioner = internvl.InternVLCaptioner(args, torch.device("cpu"))
+    """--decode-rows (utils/generation/refill.py): 3 images x 5 prompts in 7 rows. Rows join image by image while
+    rows of other images are still decoding, at other columns and positions; each caption, ended or truncated, is the
+    one of that image with that prompt alone."""
+    from utils.generation import refill
+    settings = make_settings(early_end_checkpoints[variant], attn_implementation="sdpa_grouped", decode_rows=7)
+    captioner = internvl.InternVLCaptioner(settings, torch.device("cpu"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    prompts = [presets.INTERNVL[key] for key in RECIPE]
     joined = []  # (rows that join, rows still decoding in other slots)
     place = refill.Slots.place
 
@@ -284,10 +289,10 @@ def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_ch
 def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkpoints):
     """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
     left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs (with the prefill compiled)."""
-    captioner = internvl.InternVLCaptioner(make_args(checkpoints[variant], max_new_tokens=16,
-                                                     attn_implementation="sdpa_grouped"), torch.device("cuda"))
+    captioner = internvl.InternVLCaptioner(make_settings(checkpoints[variant], max_new_tokens=16,
+                                                         attn_implementation="sdpa_grouped"), torch.device("cuda"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    prompts = [internvl.PROMPTS[key] for key in RECIPE]
+    prompts = [presets.INTERNVL[key] for key in RECIPE]
     with torch.inference_mode():
         ids, features = captioner.prompt_inputs(images, prompts)
     captioner.skip_dynamic_rope_check(max(len(x) for rows in ids for x in rows) + 16)
@@ -298,14 +303,15 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkp
 
 
 def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
-    out = internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "native"))
+    out = convert_internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "native"),
+                                              captioners["qwen2"].image_token_id)
     with open(out + "/config.json") as f:
         config = json.load(f)
     assert config["model_type"] == "internvl" and config["template"] == "Hermes-2"
     assert config["tie_word_embeddings"] is False
-    native = internvl.InternVLCaptioner(make_args(out), torch.device("cpu"))
+    native = internvl.InternVLCaptioner(make_settings(out), torch.device("cpu"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
-    prompts = [internvl.PROMPTS["detail"]]
+    prompts = [presets.INTERNVL["detail"]]
     assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
 
 
@@ -314,18 +320,20 @@ HF_CHAT_TEMPLATE = (  # the chat template of OpenGVLab's *-hf folders (transform
     "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def test_native_folder_without_template_uses_its_chat_template(checkpoints, tmp_path):
-    out = internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "hf"))
+def test_native_folder_without_template_uses_its_chat_template(checkpoints, captioners, tmp_path):
+    out = convert_internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "hf"),
+                                              captioners["qwen2"].image_token_id)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     del config["template"]
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": HF_CHAT_TEMPLATE}))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config,
+                                                                       "chat_template": HF_CHAT_TEMPLATE}))
     tokenizer = Tokenizer.from_file(out + "/tokenizer.json")
     end = tokenizer.token_to_id("<|im_end|>")
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": end}))
-    captioner = internvl.InternVLCaptioner(make_args(out), torch.device("cpu"))
-    question = internvl.PROMPTS["short"]
+    captioner = internvl.InternVLCaptioner(make_settings(out), torch.device("cpu"))
+    question = presets.INTERNVL["short"]
     query = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\n" + question + "<|im_end|>\n"
              "<|im_start|>assistant\n")
     assert captioner.prompt_ids(question, 1) == tokenizer.encode(query).ids
@@ -335,17 +343,18 @@ def test_native_folder_without_template_uses_its_chat_template(checkpoints, tmp_
 
 
 def test_user_errors(checkpoints, tmp_path):
-    with pytest.raises(internvl.UserError, match="not found"):
-        internvl.resolve_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="not found"):
+        fetch_folder(str(tmp_path / "missing"), internvl.CHECKPOINT_FILES)
     with open(checkpoints["internlm2"] + "/config.json") as f:
         config = json.load(f)
-    with pytest.raises(internvl.UserError, match="ps_version"):
-        internvl.native_config({**config, "ps_version": "v1"})
-    with pytest.raises(internvl.UserError, match="unsupported language model"):
-        internvl.native_config({**config, "llm_config": {**config["llm_config"], "architectures": ["GPT2LMHeadModel"]}})
+    with pytest.raises(UserError, match="ps_version"):
+        convert_internvl.native_config({**config, "ps_version": "v1"})
+    with pytest.raises(UserError, match="unsupported language model"):
+        convert_internvl.native_config({**config, "llm_config": {**config["llm_config"],
+                                                                 "architectures": ["GPT2LMHeadModel"]}})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(internvl.UserError, match="not an InternVL2 checkpoint"):
+    with pytest.raises(UserError, match="not an InternVL2 checkpoint"):
         internvl.load_model(str(tmp_path / "other"), torch.float32, "cpu", 0)
 
 
@@ -373,7 +382,7 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
 
     config = build_config("qwen2", vocab_size=llm_config["vocab_size"], token_ids={})
     config["llm_config"] = {**llm_config, **TINY_LLM, "tie_word_embeddings": False}
-    native = internvl.native_config(config)
+    native = convert_internvl.native_config(config)
     assert native.text_config.rope_parameters["rope_type"] == rope_type
     assert native.text_config.rope_parameters["rope_theta"] == llm_config["rope_theta"]
     torch.manual_seed(0)
@@ -408,17 +417,23 @@ def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path)
         assert sorted(row["image"] for row in rows) == sorted(images)
         for row in rows:
             tiles = internvl.prepare_image(Image.open(folder / row["image"]), max_tiles=2)
-            expected = captioner.caption([tiles], [internvl.PROMPTS[key]])[0][0]
+            expected = captioner.caption([tiles], [presets.INTERNVL[key]])[0][0]
             assert (row["caption"], row["truncated"]) == (expected.text, expected.truncated), row
             assert row["prompt"] == key and row["id"] == entries.index(row["image"])
     errors = read_jsonl(model_dir / "errors-00000-of-00001.jsonl")
     assert sorted(row["image"] for row in errors) == sorted(broken[:2])
 
 
-def test_convert_to_command(checkpoints, tmp_path):
+def test_convert_to_command(checkpoints, captioners, tmp_path):
+    """--convert-to is the script's own flag: no --input-json needed; the native folder captions as the original."""
+    assert "--convert-to DIR" in run_command(["python", "internvl.py", "--help"]).stdout
     out = tmp_path / "native"
     run_command(["python", "internvl.py", "--convert-to", str(out), "--model", checkpoints["qwen2"]])
     assert json.loads((out / "config.json").read_text())["model_type"] == "internvl"
+    native = internvl.InternVLCaptioner(make_settings(str(out)), torch.device("cpu"))
+    images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
+    prompts = [presets.INTERNVL[key] for key in ("detail", "noun")]
+    assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
     failed = run_command(["python", "internvl.py", "--convert-to", str(tmp_path / "x"), "--model",
                           str(tmp_path / "missing")], check=False)
     assert failed.returncode == 2 and failed.stderr.strip().count("\n") == 0 and "not found" in failed.stderr

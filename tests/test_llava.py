@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 import llava
-from conftest import tokens_of_all_paths
+from conftest import model_settings, tokens_of_all_paths
 from llava_checkpoint import CLIP_MEAN, CLIP_STD, build_checkpoints
-from utils.captioning import UserError, build_parser, generation_kwargs
+from utils.checkpoints import one_weight_format
+from utils.command_line import build_parser
+from utils.errors import UserError
 from utils.images import open_image
 
 LLAVA_V1_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
@@ -25,20 +27,17 @@ def checkpoints(tmp_path_factory):
     return build_checkpoints(tmp_path_factory.mktemp("llava"))
 
 
-def make_args(model, vision_tower=None, *flags):
+def make_settings(model, vision_tower=None, *flags):
     """The script's own flags, greedy, float32 (the loop resolves --dtype before building the captioner)."""
-    args = build_parser(llava.LlavaCaptioner).parse_args(
-        ["--input-json", "in.json", "--model", str(model), "--temperature", "0", "--max-new-tokens", "20",
-         *(["--vision-tower", str(vision_tower)] if vision_tower else []), *flags])
-    args.dtype = torch.float32
-    return args
+    return model_settings(llava.LlavaCaptioner, "--model", model, "--temperature", "0", "--max-new-tokens", "20",
+                          *(["--vision-tower", vision_tower] if vision_tower else []), *flags)
 
 
 @pytest.fixture(scope="session")
 def captioners(checkpoints):
     cpu = torch.device("cpu")
-    return {"hf": llava.LlavaCaptioner(make_args(checkpoints.hf), cpu),
-            "original": llava.LlavaCaptioner(make_args(checkpoints.original, checkpoints.vision_tower), cpu)}
+    return {"hf": llava.LlavaCaptioner(make_settings(checkpoints.hf), cpu),
+            "original": llava.LlavaCaptioner(make_settings(checkpoints.original, checkpoints.vision_tower), cpu)}
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +144,8 @@ def test_batched_equals_one_by_one(form, captioners, images, one_by_one):
 @pytest.mark.parametrize("form", ["hf", "original"])
 def test_several_prompts_prefill_their_shared_prefix_once(form, captioners, images, one_by_one):
     """Prompts of different question lengths in one caption(): each image's tokens before the question (system
-    text, 576 image tokens) are prefilled once (utils/shared_prefix.py), and every caption is the one of that
-    prompt alone."""
+    text, 576 image tokens) are prefilled once (utils/generation/shared_prefix.py), and every caption is the one of
+    that prompt alone."""
     captioner = captioners[form]
     prompts = [PROMPTS[1], "What?", PROMPTS[0]]
     assert len({len(captioner.prompt_ids(prompt)) for prompt in prompts}) == 3
@@ -167,8 +166,9 @@ def test_several_prompts_prefill_their_shared_prefix_once(form, captioners, imag
 
 @pytest.mark.parametrize("form", ["hf", "original"])
 def test_refilled_rows_equal_one_by_one(form, captioners, images, one_by_one):
-    """--decode-rows 4 (utils/refill.py): 3 images x 2 prompts decode in 4 rows that take the next image's rows as
-    captions end; the original form also keeps its image token out (a transformers processor the refill applies)."""
+    """--decode-rows 4 (utils/generation/refill.py): 3 images x 2 prompts decode in 4 rows that take the next image's
+    rows as captions end; the original form also keeps its image token out (a transformers processor the refill
+    applies)."""
     captioner = captioners[form]
     captioner.decode_rows = 4
     try:
@@ -184,7 +184,7 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(form, checkpoin
     """float32 on the GPU, the default attention: the shared-prefix path and plain generate() over the full
     left-padded sequences give the same tokens, decoding eagerly and as CUDA graphs (with the prefill compiled)."""
     model, vision_tower = (checkpoints.hf, None) if form == "hf" else (checkpoints.original, checkpoints.vision_tower)
-    captioner = llava.LlavaCaptioner(make_args(model, vision_tower), torch.device("cuda"))
+    captioner = llava.LlavaCaptioner(make_settings(model, vision_tower), torch.device("cuda"))
     ids = [[captioner.prompt_ids(prompt) for prompt in [PROMPTS[1], "What?", PROMPTS[0]]]] * len(images)
     with torch.inference_mode():
         features = captioner.image_features(torch.stack([captioner.prepare(image) for image in images]))
@@ -203,35 +203,44 @@ def test_left_padded_mixed_prompts_equal_one_by_one(captioners, images):
     assert batched == [captioner.generate(pixels[i:i + 1], [[ids]])[0] for i, ids in enumerate(id_lists)]
 
 
-def test_default_decoding_is_the_seeds_sampling_at_temperature_0_2():
-    args = build_parser(llava.LlavaCaptioner).parse_args(["--input-json", "in.json"])
+def test_default_decoding_is_the_original_scripts_sampling_at_temperature_0_2():
+    parser, _ = build_parser(llava.LlavaCaptioner)
+    args = parser.parse_args(["--input-json", "in.json"])
     assert args.model == "liuhaotian/llava-v1.5-13b" and args.batch_size == 8
-    kwargs = generation_kwargs(args)
+    kwargs = model_settings(llava.LlavaCaptioner).decoding.generate_kwargs()
     assert kwargs["do_sample"] is True and kwargs["temperature"] == 0.2 and kwargs["num_beams"] == 1
     assert "top_p" not in kwargs and kwargs["max_new_tokens"] == 77
+
+
+def test_a_hub_id_is_fetched_in_one_weight_format():
+    """safetensors where the repository has them, else its PyTorch pickles, as from_pretrained would load them."""
+    assert one_weight_format(llava.CHECKPOINT_FILES, ["config.json", "model.safetensors", "pytorch_model.bin"]) == [
+        "*.json", "tokenizer.model", "*.safetensors"]
+    assert one_weight_format(llava.CHECKPOINT_FILES, ["config.json", "pytorch_model-00001-of-00003.bin"]) == [
+        "*.json", "tokenizer.model", "*.bin"]
 
 
 def test_user_errors_are_one_line(checkpoints, tmp_path):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="not a folder"):
-        llava.LlavaCaptioner(make_args(tmp_path / "missing"), cpu)
+        llava.LlavaCaptioner(make_settings(tmp_path / "missing"), cpu)
     with pytest.raises(UserError, match="no config.json"):
-        llava.LlavaCaptioner(make_args(tmp_path), cpu)
+        llava.LlavaCaptioner(make_settings(tmp_path), cpu)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(UserError, match="neither"):
-        llava.LlavaCaptioner(make_args(tmp_path), cpu)
+        llava.LlavaCaptioner(make_settings(tmp_path), cpu)
     config = json.loads((checkpoints.original / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
     with pytest.raises(UserError, match="mm_projector_type"):
-        llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
+        llava.LlavaCaptioner(make_settings(tmp_path, checkpoints.vision_tower), cpu)
     (tmp_path / "config.json").write_text(json.dumps(config))
     state = {k: v for f in checkpoints.original.glob("pytorch_model-*.bin") for k, v in torch.load(f).items()}
     del state["model.mm_projector.2.bias"]
     torch.save(state, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="weights do not match"):
-        llava.LlavaCaptioner(make_args(tmp_path, checkpoints.vision_tower), cpu)
+        llava.LlavaCaptioner(make_settings(tmp_path, checkpoints.vision_tower), cpu)
     with pytest.raises(UserError, match="--vision-tower"):
-        llava.LlavaCaptioner(make_args(checkpoints.hf, checkpoints.vision_tower), cpu)
+        llava.LlavaCaptioner(make_settings(checkpoints.hf, checkpoints.vision_tower), cpu)
 
 
 def reference_caption(model, tokenizer, image_processor, pieces, image, question, max_new_tokens):

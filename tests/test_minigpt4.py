@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 import minigpt4
-from conftest import read_jsonl, run_command
+from conftest import model_settings, read_jsonl, run_command
 from minigpt4 import MiniGPT4Captioner
 from minigpt4_checkpoint import DIMS, build
 from sample_images import write_input
-from utils.captioning import UserError, build_parser
+from utils.command_line import build_parser
+from utils.errors import UserError
 
 PROMPT = MiniGPT4Captioner.prompts["default"]
 LLM = {"vicuna0": "vicuna", "llama2": "llama2"}
@@ -25,27 +26,24 @@ CKPT = {"vicuna0": "pretrained_minigpt4.pth", "llama2": "pretrained_minigpt4_lla
 EVAL_CONFIG = {"vicuna0": "minigpt4_eval.yaml", "llama2": "minigpt4_llama2_eval.yaml"}
 
 
-def make_args(*argv):
-    """The script's own command line, as the loop parses it, in float32 with eager attention."""
-    args = build_parser(MiniGPT4Captioner).parse_args(
-        ["--input-json", "unused.json", "--temperature", "0", "--max-new-tokens", "12",
-         "--attn-implementation", "eager", *argv])
-    args.dtype = torch.float32
-    return args
+def make_settings(*argv):
+    """The script's own command line, as the loop resolves it, in float32 with eager attention."""
+    return model_settings(MiniGPT4Captioner, "--temperature", "0", "--max-new-tokens", "12",
+                          "--attn-implementation", "eager", *argv)
 
 
 def flag_args(root, model_type, *argv):
-    return make_args("--model-type", model_type, "--vit", f"{root}/eva_vit_g.pth",
-                     "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth",
-                     "--minigpt4-ckpt", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}", *argv)
+    return make_settings("--model-type", model_type, "--vit", f"{root}/eva_vit_g.pth",
+                         "--qformer", f"{root}/blip2_pretrained_flant5xxl.pth",
+                         "--minigpt4-ckpt", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}", *argv)
 
 
 def yaml_captioner(root, model_type, *argv):
     """From the eval config alone; the ViT and Q-Former files are found in the download cache, as the original does."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_HOME", f"{root}/torch_home")
-        return MiniGPT4Captioner(make_args("--cfg-path", f"{root}/repo/eval_configs/{EVAL_CONFIG[model_type]}", *argv),
-                                 "cpu")
+        settings = make_settings("--cfg-path", f"{root}/repo/eval_configs/{EVAL_CONFIG[model_type]}", *argv)
+        return MiniGPT4Captioner(settings, "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +94,9 @@ def test_config_and_flags_load_the_same_model(root, captioners, images, model_ty
 
 @pytest.mark.parametrize("model_type", ["vicuna0", "llama2"])
 def test_blip2_folder_gives_the_lavis_model(root, captioners, model_type):
-    args = make_args("--model-type", model_type, "--blip2", f"{root}/blip2-hf",
-                     "--model", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}")
-    captioner = MiniGPT4Captioner(args, "cpu")
+    settings = make_settings("--model-type", model_type, "--blip2", f"{root}/blip2-hf",
+                             "--model", f"{root}/{CKPT[model_type]}", "--llm", f"{root}/{LLM[model_type]}")
+    captioner = MiniGPT4Captioner(settings, "cpu")
     assert same_weights(captioner.model, captioners[model_type].model)
 
 
@@ -198,10 +196,12 @@ def test_preprocess_as_blip2_image_eval():
     assert torch.allclose(pixels[:, 100, 100], expected, atol=1e-6)
 
 
-def test_decoding_defaults_as_the_seed_and_chat_answer():
-    args = build_parser(MiniGPT4Captioner).parse_args(["--input-json", "unused.json"])
+def test_decoding_defaults_as_the_original_scripts_and_chat_answer():
+    parser, _ = build_parser(MiniGPT4Captioner)
+    args = parser.parse_args(["--input-json", "unused.json"])
     assert (args.batch_size, args.max_new_tokens, args.temperature) == (3, 77, None)
-    assert minigpt4.generation_kwargs(args, **minigpt4.CHAT_GENERATION) == {
+    decoding = model_settings(MiniGPT4Captioner, "--model", "pretrained_minigpt4.pth", "--llm", "vicuna").decoding
+    assert decoding.generate_kwargs(**minigpt4.CHAT_GENERATION) == {
         "temperature": 0.5, "top_p": 0.9, "min_length": 1, "length_penalty": 1.0, "max_new_tokens": 77,
         "num_beams": 1, "do_sample": True}
 
@@ -214,9 +214,9 @@ def test_user_errors_are_one_line(root):
     with pytest.raises(UserError, match="not an EVA ViT-g state dict"):
         MiniGPT4Captioner(flag_args(root, "vicuna0", "--vit", f"{root}/{CKPT['vicuna0']}"), "cpu")
     with pytest.raises(UserError, match="no LLM folder"):
-        MiniGPT4Captioner(make_args("--model", f"{root}/{CKPT['vicuna0']}"), "cpu")
+        MiniGPT4Captioner(make_settings("--model", f"{root}/{CKPT['vicuna0']}"), "cpu")
     with pytest.raises(UserError, match="config not found"):
-        MiniGPT4Captioner(make_args("--cfg-path", os.path.join(root, "nope.yaml")), "cpu")
+        MiniGPT4Captioner(make_settings("--cfg-path", os.path.join(root, "nope.yaml")), "cpu")
 
 
 def test_answer_can_end_at_the_first_token(root, images):
@@ -235,8 +235,8 @@ def test_answer_can_end_at_the_first_token(root, images):
 
 
 def test_end_to_end_through_the_script(root, captioners, image_folder, tmp_path):
-    """generate.sh with the seed's --cfg-path: every caption equals the one-image reference, unreadable images
-    are recorded."""
+    """generate.sh with the original scripts' --cfg-path: every caption equals the one-image reference, unreadable
+    images are recorded."""
     from utils.images import open_image
 
     folder, good, broken = image_folder
@@ -287,21 +287,45 @@ def file_server(folder):
 
 def test_missing_vit_and_qformer_are_downloaded_into_the_hub_cache(root, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    args = make_args("--model", f"{root}/{CKPT['vicuna0']}", "--llm", f"{root}/{LLM['vicuna0']}")
+    settings = make_settings("--model", f"{root}/{CKPT['vicuna0']}", "--llm", f"{root}/{LLM['vicuna0']}")
     with file_server(root) as url:
         monkeypatch.setenv("MINIGPT4_DOWNLOAD_URL", url)
-        files = minigpt4.resolve_files(args)
+        files = minigpt4.resolve_files(settings.model, settings.options)
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     assert (files["vit"], files["qformer"]) == (str(cache / "eva_vit_g.pth"), str(cache / minigpt4.QFORMER_FILE))
     for name in ("eva_vit_g.pth", minigpt4.QFORMER_FILE):
         assert (cache / name).read_bytes() == (Path(root) / name).read_bytes()
-    assert minigpt4.resolve_files(args) == files  # found in the cache: the server is gone, nothing is fetched
+    # found in the cache: the server is gone, nothing is fetched
+    assert minigpt4.resolve_files(settings.model, settings.options) == files
+
+
+def unreachable_url():
+    with socket.socket() as closed:  # a port nobody listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{closed.getsockname()[1]}/"
+
+
+def test_naming_the_checkpoint_downloads_nothing(root, tmp_path, monkeypatch):
+    """The output folder's name comes from the eval config alone: with the ViT and Q-Former neither in the cache
+    nor reachable, name_checkpoint and --check-input answer, and nothing is fetched (loading the model would)."""
+    env = {"TORCH_HOME": str(tmp_path / "torch_home"), "MINIGPT4_DOWNLOAD_URL": unreachable_url()}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg_path = f"{root}/repo/eval_configs/{EVAL_CONFIG['vicuna0']}"
+    assert MiniGPT4Captioner.name_checkpoint("minigpt4", make_settings("--cfg-path", cfg_path).options) == \
+        "pretrained_minigpt4"
+    input_file = write_input(tmp_path / "input.json", ["a.jpg"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    result = run_command(["python", "minigpt4.py", "--check-input", "--input-json", str(input_file),
+                          "--output-dir", str(tmp_path / "out"), "--cfg-path", cfg_path], env=env)
+    assert "Traceback" not in result.stderr and "downloading" not in result.stderr
+    assert not (tmp_path / "torch_home").exists()
+    with pytest.raises(UserError, match="cannot be downloaded"):
+        minigpt4.resolve_files("minigpt4", make_settings("--cfg-path", cfg_path).options)
 
 
 def test_no_network_is_one_line_naming_file_url_and_flag(root, tmp_path):
-    with socket.socket() as closed:  # a port nobody listens on: the connection is refused at once
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    url = unreachable_url()
     input_file = write_input(tmp_path / "input.json", ["a.jpg"])
     result = run_command(["python", "minigpt4.py", "--input-json", str(input_file), "--output-dir", str(tmp_path),
                           "--model", f"{root}/{CKPT['vicuna0']}", "--llm", f"{root}/{LLM['vicuna0']}"],
