@@ -262,8 +262,8 @@ def locate_files(model, options):
     return files, downloads
 
 
-def fetch_missing_files(files, downloads):
-    """Every file is checked before the first is loaded, and the small ones before anything is downloaded."""
+def needed_files(files):
+    """(path, what it is) of every file to load, the small ones first."""
     needed = [(files["ckpt"], "MiniGPT-4 checkpoint"), (os.path.join(files["llm"], "config.json"), "LLM config"),
               (os.path.join(files["llm"], "tokenizer.model"), "LLM tokenizer")]
     if files["blip2"]:
@@ -272,7 +272,19 @@ def fetch_missing_files(files, downloads):
         needed.append((files["vit"], "EVA ViT-g file"))
         if files["has_qformer"]:
             needed.append((files["qformer"], "Q-Former file"))
-    for path, what in needed:
+    return needed
+
+
+def check_files(files, downloads):
+    """Every file is there, or one that the original downloads."""
+    for path, what in needed_files(files):
+        if not os.path.isfile(path) and path not in downloads:
+            raise UserError(f"{what} not found: {path}")
+
+
+def fetch_missing_files(files, downloads):
+    """Every file is checked before the first is loaded, and the small ones before anything is downloaded."""
+    for path, what in needed_files(files):
         if not os.path.isfile(path) and path in downloads:
             download_file(downloads[path], path, "--vit" if path == files["vit"] else "--qformer")
         if not os.path.isfile(path):
@@ -374,6 +386,10 @@ class MiniGPT4Captioner(Captioner):
         the files are checked, and downloaded where missing, when the model loads."""
         files, _ = locate_files(model, options)
         return Path(files["ckpt"]).stem
+
+    @classmethod
+    def check_options(cls, model, options):
+        check_files(*locate_files(model, options))
 
     def __init__(self, settings, device):
         files = resolve_files(settings.model, settings.options)

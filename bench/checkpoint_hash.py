@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.checkpoints import content_identity
+from utils.checkpoints import hash_contents
 
 FILE_GIB = 4
 
@@ -60,8 +60,8 @@ def main():
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SYNTHETIC_CAPTION_CACHE"] = cache
         rows = {"load (safetensors, the model's own read)": timed(lambda: load(folder)),
-                "identity, first run (BLAKE3 of every file)": timed(lambda: content_identity(str(folder))),
-                "identity, resume (kept digests)": timed(lambda: content_identity(str(folder))),
+                "identity, first run (BLAKE3 of every file)": timed(lambda: hash_contents(str(folder))),
+                "identity, resume (kept digests)": timed(lambda: hash_contents(str(folder))),
                 "load again": timed(lambda: load(folder))}
     print(f"{'what':<46} {'seconds':>8} {'GiB/s':>7}   ({args.gib} GiB, {os.cpu_count()} cores)")
     for what, seconds in rows.items():

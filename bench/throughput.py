@@ -172,15 +172,17 @@ def internvl_checkpoint(folder, tiny):
     """A native InternVL2 folder: the tests' tiny original checkpoint converted, then (not tiny) given the
     InternVL2-8B architecture (InternViT-300M + InternLM2.5-7B)."""
     import internvl
+    from convert.internvl import convert_checkpoint, native_config
     from tests.internvl_checkpoint import build_checkpoint
     original = Path(build_checkpoint(str(folder / "internvl-original")))
-    native = Path(internvl.convert_checkpoint(str(original), str(folder / "internvl")))
+    image_token_id = internvl.load_tokenizer(str(original)).convert_tokens_to_ids(internvl.IMG_CONTEXT)
+    native = Path(convert_checkpoint(str(original), str(folder / "internvl"), image_token_id))
     if not tiny:
         unknown_ids_as_unk(internvl.InternLM2Tokenizer, internvl.load_tokenizer(str(native)).sp.get_piece_size())
         config = json.loads((original / "config.json").read_text())
         config["vision_config"].update(INTERNVL2_8B_VISION)
         config["llm_config"].update(INTERNVL2_8B_LLM)
-        internvl.native_config(config).save_pretrained(native)
+        native_config(config).save_pretrained(native)
     return native
 
 

@@ -293,3 +293,26 @@ def test_launcher_sets_ranks_and_reports_a_failed_one(tmp_path):
     assert sorted(result.stdout.split("\n")[:-1]) == ["3 6 0", "4 6 1", "5 6 2"]  # the others ran to the end
     assert result.returncode == 3
     assert result.stderr.strip() == "launch.py: rank 4 exited with status 3"
+
+
+def test_large_weight_files_are_hashed_once_and_by_their_bytes(tmp_path, monkeypatch):
+    """A weight file over utils/checkpoints.py's LARGEST_HASHED is hashed with BLAKE3 and its digest kept: the second
+    identity reads nothing of it; one byte changed in place (same size) gives another identity."""
+    from utils import checkpoints, file_hashes
+    monkeypatch.setenv("SYNTHETIC_CAPTION_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(os.urandom(1024) * (checkpoints.LARGEST_HASHED // 1024 + 1))
+    first = checkpoints.hash_contents(str(folder))
+    assert len((tmp_path / "cache" / "file-digests.jsonl").read_text().splitlines()) == 1
+    hashed = []
+    monkeypatch.setattr(file_hashes.blake3, "blake3", lambda **kwargs: hashed.append(kwargs))
+    assert checkpoints.hash_contents(str(folder)) == first and not hashed  # from the kept digest
+    monkeypatch.undo()
+    monkeypatch.setenv("SYNTHETIC_CAPTION_CACHE", str(tmp_path / "cache"))
+    with open(weights, "r+b") as f:
+        f.seek(12345)
+        f.write(bytes([f.read(1)[0] ^ 1]))
+    assert checkpoints.hash_contents(str(folder)) != first

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from utils.batch_runner import BatchRunner
 from utils.batcher import Batcher, OnSecondThread
 from utils.captioner import ModelSettings
-from utils.checkpoints import checkpoint_identity
+from utils.checkpoints import identify_checkpoint
 from utils.command_line import build_parser
 from utils.errors import UserError
 from utils.image_workers import prepared_windows
@@ -86,7 +86,8 @@ def caption_part(captioner_cls, settings):
     """Check, plan, settle the run records, load the model and caption this process's pending images."""
     tag = settings.tag
     stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
-    checkpoint_identity(settings.model, captioner_cls.model_on_hub)
+    identify_checkpoint(settings.model, captioner_cls.model_on_hub)
+    captioner_cls.check_options(settings.model, settings.options)
     place = settings.place
     part = read_part(settings.input, place.rank, place.world, settings.limit, settings.image_root)
     check_output_folders(settings)
@@ -149,7 +150,8 @@ def check_only(captioner_cls, settings):
     """--check-input, which generate.sh runs once before it starts several processes: the input, the checkpoint,
     the output folders and their run records, loading nothing (torch is imported only to resolve --dtype for a
     comparison with earlier records)."""
-    checkpoint_identity(settings.model, captioner_cls.model_on_hub)
+    identify_checkpoint(settings.model, captioner_cls.model_on_hub)
+    captioner_cls.check_options(settings.model, settings.options)
     summary = check_input(settings.input, settings.limit)
     check_output_folders(settings)
     folders = output_folders(settings.model_dir, settings.prompts)

@@ -84,6 +84,11 @@ class Captioner:
         return Path(model.rstrip("/")).name or "model"
 
     @classmethod
+    def check_options(cls, model, options):
+        """The class's own checks, before anything is loaded or written (the files its flags name exist, say);
+        a mistake raises UserError."""
+
+    @classmethod
     def run_instead(cls, model, options):
         """A command of the class's own that replaces captioning (InternVL's --convert-to): run it and return True;
         False: caption."""

@@ -5,7 +5,7 @@ shaped like "name" or "org/name" is a Hugging Face hub id. A hub id is asked of 
 when the hub cannot be reached, its cached snapshot is used and this process stays offline, because
 transformers would otherwise retry for minutes before it falls back to the cache.
 
-    checkpoint_identity(model)                    the run record's identity of a file, folder or hub id
+    identify_checkpoint(model)                    the run record's identity of a file, folder or hub id
     fetch_folder(value, allow_patterns, what)     a local folder: the folder itself, or a hub id's snapshot
                                                   (only the files a script loads), from the cache or downloaded
     download_file(url, path, flag)                a file fetched once into a cache (MiniGPT-4's LAVIS files)
@@ -22,12 +22,13 @@ import socket
 import sys
 
 from utils.errors import UserError
+from utils.file_hashes import content_digest, kept_digests
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 HUB_TIMEOUT = 10  # seconds for the hub to answer; huggingface_hub's own default for metadata requests
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".yaml", ".yml", ".tiktoken")
-LARGEST_HASHED = 64 << 20  # a larger file counts by name and size, whatever its kind
+LARGEST_HASHED = 64 << 20  # a larger file is hashed with BLAKE3 on all cores, and its digest kept
 DOWNLOAD_TIMEOUT = 30  # seconds a download_file() may wait for the server before it counts as failed (no network)
 
 
@@ -35,27 +36,27 @@ def is_hub_id(value):
     return HUB_ID.fullmatch(value) is not None and "--" not in value and ".." not in value and value[-1] not in ".-"
 
 
-def digest_file(path):
-    """A weight file (or any file over LARGEST_HASHED) by its size; a config or tokenizer file by its contents."""
-    size = os.path.getsize(path)
-    if path.endswith(WEIGHT_SUFFIXES) or size > LARGEST_HASHED:
-        return f"size {size}"
+def digest_file(path, kept):
+    """A file by its contents: sha256 of a small one; BLAKE3 of a large one (weights), kept for the next run
+    (utils/file_hashes.py: kept, the digests already known)."""
+    if os.path.getsize(path) > LARGEST_HASHED:
+        return content_digest(path, kept)
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def content_identity(path):
+def hash_contents(path):
     """sha256 over a file, or over a folder's config, tokenizer and weight files (its top level: a checkpoint's
-    files), each by name and digest. Reads only the small files: milliseconds for a 70B checkpoint."""
+    files), each by name and the digest of its bytes, so that checkpoints differing in one tensor differ."""
     if os.path.isdir(path):
         names = sorted(name for name in os.listdir(path) if not name.startswith(".") and
                        name.endswith(CONFIG_SUFFIXES + WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(path, name)))
         files = [(name, os.path.join(path, name)) for name in names]
     else:
         files = [(os.path.basename(path), path)]
-    digest = hashlib.sha256()
+    digest, kept = hashlib.sha256(), kept_digests()
     for name, file in files:
-        digest.update(f"{name}\0{digest_file(file)}\n".encode())
+        digest.update(f"{name}\0{digest_file(file, kept)}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 
@@ -115,14 +116,14 @@ def resolve_hub_commit(repo_id, what="--model"):
 
 
 @functools.lru_cache(maxsize=None)
-def checkpoint_identity(model, on_hub=True):
+def identify_checkpoint(model, on_hub=True):
     """What a --model value holds: "sha256:..." of a local file or folder, "hub:org/name@commit" of a hub id.
 
     on_hub False: the value is a local file or a placeholder that the captioner resolves and checks itself
     (MiniGPT-4's --model); a value that is not on disk is then its own identity."""
     path = os.path.expanduser(model)
     if os.path.exists(path):
-        return content_identity(path)
+        return hash_contents(path)
     if not on_hub:
         return model
     if not is_hub_id(model):

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from utils.checkpoints import checkpoint_identity, content_identity
+from utils.checkpoints import identify_checkpoint, hash_contents
 from utils.errors import UserError
 
 RECORD = "run.json"
@@ -55,7 +55,7 @@ def is_used(folder):
 def flag_value(value):
     """A model flag as recorded: a file or folder by the identity of its contents, anything else as given."""
     if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
-        return content_identity(os.path.expanduser(value))
+        return hash_contents(os.path.expanduser(value))
     return value
 
 
@@ -67,7 +67,7 @@ class RunSettings(NamedTuple):
 
 def run_settings(captioner_cls, settings, dtype):
     """This run's side of the comparison; dtype as resolved for the device (a name, not "auto")."""
-    identity = checkpoint_identity(settings.model, captioner_cls.model_on_hub)
+    identity = identify_checkpoint(settings.model, captioner_cls.model_on_hub)
     model_flags = {dest: flag_value(settings.options[dest]) for dest in captioner_cls.caption_flags}
     decoding = dataclasses.asdict(settings.decoding)
     caption_settings = {**decoding, "seed": settings.seed, "dtype": dtype}
