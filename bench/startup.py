@@ -4,7 +4,8 @@ captioned), and its peak memory, for synthetic JSON array and JSONL inputs of mi
     python -m bench.startup --entries 2000000 --done 1000000 --json bench-startup.json
 
 Each row runs a fresh process (python -c, the loop's own read_part and plan_work) pinned to one core, as the last
-rank of --world (the one that reads furthest into the input). No model is loaded.
+rank of --world (the one that reads furthest into the input). No model is loaded. A JSON array's first row scans it
+and keeps its marks (as the first process of a run does); its later rows find them kept.
 """
 import argparse
 import json
@@ -22,11 +23,11 @@ from utils.input_reader import read_part
 from utils.resume import plan_work
 from utils.settings import ProcessPlace
 started = time.perf_counter()
-path, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+path, rank, world, out, marks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 place = ProcessPlace(rank, world, 0, rank, world)
 settings = SimpleNamespace(input=path, place=place, limit=None, image_root=None, model_dir=Path(out),
                            prompts={"default": "Describe the image in detail:"}, overwrite=False, retry_errors=False)
-work = plan_work(settings, read_part(path, rank, world, None))
+work = plan_work(settings, read_part(path, rank, world, None, None, marks))
 print(len(work.pending), work.skipped, time.perf_counter() - started)
 """
 
@@ -66,11 +67,11 @@ def write_done(folder, entries, done):
     return prompt.parent
 
 
-def plan_once(path, rank, world, out):
+def plan_once(path, rank, world, out, marks):
     """(seconds to know the work, peak memory in MiB, pending, skipped) of one fresh process on one core."""
     started = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", "taskset", "-c", "0", sys.executable, "-c", PLAN, str(path),
-                             str(rank), str(world), str(out)], capture_output=True, text=True, check=True,
+                             str(rank), str(world), str(out), str(marks)], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parents[1])
     wall = time.perf_counter() - started
     pending, skipped, _ = result.stdout.split()
@@ -91,9 +92,10 @@ def main():
     outputs = [(0, folder / "none"), *([(args.done, write_done(folder, args.entries, args.done))] if args.done else [])]
     rows = []
     print(f"{'input':<28} {'done':>10} {'rank':>9} {'seconds':>8} {'peak MiB':>9} {'pending':>9} {'skipped':>9}")
+    marks = folder / f"marks-{time.time_ns()}"  # a JSON array's marks: none at the first row, kept for the next
     for path in inputs:
         for done, out in outputs:
-            wall, peak, pending, skipped = plan_once(path, args.world - 1, args.world, out)
+            wall, peak, pending, skipped = plan_once(path, args.world - 1, args.world, out, marks)
             rows.append({"input": path.name, "size_bytes": os.path.getsize(path), "done": done,
                          "rank": f"{args.world - 1}/{args.world}", "seconds": round(wall, 2),
                          "peak_mib": round(peak), "pending": pending, "skipped": skipped})

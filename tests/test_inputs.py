@@ -207,3 +207,18 @@ def test_json_parts_hold_every_entry_once_in_order(tmp_path, kind):
         parts = [read_part(str(path), rank, world, None)[0] for rank in range(world)]
         assert [image for part in parts for image, _ in part] == [entry["image"] for entry in entries]
         assert [extra["n"] for part in parts for _, extra in part] == list(range(len(entries)))
+
+
+def test_a_json_arrays_marks_are_kept_beside_the_outputs_while_it_is_unchanged(tmp_path):
+    from utils.input_reader import read_part
+    from utils.records import MARK_EVERY
+    path, marks = tmp_path / "in.json", tmp_path / "out" / ".input-marks"
+    count = MARK_EVERY + 10
+    path.write_text(json.dumps([{"image": f"{i}.png"} for i in range(count)]))
+    first = read_part(str(path), 1, 2, None, marks_folder=str(marks))
+    kept = list(marks.iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["elements"] == count
+    assert read_part(str(path), 1, 2, None, marks_folder=str(marks)) == first
+    path.write_text(json.dumps([{"image": f"{i}.png"} for i in range(count + 2)]))  # changed: scanned again
+    assert [image for image, _ in read_part(str(path), 1, 2, None, marks_folder=str(marks))[0]] == [
+        f"{i}.png" for i in range((count + 2) // 2, count + 2)]

@@ -32,6 +32,7 @@ from utils.writer import ShardWriter, check_output_folders
 # Batches differ in shape (and each generate() allocates its KV cache for the batch): let the CUDA allocator grow
 # segments instead of fragmenting into blocks that no later batch fits. Read when CUDA is first used.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+MARKS_FOLDER = ".input-marks"  # in --output-dir: where a JSON array input's marks are kept (utils/input_reader.py)
 
 
 def pick_device(local_rank):
@@ -89,7 +90,8 @@ def caption_part(captioner_cls, settings):
     identify_checkpoint(settings.model, captioner_cls.model_on_hub)
     captioner_cls.check_options(settings.model, settings.options)
     place = settings.place
-    part = read_part(settings.input, place.rank, place.world, settings.limit, settings.image_root)
+    part = read_part(settings.input, place.rank, place.world, settings.limit, settings.image_root,
+                     settings.output_dir / MARKS_FOLDER)
     check_output_folders(settings)
     files = output_files(settings)
     writer = ShardWriter(files.captions, files.errors, settings.model, truncate=settings.overwrite)
@@ -152,7 +154,7 @@ def check_only(captioner_cls, settings):
     comparison with earlier records)."""
     identify_checkpoint(settings.model, captioner_cls.model_on_hub)
     captioner_cls.check_options(settings.model, settings.options)
-    summary = check_input(settings.input, settings.limit)
+    summary = check_input(settings.input, settings.limit, settings.output_dir / MARKS_FOLDER)
     check_output_folders(settings)
     folders = output_folders(settings.model_dir, settings.prompts)
     if not settings.overwrite and any(map(is_used, folders)):

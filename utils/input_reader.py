@@ -15,9 +15,12 @@ part whose range holds its first header, so a process reads only the headers of 
 """
 import bisect
 import functools
+import hashlib
 import itertools
+import json
 import os
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 from utils.errors import InputError, UserError
@@ -194,26 +197,31 @@ def read_image_bytes(image_id, image_root):
     return read_parquet_image(container, inner, image_root)
 
 
-def read_part(spec, rank, world, limit, image_root=None):
+def read_part(spec, rank, world, limit, image_root=None, marks_folder=None):
     """This process's part of the input as [(image id, extra keys or None)], a one-line summary of the input, and
     the image root (image_root, else the folder the input's ids are relative to). A JSON input is validated whole;
     tar shards and Parquet files are checked file by file, each sample's extra keys being {"key"}."""
     inputs = expand_inputs(spec)
     image_root = image_root or inputs.root
     if inputs.kind == "json":
-        entries, summary = read_json_part(spec, rank, world, limit)
+        entries, summary = read_json_part(spec, rank, world, limit, marks_folder)
         return entries, summary, image_root
     summary = check_inputs(inputs)
     samples = iter_samples(inputs, image_root, rank, world, limit)
     return [(sample.image, {"key": sample.key}) for sample in samples], summary, image_root
 
 
-def check_input(spec, limit):
-    """--check-input: the input's one-line summary, after validating a JSON input whole or opening each shard or
-    Parquet file (reading none through: that is each process's work)."""
+def check_input(spec, limit, marks_folder=None):
+    """--check-input: the input's one-line summary, after validating a JSON input whole (a JSON array's marks then
+    kept for the processes) or opening each shard or Parquet file (reading none through: each process's work)."""
     inputs = expand_inputs(spec)
     if inputs.kind != "json":
         return check_inputs(inputs)
+    try:
+        if limit is None and detect_format(spec) == "array":
+            return f"{array_marks(spec, marks_folder)[0]} images"
+    except RecordError as e:
+        raise UserError(str(e)) from None
     return f"{sum(1 for _ in checked_entries(spec, iter_records(spec), limit))} images"
 
 
@@ -234,10 +242,11 @@ def checked_entries(path, records, limit=None):
         raise UserError(f"{path}: not a UTF-8 text file") from None
 
 
-def json_part_records(path, rank, world, limit):
+def json_part_records(path, rank, world, limit, marks_folder=None):
     """This process's records of a JSON input and the summary. JSONL is cut by bytes: a process reads and checks
     only its own lines. A JSON array is scanned whole once, counting and checking its elements and marking where
-    every few thousandth begins; the part's elements are then read from the mark before them."""
+    every few thousandth begins (kept in marks_folder for the next process); the part's elements are then read from
+    the mark before them."""
     try:
         kind = detect_format(path)
     except RecordError as e:
@@ -246,21 +255,52 @@ def json_part_records(path, rank, world, limit):
         size = os.path.getsize(path)
         records = (record for _, record in iter_json_lines(path, byte_range=part_bounds(size, rank, world)))
         return checked_entries(path, records), f"{size / 1e6:.1f} MB of JSONL"
-    marks = []
-    every = iter_json_array(path, marks=marks) if kind == "array" else iter_records(path)
-    total = sum(1 for _ in checked_entries(path, every, limit))
-    start, stop = part_bounds(total, rank, world)
     if kind == "lines":
+        total = sum(1 for _ in checked_entries(path, iter_records(path), limit))
+        start, stop = part_bounds(total, rank, world)
         return itertools.islice(checked_entries(path, iter_records(path)), start, stop), f"{total} images"
+    if limit is None:
+        total, marks = array_marks(path, marks_folder)
+    else:  # only the first `limit` entries are checked
+        marks = []
+        total = sum(1 for _ in checked_entries(path, iter_json_array(path, marks=marks), limit))
+    start, stop = part_bounds(total, rank, world)
     mark = marks[bisect.bisect_right(marks, start, key=lambda m: m[1]) - 1] if marks else None  # marks[0]: element 0
-    records = iter_json_array(path, start=mark)
     first = mark[1] if mark else 0
-    return itertools.islice(checked_entries(path, records), start - first, stop - first), f"{total} images"
+    records = checked_entries(path, iter_json_array(path, start=mark))
+    return itertools.islice(records, start - first, stop - first), f"{total} images"
 
 
-def read_json_part(path, rank, world, limit):
+def array_marks(path, marks_folder):
+    """(elements, [(byte, index) of every MARK_EVERY-th]) of a JSON array, every element checked; kept in
+    marks_folder (beside the outputs: the input's folder may be read-only) for as long as the file is unchanged."""
+    stat = os.stat(path)
+    key = [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+    kept = None
+    if marks_folder is not None:
+        kept = Path(marks_folder) / (hashlib.sha1(json.dumps(key).encode()).hexdigest()[:20] + ".json")
+        try:
+            record = json.loads(kept.read_text())
+            if record["file"] == key:
+                return record["elements"], [tuple(mark) for mark in record["marks"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or not one of ours: scan
+    marks = []
+    elements = sum(1 for _ in checked_entries(path, iter_json_array(path, marks=marks)))
+    if kept is not None:
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            temporary = kept.with_name(f".{kept.name}.{os.getpid()}")
+            temporary.write_text(json.dumps({"file": key, "elements": elements, "marks": marks}))
+            os.replace(temporary, kept)
+        except OSError:
+            pass  # the next process scans again
+    return elements, marks
+
+
+def read_json_part(path, rank, world, limit, marks_folder=None):
     """This process's part of a JSON input as [(image, extra keys or None)], and the input's summary."""
-    records, summary = json_part_records(path, rank, world, limit)
+    records, summary = json_part_records(path, rank, world, limit, marks_folder)
     part = []
     for record in records:
         extra = {(f"input_{k}" if k in OUTPUT_FIELDS else k): v for k, v in record.items() if k != "image"}

@@ -27,6 +27,7 @@ class Settings:
     input: str  # --input-json
     image_root: Optional[str]
     model: str
+    output_dir: Path  # --output-dir
     model_dir: Path  # <output-dir>/<model>/<checkpoint>: the prompt folders and the error files
     prompts: MappingProxyType  # prompt key -> text, in order
     decoding: Decoding
@@ -152,7 +153,7 @@ def resolve_settings(captioner_cls, args, own_flags, place):
     options = own_options(args, own_flags)
     checkpoint = captioner_cls.name_checkpoint(args.model, options)
     return Settings(
-        input=args.input_json, image_root=args.image_root, model=args.model,
+        input=args.input_json, image_root=args.image_root, model=args.model, output_dir=Path(args.output_dir),
         model_dir=Path(args.output_dir) / captioner_cls.name / checkpoint,
         prompts=MappingProxyType(resolve_prompts(args, captioner_cls)),
         decoding=Decoding(args.max_new_tokens, args.min_new_tokens, args.temperature, args.top_p, args.num_beams),

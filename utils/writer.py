@@ -129,5 +129,5 @@ def check_output_folders(settings):
             probe.write_bytes(b"\n")
             probe.unlink()
         except OSError as error:
-            raise UserError(f"--output-dir {settings.model_dir.parent.parent}: cannot write in {folder}: "
+            raise UserError(f"--output-dir {settings.output_dir}: cannot write in {folder}: "
                             f"{error.strerror or error}") from None
