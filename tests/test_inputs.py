@@ -1,4 +1,5 @@
 """utils/input_reader.py, tar_shards.py, parquet_files.py: what an INPUT names, tar shards and Parquet read as samples, ranks' slices, bytes by id."""
+import itertools
 import json
 import os
 
@@ -222,3 +223,29 @@ def test_a_json_arrays_marks_are_kept_beside_the_outputs_while_it_is_unchanged(t
     path.write_text(json.dumps([{"image": f"{i}.png"} for i in range(count + 2)]))  # changed: scanned again
     assert [image for image, _ in read_part(str(path), 1, 2, None, marks_folder=str(marks))[0]] == [
         f"{i}.png" for i in range((count + 2) // 2, count + 2)]
+
+
+def test_a_json_array_reads_as_json_load_reads_it(tmp_path):
+    """Runs of whole elements are parsed at once up to the last "}" of a stretch of text: a "}" inside a string or a
+    nested object, nested arrays, blanks, non-ASCII and chunk borders change nothing; an error still names its
+    element, and a file cut off mid-element still ends after the last whole one."""
+    from utils.records import RecordError, iter_json_array
+    tricky = ['a}.png', '}, {"image": "x"}', 'b\\"}.png', 'é}ü.png']
+    entries = [{"image": f"{i}-{tricky[i % 4]}" if i % 3 else f"{i}.png", "meta": {"n": i, "tags": [i, {"k": "}"}]}}
+               for i in range(30_000)]
+    text = "[\n" + ",\n".join(json.dumps(entry, ensure_ascii=i % 2 == 0) for i, entry in enumerate(entries)) + "\n]"
+    path = tmp_path / "in.json"
+    plain = [{"image": f"images/{i:09d}.jpg"} for i in range(60_000)]  # chunk borders inside elements with no "}"
+    path.write_text(json.dumps(plain, indent=0))
+    assert list(itertools.islice(iter_json_array(path), len(plain) + 1)) == plain  # a reader going round fails
+    path.write_text(text, encoding="utf-8")
+    assert list(iter_json_array(path)) == entries
+    broken = text.replace('{"image": "20001.png"', '{"image": "20001.png",,', 1)
+    assert broken != text
+    path.write_text(broken, encoding="utf-8")
+    with pytest.raises(RecordError, match="not valid JSON at element 20001 "):
+        list(iter_json_array(path))
+    path.write_text(text[:text.index('{"image": "25002.png"') + 30], encoding="utf-8")
+    ended = []
+    assert list(iter_json_array(path, allow_truncated=True, on_partial=ended.append)) == entries[:25002]
+    assert ended == ["half-written element 25002"]

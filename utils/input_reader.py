@@ -272,7 +272,7 @@ def json_part_records(path, rank, world, limit, marks_folder=None):
 
 
 def array_marks(path, marks_folder):
-    """(elements, [(byte, index) of every MARK_EVERY-th]) of a JSON array, every element checked; kept in
+    """(elements, [(byte, index) of an element every MARK_EVERY or more]) of a JSON array, every element checked; kept in
     marks_folder (beside the outputs: the input's folder may be read-only) for as long as the file is unchanged."""
     stat = os.stat(path)
     key = [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]

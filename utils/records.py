@@ -18,7 +18,8 @@ _WHITESPACE = " \t\r\n"
 _BLANK_CHARS = _WHITESPACE + "\ufeff"  # a byte order mark may start a file
 _BLANK_RUN = re.compile(f"[{_BLANK_CHARS}]*")
 _decoder = json.JSONDecoder()
-MARK_EVERY = 4096  # elements between the marks iter_json_array leaves for a later start
+MARK_EVERY = 4096  # elements at least between the marks iter_json_array leaves for a later start
+_RUN_CHARS = 1 << 16  # the most text parsed in one call as a run of whole elements
 
 
 class RecordError(ValueError):
@@ -49,6 +50,7 @@ class _ArrayText:
     def __init__(self, f, path, start=0):
         self.f, self.path = f, path
         self.buf, self.pos, self.eof, self.base = "", 0, False, start
+        self.failed_cut = -1  # a "}" of buf that whole_elements found inside an element
         self.decoder = codecs.getincrementaldecoder("utf-8")()
         f.seek(start)
 
@@ -62,6 +64,7 @@ class _ArrayText:
                 raise RecordError(f"{self.path}: not UTF-8 text") from None
             text = ""  # the file ends inside a character: the element it is in is half-written
         self.base = self.offset()
+        self.failed_cut -= self.pos
         self.buf = self.buf[self.pos:] + text
         self.pos = 0
 
@@ -77,6 +80,22 @@ class _ArrayText:
             if self.pos < len(self.buf) or self.eof:
                 return self.buf[self.pos:self.pos + 1]
             self.fill()
+
+    def whole_elements(self, loads=json.loads):
+        """The elements from pos to the last "}" in the next _RUN_CHARS characters, parsed in one C-level call, pos
+        moving past them; [] where that "}" is inside an element (in a string or a nested object, where the parse
+        fails, since one "]" cannot close what is open there) or the parse fails for any other reason: the caller
+        then reads one element at a time, with its exact error."""
+        cut = self.buf.rfind("}", self.pos, self.pos + _RUN_CHARS)
+        if cut < self.pos or cut <= self.failed_cut:  # no "}" (rfind gives -1), or one found inside an element
+            return []
+        try:
+            elements = loads("[" + self.buf[self.pos:cut + 1] + "]")
+        except json.JSONDecodeError:
+            self.failed_cut = cut
+            return []
+        self.pos = cut + 1
+        return elements
 
     def value(self, scan=_decoder.scan_once):
         """The JSON value at pos, which moves past it; json.JSONDecodeError where the file ends first. scan is the
@@ -102,7 +121,7 @@ def iter_json_array(path, allow_truncated=False, on_partial=None, start=None, ma
     bracket, a trailing comma, a half-written last element) ends quietly instead of raising.
     on_partial: called with a description when that happens, so callers can report it.
     start: (byte, index) where an element begins, as `marks` gave it: read from there, numbering from index.
-    marks: a list that gets (byte, index) of every MARK_EVERY-th element, for a later start.
+    marks: a list that gets (byte, index) of an element at least every MARK_EVERY elements, for a later start.
     """
     def truncated(what):
         if not allow_truncated:
@@ -117,22 +136,29 @@ def iter_json_array(path, allow_truncated=False, on_partial=None, start=None, ma
                 raise RecordError(f"{path}: expected a JSON array (a list of objects)")
             text.pos += 1
         index = start[1] if start else 0
+        marked = None  # the index of the last mark
         while True:
             char = text.next_char()
             if not char:
                 return truncated(f"after {index} elements")
             if char == "]":
                 return
-            if marks is not None and index % MARK_EVERY == 0:
+            if marks is not None and (marked is None or index - marked >= MARK_EVERY):
                 marks.append((text.offset(), index))
-            try:
-                element = text.value()
-            except json.JSONDecodeError as e:
-                if allow_truncated:
-                    return truncated(f"half-written element {index}")
-                raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
-            yield element
-            index += 1
+                marked = index
+            elements = text.whole_elements()
+            if elements:
+                yield from elements
+                index += len(elements)
+            else:
+                try:
+                    element = text.value()
+                except json.JSONDecodeError as e:
+                    if allow_truncated:
+                        return truncated(f"half-written element {index}")
+                    raise RecordError(f"{path}: not valid JSON at element {index} (cut off?): {e.msg}") from None
+                yield element
+                index += 1
             char = text.next_char()
             if not char:
                 return truncated(f"after {index} elements")

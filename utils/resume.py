@@ -35,8 +35,8 @@ def output_files(settings):
                        settings.model_dir / f"errors-{suffix}")
 
 
-# A line as the writer writes it, with an image id that needs no unescaping: read by a regular expression, C-speed,
-# rather than decoded line by line (a million lines of earlier captions in a fraction of a second).
+# A line as the writer writes it, with an image id that needs no unescaping: read by a regular expression at C speed
+# rather than decoded line by line.
 WRITTEN_LINE = re.compile(rb'^\{"image": "([^"\\\n]*)"[^\n]*\}$', re.MULTILINE)
 CHUNK = 16 << 20
 
