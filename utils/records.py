@@ -227,10 +227,11 @@ def iter_json_lines(path, allow_partial_last=False, on_partial=None, require_new
     with open(path, "rb") as f:
         start, high = (0, None) if byte_range is None else (_seek_line_start(f, byte_range[0]), byte_range[1])
         lines = complete_lines(f) if require_newline else f
-        number = 0
+        number, line_start = 0, start
         for number, raw in enumerate(lines, 1):
-            if high is not None and f.tell() - len(raw) >= high:
+            if high is not None and line_start >= high:
                 return
+            line_start += len(raw)
             partial_allowed = allow_partial_last and not raw.endswith(b"\n")
             try:
                 record = _parse_line(path, number, raw, partial_allowed)

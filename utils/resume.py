@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from utils.batch_runner import OUT_OF_MEMORY
+from utils.input_reader import in_bulk
 from utils.run_record import output_folders, run_settings, settle_records
 from utils.records import complete_lines
 
@@ -122,6 +123,7 @@ def settle_outputs(captioner_cls, settings, dtype):
                    settings.overwrite)
 
 
+@in_bulk
 def plan_work(settings, part):
     """This process's part of the input (input_reader.read_part's answer) less what earlier runs did."""
     model_dir, prompts = settings.model_dir, settings.prompts
