@@ -11,10 +11,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: checkpoints an
 REPO = Path(__file__).resolve().parents[1]
 
 
+def command_env(extra):
+    """The environment the project's commands run in here: on the CPU, with this interpreter."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable,
+            **extra}
+
+
 def run_command(args, check=True, **kwargs):
     """Run a project command from the repository root as a user would, returning the finished process."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable,
-           **kwargs.pop("env", {})}
+    env = command_env(kwargs.pop("env", {}))
     args = [sys.executable if arg == "python" and i == 0 else arg for i, arg in enumerate(args)]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
@@ -25,6 +30,22 @@ def run_command(args, check=True, **kwargs):
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def generate_qwen(checkpoint, input_file, out, *extra, max_new_tokens=6):
+    """bash generate.sh INPUT qwen on a tiny checkpoint: greedy, images read in the main process."""
+    return ["bash", "generate.sh", str(input_file), "qwen", "--model", checkpoint, "--output-dir", str(out),
+            "--max-new-tokens", str(max_new_tokens), "--temperature", "0", "--num-workers", "0", *extra]
+
+
+def qwen_caption_files(out):
+    """{file name: its rows} of every captions file of the default prompt under out."""
+    return {path.name: read_jsonl(path) for path in sorted(Path(out).glob("qwen/*/default/captions-*.jsonl"))}
+
+
+def qwen_captions(out):
+    """(image, caption) of every line of every captions file under out, sorted; an image twice shows twice."""
+    return sorted((row["image"], row["caption"]) for rows in qwen_caption_files(out).values() for row in rows)
 
 
 def model_settings(captioner_cls, *argv, dtype="float32"):

@@ -297,7 +297,8 @@ def test_launcher_sets_ranks_and_reports_a_failed_one(tmp_path):
 
 def test_large_weight_files_are_hashed_once_and_by_their_bytes(tmp_path, monkeypatch):
     """A weight file over utils/checkpoints.py's LARGEST_HASHED is hashed with BLAKE3 and its digest kept: the second
-    identity reads nothing of it; one byte changed in place (same size) gives another identity."""
+    identity reads nothing of it; one byte changed in place (same size) gives another identity, and a file modified
+just before it is hashed keeps no digest (its modification time may not show the next change)."""
     from utils import checkpoints, file_hashes
     monkeypatch.setenv("SYNTHETIC_CAPTION_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "final"
@@ -305,6 +306,8 @@ def test_large_weight_files_are_hashed_once_and_by_their_bytes(tmp_path, monkeyp
     (folder / "config.json").write_text("{}")
     weights = folder / "model.safetensors"
     weights.write_bytes(os.urandom(1024) * (checkpoints.LARGEST_HASHED // 1024 + 1))
+    an_hour_ago = time.time() - 3600
+    os.utime(weights, (an_hour_ago, an_hour_ago))  # written earlier: its digest is kept
     first = checkpoints.hash_contents(str(folder))
     assert len((tmp_path / "cache" / "file-digests.jsonl").read_text().splitlines()) == 1
     hashed = []
@@ -316,3 +319,5 @@ def test_large_weight_files_are_hashed_once_and_by_their_bytes(tmp_path, monkeyp
         f.seek(12345)
         f.write(bytes([f.read(1)[0] ^ 1]))
     assert checkpoints.hash_contents(str(folder)) != first
+    # modified just now, within the file system's clock granularity of the hashing: not kept, so hashed again
+    assert len((tmp_path / "cache" / "file-digests.jsonl").read_text().splitlines()) == 1

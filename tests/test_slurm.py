@@ -1,14 +1,13 @@
 """A real one-node SLURM (issue 26; `.ci/slurm-up` starts it): generate.sh under srun, a throttled job array with one
 task cancelled mid-run and resubmitted alone, and scancel --signal=TERM of a running job then a rerun. Each ends with
 every image captioned exactly once, as one process captions them."""
-import os
+import shlex
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, read_jsonl, run_command
+from conftest import REPO, command_env, generate_qwen, qwen_caption_files, qwen_captions, run_command
 from sample_images import write_pattern_images
 
 COUNT = 32
@@ -40,39 +39,29 @@ def dataset(tmp_path_factory):
 
 
 def generate(checkpoint, input_file, out, *extra):
-    return ["bash", "generate.sh", str(input_file), "qwen", "--model", checkpoint, "--output-dir", str(out),
-            "--max-new-tokens", "64", "--temperature", "0", "--num-workers", "0", *extra]
-
-
-def captions(out):
-    """(image, caption) of every line of every output file, sorted; an image captioned twice shows twice."""
-    return sorted((row["image"], row["caption"]) for path in out.glob("qwen/*/default/captions-*.jsonl")
-                  for row in read_jsonl(path))
+    return generate_qwen(checkpoint, input_file, out, *extra, max_new_tokens=64)  # long enough to cancel mid-run
 
 
 def caption_files(out):
-    return sorted(path.name for path in out.glob("qwen/*/default/captions-*.jsonl"))
+    return list(qwen_caption_files(out))
 
 
 @pytest.fixture(scope="module")
 def reference(qwen_checkpoint, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("slurm-reference")
     run_command(generate(qwen_checkpoint, dataset, out))
-    rows = captions(out)
+    rows = qwen_captions(out)
     assert len(rows) == COUNT
     return rows
-
-
-def environment():
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable}
 
 
 def sbatch(tmp_path, command, *options):
     """Submit command as a batch job from the repository root; returns the job id."""
     script = tmp_path / f"job-{time.monotonic_ns()}.sh"
-    script.write_text("#!/bin/bash\n" + " ".join(f"'{arg}'" for arg in command) + "\n")
-    result = subprocess.run(["sbatch", "--parsable", "--chdir", str(REPO), "--output", str(tmp_path / "slurm-%A_%a.out"),
-                             *options, str(script)], capture_output=True, text=True, env=environment(), check=True)
+    script.write_text(f"#!/bin/bash\n{shlex.join(command)}\n")
+    log = tmp_path / "slurm-%A_%a.out"
+    result = subprocess.run(["sbatch", "--parsable", "--chdir", str(REPO), "--output", str(log), *options, str(script)],
+                            capture_output=True, text=True, env=command_env({}), check=True)
     return result.stdout.strip().split(";")[0]
 
 
@@ -103,10 +92,10 @@ def job_logs(tmp_path):
 
 def test_srun_two_tasks(qwen_checkpoint, dataset, reference, tmp_path):
     out = tmp_path / "out"
-    subprocess.run(["srun", "--ntasks", "2", *generate(qwen_checkpoint, dataset, out)], cwd=REPO, env=environment(),
+    subprocess.run(["srun", "--ntasks", "2", *generate(qwen_checkpoint, dataset, out)], cwd=REPO, env=command_env({}),
                    check=True, capture_output=True, timeout=TIMEOUT)
     assert caption_files(out) == ["captions-00000-of-00002.jsonl", "captions-00001-of-00002.jsonl"]
-    assert captions(out) == reference
+    assert qwen_captions(out) == reference
 
 
 def test_throttled_array_with_a_task_cancelled_and_resubmitted(qwen_checkpoint, dataset, reference, tmp_path):
@@ -118,11 +107,11 @@ def test_throttled_array_with_a_task_cancelled_and_resubmitted(qwen_checkpoint, 
     subprocess.run(["scancel", f"{job}_1"], check=True)
     wait_for(lambda: finished(job), f"array job {job}")
     assert lines_in(out, "captions-00001-of-00004.jsonl") < COUNT // 4, "task 1 finished before it was cancelled"
-    assert len(captions(out)) < COUNT
+    assert len(qwen_captions(out)) < COUNT
     rerun = sbatch(tmp_path, generate(qwen_checkpoint, dataset, out, "--parts", "4"), "--array=1")
     wait_for(lambda: finished(rerun), f"resubmitted task {rerun}")
     assert caption_files(out) == [f"captions-0000{i}-of-00004.jsonl" for i in range(4)], job_logs(tmp_path)
-    assert captions(out) == reference, job_logs(tmp_path)
+    assert qwen_captions(out) == reference, job_logs(tmp_path)
 
 
 def test_scancel_term_of_a_running_job_then_a_rerun(qwen_checkpoint, dataset, reference, tmp_path):
@@ -131,7 +120,7 @@ def test_scancel_term_of_a_running_job_then_a_rerun(qwen_checkpoint, dataset, re
     wait_for(lambda: lines_in(out) > 0 or finished(job), "the job's first caption")
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     wait_for(lambda: finished(job), f"job {job}")
-    assert len(captions(out)) < COUNT, "the job finished before it was signalled"
-    subprocess.run(["srun", "--ntasks", "2", *generate(qwen_checkpoint, dataset, out)], cwd=REPO, env=environment(),
+    assert len(qwen_captions(out)) < COUNT, "the job finished before it was signalled"
+    subprocess.run(["srun", "--ntasks", "2", *generate(qwen_checkpoint, dataset, out)], cwd=REPO, env=command_env({}),
                    check=True, capture_output=True, timeout=TIMEOUT)
-    assert captions(out) == reference, job_logs(tmp_path)
+    assert qwen_captions(out) == reference, job_logs(tmp_path)

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import REPO, read_jsonl, run_command
+from conftest import REPO, command_env, generate_qwen, qwen_caption_files, qwen_captions, run_command
 from sample_images import write_pattern_images
 
 COUNT = 12
@@ -20,25 +20,11 @@ def dataset(tmp_path_factory):
     return write_pattern_images(tmp_path_factory.mktemp("units-dataset"), COUNT, seed=300)[0]
 
 
-def command(checkpoint, input_file, out, *extra):
-    return ["bash", "generate.sh", str(input_file), "qwen", "--model", checkpoint, "--output-dir", str(out),
-            "--max-new-tokens", "6", "--temperature", "0", "--num-workers", "0", *extra]
-
-
-def rows_by_file(out):
-    return {path.name: read_jsonl(path) for path in sorted(out.glob("qwen/*/default/captions-*.jsonl"))}
-
-
-def captions(out):
-    """(image, caption) of every line of every file, sorted; an image twice shows twice."""
-    return sorted((row["image"], row["caption"]) for rows in rows_by_file(out).values() for row in rows)
-
-
 @pytest.fixture(scope="module")
 def reference(qwen_checkpoint, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("units-reference")
-    run_command(command(qwen_checkpoint, dataset, out))
-    rows = captions(out)
+    run_command(generate_qwen(qwen_checkpoint, dataset, out))
+    rows = qwen_captions(out)
     assert len(rows) == COUNT
     return rows
 
@@ -52,8 +38,8 @@ ARRAYS = {
 
 
 def start(checkpoint, input_file, out, env, *extra):
-    return subprocess.Popen(command(checkpoint, input_file, out, *extra), cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, **env})
+    return subprocess.Popen(generate_qwen(checkpoint, input_file, out, *extra), cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, env=command_env(env))
 
 
 def test_array_tasks_each_caption_their_own_part(qwen_checkpoint, dataset, reference, tmp_path):
@@ -65,12 +51,12 @@ def test_array_tasks_each_caption_their_own_part(qwen_checkpoint, dataset, refer
     tasks.append(start(qwen_checkpoint, dataset, out, ARRAYS["slurm"](2)))
     statuses.append(tasks[-1].wait(timeout=300))
     assert statuses == [0, 0, 0], [task.stderr.read() for task in tasks]
-    assert sorted(rows_by_file(out)) == [f"captions-0000{i}-of-00003.jsonl" for i in range(3)]
-    assert captions(out) == reference
+    assert sorted(qwen_caption_files(out)) == [f"captions-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert qwen_captions(out) == reference
     for part in ("0/2", "1/2"):
-        rerun = run_command(command(qwen_checkpoint, dataset, out, "--part", part))
+        rerun = run_command(generate_qwen(qwen_checkpoint, dataset, out, "--part", part))
         assert "0 to caption" in rerun.stderr
-    assert captions(out) == reference
+    assert qwen_captions(out) == reference
 
 
 @pytest.mark.parametrize("scheduler", ["aws", "kubernetes"])
@@ -81,14 +67,14 @@ def test_other_schedulers_name_the_same_part(qwen_checkpoint, dataset, reference
     extra = ["--parts", "3"] if scheduler == "kubernetes" else []
     task = start(qwen_checkpoint, dataset, out, ARRAYS[scheduler](2), *extra)
     assert task.wait(timeout=300) == 0, task.stderr.read()
-    files = rows_by_file(out)
+    files = qwen_caption_files(out)
     assert list(files) == ["captions-00002-of-00003.jsonl"]
     names = [entry["image"] for entry in json.loads(dataset.read_text())]
     assert sorted(row["image"] for row in files["captions-00002-of-00003.jsonl"]) == sorted(names[8:])
 
 
 def test_kubernetes_index_without_a_count_is_one_line(qwen_checkpoint, dataset, tmp_path):
-    result = run_command(command(qwen_checkpoint, dataset, tmp_path / "out"), check=False,
+    result = run_command(generate_qwen(qwen_checkpoint, dataset, tmp_path / "out"), check=False,
                          env={"JOB_COMPLETION_INDEX": "1"})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -98,24 +84,24 @@ def test_kubernetes_index_without_a_count_is_one_line(qwen_checkpoint, dataset, 
 def test_an_array_task_with_several_processes_splits_its_part(qwen_checkpoint, dataset, reference, tmp_path):
     """--part 1/2 on two processes (NUM_GPUS=2): ranks 2 and 3 of 4; then part 0 alone; every image once."""
     out = tmp_path / "out"
-    run_command(command(qwen_checkpoint, dataset, out, "--part", "1/2"), env={"NUM_GPUS": "2"})
-    assert sorted(rows_by_file(out)) == ["captions-00002-of-00004.jsonl", "captions-00003-of-00004.jsonl"]
-    run_command(command(qwen_checkpoint, dataset, out, "--part", "0/2"))
-    assert captions(out) == reference
+    run_command(generate_qwen(qwen_checkpoint, dataset, out, "--part", "1/2"), env={"NUM_GPUS": "2"})
+    assert sorted(qwen_caption_files(out)) == ["captions-00002-of-00004.jsonl", "captions-00003-of-00004.jsonl"]
+    run_command(generate_qwen(qwen_checkpoint, dataset, out, "--part", "0/2"))
+    assert qwen_captions(out) == reference
 
 
 def test_a_second_writer_stops_before_the_model_loads(qwen_checkpoint, dataset, reference, tmp_path):
     """The same part started twice: the second stops in one line naming the file and the first process; once the
     first is killed (kill -9), its lock is gone and a rerun completes the part exactly once."""
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "qwen.py", *command(qwen_checkpoint, dataset, out, "--batch-size", "1")[4:],
-                              "--input-json", str(dataset)], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    flags = generate_qwen(qwen_checkpoint, dataset, out, "--batch-size", "1")[4:]
+    first = subprocess.Popen([sys.executable, "qwen.py", *flags, "--input-json", str(dataset)], cwd=REPO,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     deadline = time.time() + 120
-    while time.time() < deadline and not any(rows_by_file(out).values()):
+    while time.time() < deadline and not any(qwen_caption_files(out).values()):
         time.sleep(0.02)
     try:
-        second = run_command(command(qwen_checkpoint, dataset, out), check=False)
+        second = run_command(generate_qwen(qwen_checkpoint, dataset, out), check=False)
     finally:
         first.kill()
         first.wait()
@@ -124,6 +110,6 @@ def test_a_second_writer_stops_before_the_model_loads(qwen_checkpoint, dataset, 
     assert len(lines) == 1 and "captions-00000-of-00001.jsonl is being written by process" in lines[0], second.stderr
     assert f"process {first.pid} on this host" in lines[0]
     assert "Loading" not in second.stderr
-    run_command(command(qwen_checkpoint, dataset, out))
-    assert captions(out) == reference
-    assert max(Counter(image for image, _ in captions(out)).values()) == 1
+    run_command(generate_qwen(qwen_checkpoint, dataset, out))
+    assert qwen_captions(out) == reference
+    assert max(Counter(image for image, _ in qwen_captions(out)).values()) == 1

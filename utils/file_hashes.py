@@ -3,15 +3,20 @@
 A digest is BLAKE3 over the file's bytes, on all cores (the blake3 package: memory-mapped, multi-threaded), so that
 two fine-tunes of one base, whose files differ only in their weights, are told apart. Each result is kept in a
 JSONL file (~/.cache/synthetic-caption/file-digests.jsonl, or $SYNTHETIC_CAPTION_CACHE), keyed by the file's
-path, size and modification time: a changed file is hashed again. Processes that start together may each hash a
+path, size and modification time: a changed file is hashed again. A file modified less than RACY_NS before it was
+hashed is not kept, since a change within one tick of the file system's clock would leave that key as it was (as
+git treats a "racily clean" file). Processes that start together may each hash a
 file once; they append whole lines, and a partial line left by a killed process is ignored.
 """
 import json
 import os
+import time
 
 import blake3
 
 from utils.records import complete_lines
+
+RACY_NS = 2_000_000_000  # the coarsest modification-time granularity of common file systems (FAT: 2 s)
 
 
 def cache_path():
@@ -57,9 +62,11 @@ def content_digest(path, kept=None):
     kept = kept_digests() if kept is None else kept
     digest = kept.get(tuple(key))
     if digest is None:
+        started = time.time_ns()
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         if key[1]:
             hasher.update_mmap(path)
         digest = hasher.hexdigest()
-        keep_digest(key, digest)
+        if started - key[2] >= RACY_NS:
+            keep_digest(key, digest)
     return "blake3:" + digest
