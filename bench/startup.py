@@ -95,7 +95,6 @@ def main():
           f"{'skipped':>9}")
     for path in inputs:
         for done, out in outputs:
-            # A JSON array is scanned (no marks yet: the first process of a run), then read with the marks kept.
             kinds = ["scanned", "kept"] if path.suffix == ".json" else ["-"]
             marks = folder / f"marks-{time.time_ns()}"
             for kind in kinds:

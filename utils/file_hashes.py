@@ -4,9 +4,9 @@ A digest is BLAKE3 over the file's bytes, on all cores (the blake3 package: memo
 two fine-tunes of one base, whose files differ only in their weights, are told apart. Each result is kept in a
 JSONL file (~/.cache/synthetic-caption/file-digests.jsonl, or $SYNTHETIC_CAPTION_CACHE), keyed by the file's
 path, size and modification time: a changed file is hashed again. A file modified less than RACY_NS before it was
-hashed is not kept, since a change within one tick of the file system's clock would leave that key as it was (as
-git treats a "racily clean" file). Processes that start together may each hash a
-file once; they append whole lines, and a partial line left by a killed process is ignored.
+hashed keeps no digest, since a change within one tick of the file system's clock would leave its key as it was
+(git's "racily clean" files). Processes that start together may each hash a file once; they append whole lines,
+and a partial line left by a killed process is ignored.
 """
 import json
 import os

@@ -204,13 +204,13 @@ def in_bulk(make):
     what it tracks is frozen out of its later passes (the captioning loop's)."""
     @functools.wraps(make)
     def made_in_bulk(*args, **kwargs):
-        paused = gc.isenabled()
+        was_enabled = gc.isenabled()
         gc.disable()
         try:
             return make(*args, **kwargs)
         finally:
             gc.freeze()
-            if paused:
+            if was_enabled:
                 gc.enable()
     return made_in_bulk
 
@@ -291,8 +291,8 @@ def json_part_records(path, rank, world, limit, marks_folder=None):
 
 
 def array_marks(path, marks_folder):
-    """(elements, [(byte, index) of an element every MARK_EVERY or more]) of a JSON array, every element checked; kept in
-    marks_folder (beside the outputs: the input's folder may be read-only) for as long as the file is unchanged."""
+    """(elements, [(byte, index) of an element, MARK_EVERY or more apart]) of a JSON array, every element checked;
+    kept in marks_folder (beside the outputs: the input's folder may be read-only) while the file is unchanged."""
     stat = os.stat(path)
     key = [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
     kept = None

@@ -18,7 +18,7 @@ _WHITESPACE = " \t\r\n"
 _BLANK_CHARS = _WHITESPACE + "\ufeff"  # a byte order mark may start a file
 _BLANK_RUN = re.compile(f"[{_BLANK_CHARS}]*")
 _decoder = json.JSONDecoder()
-MARK_EVERY = 4096  # elements at least between the marks iter_json_array leaves for a later start
+MARK_EVERY = 4096  # the fewest elements between two marks that iter_json_array leaves for a later start
 _RUN_CHARS = 1 << 16  # the most text parsed in one call as a run of whole elements
 
 
