@@ -48,6 +48,15 @@ def qwen_captions(out):
     return sorted((row["image"], row["caption"]) for rows in qwen_caption_files(out).values() for row in rows)
 
 
+def one_process_captions(command, count):
+    """qwen_captions of one plain run of command (a generate_qwen list whose --output-dir is new), every one of the
+    input's `count` images captioned: the reference that runs split across processes must equal."""
+    run_command(command)
+    rows = qwen_captions(command[command.index("--output-dir") + 1])
+    assert len(rows) == count
+    return rows
+
+
 def model_settings(captioner_cls, *argv, dtype="float32"):
     """The ModelSettings that the loop builds captioner_cls with for this command line (--input-json given)."""
     from utils.caption_loop import model_settings

@@ -298,7 +298,7 @@ def test_launcher_sets_ranks_and_reports_a_failed_one(tmp_path):
 def test_large_weight_files_are_hashed_once_and_by_their_bytes(tmp_path, monkeypatch):
     """A weight file over utils/checkpoints.py's LARGEST_HASHED is hashed with BLAKE3 and its digest kept: the second
     identity reads nothing of it; one byte changed in place (same size) gives another identity, and a file modified
-just before it is hashed keeps no digest (its modification time may not show the next change)."""
+    just before it is hashed keeps no digest (its modification time may not show the next change)."""
     from utils import checkpoints, file_hashes
     monkeypatch.setenv("SYNTHETIC_CAPTION_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "final"

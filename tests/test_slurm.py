@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, command_env, generate_qwen, qwen_caption_files, qwen_captions, run_command
+from conftest import REPO, command_env, generate_qwen, one_process_captions, qwen_caption_files, qwen_captions
 from sample_images import write_pattern_images
 
 COUNT = 32
@@ -30,7 +30,8 @@ def slurm_problem():
     return None
 
 
-pytestmark = pytest.mark.skipif(slurm_problem() is not None, reason=str(slurm_problem()))
+SLURM_PROBLEM = slurm_problem()
+pytestmark = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=str(SLURM_PROBLEM))
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +43,9 @@ def generate(checkpoint, input_file, out, *extra):
     return generate_qwen(checkpoint, input_file, out, *extra, max_new_tokens=64)  # long enough to cancel mid-run
 
 
-def caption_files(out):
-    return list(qwen_caption_files(out))
-
-
 @pytest.fixture(scope="module")
 def reference(qwen_checkpoint, dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("slurm-reference")
-    run_command(generate(qwen_checkpoint, dataset, out))
-    rows = qwen_captions(out)
-    assert len(rows) == COUNT
-    return rows
+    return one_process_captions(generate(qwen_checkpoint, dataset, tmp_path_factory.mktemp("slurm-reference")), COUNT)
 
 
 def sbatch(tmp_path, command, *options):
@@ -94,7 +87,7 @@ def test_srun_two_tasks(qwen_checkpoint, dataset, reference, tmp_path):
     out = tmp_path / "out"
     subprocess.run(["srun", "--ntasks", "2", *generate(qwen_checkpoint, dataset, out)], cwd=REPO, env=command_env({}),
                    check=True, capture_output=True, timeout=TIMEOUT)
-    assert caption_files(out) == ["captions-00000-of-00002.jsonl", "captions-00001-of-00002.jsonl"]
+    assert sorted(qwen_caption_files(out)) == ["captions-00000-of-00002.jsonl", "captions-00001-of-00002.jsonl"]
     assert qwen_captions(out) == reference
 
 
@@ -110,7 +103,7 @@ def test_throttled_array_with_a_task_cancelled_and_resubmitted(qwen_checkpoint, 
     assert len(qwen_captions(out)) < COUNT
     rerun = sbatch(tmp_path, generate(qwen_checkpoint, dataset, out, "--parts", "4"), "--array=1")
     wait_for(lambda: finished(rerun), f"resubmitted task {rerun}")
-    assert caption_files(out) == [f"captions-0000{i}-of-00004.jsonl" for i in range(4)], job_logs(tmp_path)
+    assert sorted(qwen_caption_files(out)) == [f"captions-0000{i}-of-00004.jsonl" for i in range(4)], job_logs(tmp_path)
     assert qwen_captions(out) == reference, job_logs(tmp_path)
 
 

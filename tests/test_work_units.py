@@ -2,14 +2,14 @@
 generate.sh on the tiny Qwen2-VL checkpoint, with the variables SLURM arrays, AWS Batch arrays and Kubernetes
 Indexed Jobs set (tests/test_slurm.py runs a real SLURM)."""
 import json
-import os
 import subprocess
 import sys
 import time
 from collections import Counter
 
 import pytest
-from conftest import REPO, command_env, generate_qwen, qwen_caption_files, qwen_captions, run_command
+from conftest import (REPO, command_env, generate_qwen, one_process_captions, qwen_caption_files, qwen_captions,
+                      run_command)
 from sample_images import write_pattern_images
 
 COUNT = 12
@@ -22,11 +22,8 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(qwen_checkpoint, dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("units-reference")
-    run_command(generate_qwen(qwen_checkpoint, dataset, out))
-    rows = qwen_captions(out)
-    assert len(rows) == COUNT
-    return rows
+    return one_process_captions(generate_qwen(qwen_checkpoint, dataset, tmp_path_factory.mktemp("units-reference")),
+                                COUNT)
 
 
 ARRAYS = {
@@ -96,7 +93,7 @@ def test_a_second_writer_stops_before_the_model_loads(qwen_checkpoint, dataset, 
     out = tmp_path / "out"
     flags = generate_qwen(qwen_checkpoint, dataset, out, "--batch-size", "1")[4:]
     first = subprocess.Popen([sys.executable, "qwen.py", *flags, "--input-json", str(dataset)], cwd=REPO,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                             stderr=subprocess.PIPE, text=True, env=command_env({}))
     deadline = time.time() + 120
     while time.time() < deadline and not any(qwen_caption_files(out).values()):
         time.sleep(0.02)
