@@ -114,13 +114,14 @@ def test_merge_multi_caption_qa_trim_and_drop(tmp_path):
         {"image": "3.jpg", "caption": "A cup."}])
     result = run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index",
                  tmp_path / "composed.jsonl", "--output", tmp_path / "out.jsonl", "--qa-report", tmp_path / "qa.json",
-                 "--trim-truncated")
+                 "--trim-truncated", "--names", "model")
+    sources = {"sources": ["original", "model"]}
     assert read_lines(tmp_path / "out.jsonl") == [
-        {"image": "0.jpg", "caption": ["web 0", "A dog runs."], "truncated": [None, False]},  # trimmed: complete
-        {"image": "1.jpg", "caption": ["web 1", "A cat."], "truncated": [None, True]},
+        {"image": "0.jpg", "caption": ["web 0", "A dog runs."], "truncated": [None, False], **sources},  # trimmed
+        {"image": "1.jpg", "caption": ["web 1", "A cat."], "truncated": [None, True], **sources},
         {"image": "2.jpg", "caption": ["web 2", "I cannot describe this image."],  # flagged, not dropped
-         "truncated": [None, None]},
-        {"image": "3.jpg", "caption": ["web 3", "A cup."], "truncated": [None, None]}]
+         "truncated": [None, None], **sources},
+        {"image": "3.jpg", "caption": ["web 3", "A cup."], "truncated": [None, None], **sources}]
     assert "1 trimmed" in result.stdout
     sources = json.load(open(tmp_path / "qa.json"))["sources"]
     assert [s["flags"]["truncated"] for s in sources] == [0, 2]

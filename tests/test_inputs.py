@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from sample_images import image_bytes, write_tar_shard
 from utils.errors import InputError
 from utils.images import UnreadableImage
 from utils.input_reader import check_inputs, expand_braces, expand_inputs, iter_samples, read_image_bytes
-from utils.tar_shards import image_member, iter_tar_samples, tar_caption
+from utils.tar_shards import image_member, iter_tar_samples, tar_original
 
 SHARD_SIZES = [5, 1, 8, 3]  # uneven shards, as img2dataset leaves them when downloads fail
 
@@ -60,18 +61,35 @@ def test_a_file_a_folder_and_a_pattern_name_the_same_shards_and_ids(shards, tmp_
     ("nowhere/{0..3}.tar", "4 of 4 files do not exist (first: nowhere/0.tar)"),
     ("nowhere.tar", "nowhere.tar: no such file or folder"),
     ("nowhere/{a,b}.json", "must name .tar files or .parquet files"),
+    ("nowhere/*.tar", "nowhere/*.tar: the pattern matches no file"),
 ])
 def test_inputs_that_name_nothing_give_one_clear_line(spec, problem):
-    with pytest.raises(InputError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(InputError, match=re.escape(problem)):
         expand_inputs(spec)
 
 
 def test_a_folder_without_shards_and_a_file_that_is_not_a_tar(tmp_path):
-    with pytest.raises(InputError, match="without .tar or .parquet files"):
+    with pytest.raises(InputError, match=r"without .tar or .parquet files \(nor a data/ folder of .parquet files\)"):
         expand_inputs(str(tmp_path))
     (tmp_path / "00000.tar").write_text("<html>404</html>" * 100)
     with pytest.raises(InputError, match="00000.tar: not a readable tar file"):
         check_inputs(expand_inputs(str(tmp_path)))
+
+
+def test_a_hub_dataset_folder_is_found_through_data_and_a_glob_picks_a_split(tmp_path):
+    """The Hub's layout: data/<split>-NNNNN-of-NNNNN.parquet, also data/<split>/*.parquet; train first."""
+    names = ["test-00000-of-00001.parquet", "train-00001-of-00002.parquet", "train-00000-of-00002.parquet",
+             "validation/part-0.parquet"]
+    for name in names:
+        os.makedirs(os.path.dirname(tmp_path / "ds" / "data" / name), exist_ok=True)
+        write_parquet(tmp_path / "ds" / "data" / name, {"image": pa.array([image_bytes(1)], pa.binary())})
+    found = expand_inputs(str(tmp_path / "ds"))
+    data = tmp_path / "ds" / "data"
+    assert found == ("parquet", [str(data / names[2]), str(data / names[1]), str(data / names[3]),
+                                 str(data / names[0])], str(data))
+    assert [s.image for s in iter_samples(found, found.root)][:2] == ["train-00000-of-00002.parquet/0",
+                                                                    "train-00001-of-00002.parquet/0"]
+    assert expand_inputs(f"{tmp_path}/ds/data/train-*.parquet").files == [str(data / names[2]), str(data / names[1])]
 
 
 def test_members_are_grouped_into_samples_as_webdataset_does(tmp_path):
@@ -86,7 +104,8 @@ def test_members_are_grouped_into_samples_as_webdataset_does(tmp_path):
     assert [(s.key, list(s.members)) for s in samples] == [
         ("a/001", ["txt", "jpg"]), ("002", ["seg.png", "json"]), ("003", ["txt", "jpg"]), ("003", ["jpg"])]
     assert [image_member(s).name for s in samples] == ["a/001.JPG", "002.seg.png", "003.jpg", "003.jpg"]
-    assert [tar_caption(shard, s) for s in samples] == ["first", "from json", "no image here", None]
+    assert [tar_original(shard, s) for s in samples] == [
+        ("first", {}), ("from json", {"caption": "from json"}), ("no image here", {}), (None, {})]
     assert read_image_bytes("odd.tar/002.seg.png", str(tmp_path)) == image_bytes(2)
 
 
@@ -153,19 +172,26 @@ def test_parquet_images_from_struct_binary_and_path_columns(tmp_path):
     struct = pa.StructArray.from_arrays([pa.array(images[:6] + [None], pa.binary()),
                                          pa.array([f"{n}.jpg" for n in range(7)])], names=["bytes", "path"])
     (tmp_path / "6.jpg").write_bytes(images[6])  # a row without bytes reads its path
-    write_parquet(tmp_path / "hf.parquet", {"image": struct, "text": [f"t{n}" for n in range(7)]})
+    write_parquet(tmp_path / "hf.parquet", {"image": struct, "text": [f"t{n}" for n in range(7)],
+                                            "width": [48] * 6 + [float("nan")], "labels": [[1]] * 7})
     write_parquet(tmp_path / "raw.parquet", {"id": list(range(100, 107)), "jpg": pa.array(images, pa.binary())})
     folder = tmp_path / "paths"
     folder.mkdir()
     write_parquet(folder / "p.parquet", {"path": [f"../{n}.jpg" for n in range(7)], "caption": ["c"] * 7})
     hf = expand_inputs(str(tmp_path / "hf.parquet"))
-    samples = list(iter_samples(hf, hf.root, captions=True))
-    assert samples[3] == ("hf.parquet/3", "hf.parquet:3", "t3")
+    samples = list(iter_samples(hf, hf.root, originals=True))
+    # the scalar columns are the metadata, NaN as null (JSON has no NaN); the list column is not a scalar
+    assert samples[3] == ("hf.parquet/3", "hf.parquet:3", "t3", {"width": 48})
+    assert samples[6].metadata == {"width": None}
     assert [read_image_bytes(s.image, hf.root) for s in samples] == images
     raw = expand_inputs(str(tmp_path / "raw.parquet"))
     assert [s.key for s in iter_samples(raw, raw.root)] == [str(n) for n in range(100, 107)]
     assert read_image_bytes("raw.parquet/5", raw.root) == images[5]
     assert read_image_bytes("raw.parquet/1", raw.root) == images[1]  # behind the reader: the row group again
+    (tmp_path / "dc").mkdir()
+    write_parquet(tmp_path / "dc" / "0.parquet", {"uid": [f"{n:032x}" for n in range(7)], "jpg": pa.array(images)})
+    datacomp = expand_inputs(str(tmp_path / "dc"))
+    assert [s.key for s in iter_samples(datacomp, datacomp.root)][:2] == [f"{n:032x}" for n in range(2)]  # its uid
     paths = expand_inputs(str(folder))
     assert [s.image for s in iter_samples(paths, paths.root)][:2] == ["../0.jpg", "../1.jpg"]
     assert check_inputs(paths) == "1 Parquet file, 7 rows"

@@ -41,8 +41,9 @@ def read_lines(path):
 
 
 def ours(image, caption, truncated=False):
+    """A caption line as the loop writes it; a tar shard's or Parquet row's also has a key (here: d.jpg's)."""
     return {"image": image, "caption": caption, "model": "qwen", "prompt": "default", "truncated": truncated,
-            "id": image.upper()}
+            "id": image.upper(), **({"key": "000000003"} if image == "d.jpg" else {})}
 
 
 @pytest.fixture
@@ -71,8 +72,10 @@ EXPECTED_OURS = [("a.jpg", "A cat."), ("b b.jpg", 'A "quoted" dog, été.'), ("c
 def check_composed(folder, expected, truncated=()):
     rows = read_lines(folder / "composed.jsonl")
     assert [(r["image"], r["caption"]) for r in rows] == expected
-    assert [r["image"] for r in rows if r.get("truncated")] == list(truncated)
-    assert all(set(r) <= {"image", "caption", "truncated"} for r in rows)
+    assert [r["image"] for r in rows if r["truncated"]] == list(truncated)  # true or false on every row
+    assert [list(r) for r in rows] == [["image", "caption", "truncated", *(["key"] if i == "d.jpg" else [])]
+                                       for i, _ in expected]
+    assert [r["key"] for r in rows if "key" in r] == (["000000003"] if ("d.jpg", "A car.") in expected else [])
     with open(folder / "composed_index.json", encoding="utf-8") as f:
         index = json.load(f)
     assert list(index.items()) == expected
@@ -192,7 +195,7 @@ def multi(tmp_path):
 
 
 def noun_truncated(image):
-    """The noun index's flag: true where composed.jsonl says so, else unknown (merge.py writes only true)."""
+    """The noun index's flag: true where this composed.jsonl says so, else unknown (it has no flag there)."""
     return True if image == "p/5.jpg" else None
 
 
@@ -200,8 +203,8 @@ def test_multi_caption_drop_missing(multi):
     result = run("merge_multi_caption.py", "--original", multi / "original.jsonl", "--index",
                  multi / "detail_index.json", "--index", multi / "noun", "--output", multi / "out.jsonl")
     assert read_lines(multi / "out.jsonl") == [
-        {"image": i, "caption": [c, f"A {c}", f"B {c}"], "truncated": [None, None, noun_truncated(i)]}
-        for i, c in ORIGINAL if i not in ("p/2.jpg", "p/4.jpg")]
+        {"image": i, "caption": [c, f"A {c}", f"B {c}"], "truncated": [None, None, noun_truncated(i)],
+         "sources": ["original", "detail_index", "noun"]} for i, c in ORIGINAL if i not in ("p/2.jpg", "p/4.jpg")]
     assert "detail_index.json: 5 entries, 1 original images missing" in result.stdout
     assert "composed.jsonl: 5 entries, 1 original images missing" in result.stdout
     assert "6 original rows, 4 written, 2 dropped" in result.stdout
@@ -218,7 +221,8 @@ def test_multi_caption_keep_shorter_many_buckets(multi):
     for i, c in ORIGINAL:
         captions = [c] + ([f"B {c}"] if i != "p/2.jpg" else []) + ([f"A {c}"] if i != "p/4.jpg" else [])
         truncated = [None] + ([noun_truncated(i)] if i != "p/2.jpg" else []) + ([None] if i != "p/4.jpg" else [])
-        expected.append({"image": i, "caption": captions, "truncated": truncated})
+        sources = ["original"] + (["noun"] if i != "p/2.jpg" else []) + (["detail_index"] if i != "p/4.jpg" else [])
+        expected.append({"image": i, "caption": captions, "truncated": truncated, "sources": sources})
     assert read_lines(multi / "out.jsonl") == expected
 
 
@@ -229,8 +233,8 @@ def test_multi_caption_order_at_scale(tmp_path):
     write_lines(tmp_path / "idx" / "composed.jsonl", [{"image": p, "caption": "x" + p} for p in sorted(images)])
     run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index", tmp_path / "idx",
         "--output", tmp_path / "out.jsonl", "--buckets", "37")
-    assert read_lines(tmp_path / "out.jsonl") == [{"image": p, "caption": [p[4:9], "x" + p], "truncated": [None, None]}
-                                                  for p in images]
+    assert read_lines(tmp_path / "out.jsonl") == [{"image": p, "caption": [p[4:9], "x" + p], "truncated": [None, None],
+                                                   "sources": ["original", "idx"]} for p in images]
 
 
 def test_both_scripts_chain(run_folder, tmp_path):
@@ -240,8 +244,8 @@ def test_both_scripts_chain(run_folder, tmp_path):
     run("merge_multi_caption.py", "--original", tmp_path / "original.jsonl", "--index", run_folder,
         "--index", run_folder / "composed_index.json", "--output", tmp_path / "multi.jsonl")
     assert read_lines(tmp_path / "multi.jsonl") == [
-        {"image": i, "caption": [f"web {i}", c, c], "truncated": [None, True if i == "b b.jpg" else None, None]}
-        for i, c in EXPECTED_OURS]
+        {"image": i, "caption": [f"web {i}", c, c], "truncated": [None, i == "b b.jpg", None],
+         "sources": ["original", "ckpt-default", "ckpt-default-2"]} for i, c in EXPECTED_OURS]
 
 
 def test_multi_caption_errors(multi):
@@ -262,6 +266,17 @@ def test_multi_caption_errors(multi):
                               multi / "out.jsonl", "--index", multi / "noun", ok=False), "bad.jsonl:2")
     result = run("merge_multi_caption.py", *base, "--index", multi / "noun", "--drop-flagged", "rude", ok=False)
     assert result.returncode != 0 and "unknown flag rude" in result.stderr
+    two = [*base, "--index", multi / "noun", "--index", multi / "detail_index.json"]
+    assert_one_line_error(run("merge_multi_caption.py", *two, "--txt", "nouns", ok=False),
+                          "--txt nouns: neither random nor a source (original, noun, detail_index)")
+    assert_one_line_error(run("merge_multi_caption.py", *two, "--names", "noun", ok=False),
+                          "--names gives 1 names for 2 --index")
+    assert_one_line_error(run("merge_multi_caption.py", *two, "--names", "noun,Detail.v2", ok=False),
+                          "'Detail.v2' is not a source name")
+    assert_one_line_error(run("merge_multi_caption.py", *two, "--names", "noun,original", ok=False),
+                          "repeat the original's original")
+    assert_one_line_error(run("merge_multi_caption.py", *two, "--image-extension", ".jpg", ok=False),
+                          "--image-extension: '.jpg' is not an extension")
 
 
 def test_generate_then_bare_merge(qwen_checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 
     python utils/caption_qa.py outputs/qwen/Qwen2-VL-7B-Instruct/default --report qa.json
     python utils/caption_qa.py merged.jsonl --names original,detail,noun,background,main,style
+    python utils/caption_qa.py cc3m-multi/          # webdataset shards of merge_multi_caption.py
 
 Flags (a caption can have several; flags only report, they never remove anything):
   empty       nothing but whitespace
@@ -33,6 +34,8 @@ from utils.merge import OUR_FILE
 from utils.prompts import ALL as PRESET_PROMPTS  # a caption containing one echoes its prompt
 from utils.records import (RecordError, detect_format, index_format, iter_json_lines,
                            iter_json_object, iter_records)
+from utils.tar_shards import holds_shards
+from utils.webdataset_output import iter_shard_records
 
 FLAGS = ("empty", "truncated", "repetition", "refusal", "prompt_echo")
 TRUNCATED_MIN_WORDS = 40
@@ -196,11 +199,16 @@ def truncated_flags(captions, truncated):
 
 
 def iter_file_captions(path):
-    """Yield (image, caption or list of captions, its "truncated" value or None) from composed.jsonl, our
-    captions files, the multi-caption JSONL or a composed_index.json; truncated_flags() reads the last."""
+    """Yield (image, caption or list of captions, its "truncated" value or None, its source names or None) from
+    composed.jsonl, our captions files, the multi-caption JSONL or its webdataset shards (KEY.json), or a
+    composed_index.json; truncated_flags() reads the third."""
+    if holds_shards(path):
+        for record in iter_shard_records(path):
+            yield record["image"], record["caption"], record.get("truncated"), record_sources(record)
+        return
     if index_format(path) == "object":
         for image, caption in iter_json_object(path):
-            yield image, caption, None
+            yield image, caption, None, None
         return
     if detect_format(path) == "array":
         records = ((f"element {i}", r) for i, r in enumerate(iter_records(path, allow_truncated=True)))
@@ -209,15 +217,26 @@ def iter_file_captions(path):
     for where, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("image"), str) or "caption" not in record:
             raise RecordError(f"{path}: {where}: expected an object with \"image\" and \"caption\"")
-        yield record["image"], record["caption"], record.get("truncated")
+        yield record["image"], record["caption"], record.get("truncated"), record_sources(record)
+
+
+def record_sources(record):
+    """A multi-caption row's "sources" (the name of each caption), or None."""
+    sources, captions = record.get("sources"), record["caption"]
+    if isinstance(sources, list) and isinstance(captions, list) and len(sources) == len(captions):
+        return [str(source) for source in sources]
+    return None
 
 
 def input_files(item):
-    """The caption files of one INPUT: the file, or a folder's captions-*.jsonl files (together one source)."""
+    """The caption files of one INPUT: the file, a folder's captions-*.jsonl files (together one source), or
+    webdataset shards."""
+    if holds_shards(item):
+        return [item]
     if os.path.isdir(item):
         files = sorted(os.path.join(root, f) for root, _, fs in os.walk(item) for f in fs if OUR_FILE.match(f))
         if not files:
-            raise RecordError(f"no captions-*.jsonl files under {item}")
+            raise RecordError(f"no captions-*.jsonl files or .tar shards under {item}")
         return files
     if os.path.isfile(item):
         return [item]
@@ -229,23 +248,32 @@ def check_input(item, names, checker, new_stats, flagged):
     -> the summaries of its sources, one per caption position. new_stats: source name -> SourceStats."""
     sources = {}
     for path in input_files(item):
-        for image, captions, truncated_field in iter_file_captions(path):
+        for image, captions, truncated_field, names_here in iter_file_captions(path):
             if isinstance(captions, str):
                 captions = [captions]
             elif not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise RecordError(f"{path}: the caption of {image} is neither a string nor a list of strings")
             truncated = truncated_flags(captions, truncated_field)
             for position, text in enumerate(captions):
-                if position not in sources:
-                    label = names[position] if position < len(names) else (
-                        f"caption[{position}]" if len(captions) > 1 or position else "")
-                    sources[position] = new_stats(f"{item} {label}".strip())
+                label = source_label(position, captions, names, names_here)
+                if label not in sources:
+                    sources[label] = new_stats(f"{item} {label}".strip())
                 flags = checker.flags(text, truncated[position])
-                sources[position].add(image, text, flags)
+                sources[label].add(image, text, flags)
                 if flagged and flags:
-                    flagged.write(json.dumps({"source": sources[position].name, "image": image,
+                    flagged.write(json.dumps({"source": sources[label].name, "image": image,
                                               "flags": list(flags), "caption": text}, ensure_ascii=False) + "\n")
-    return [sources[k].summary() for k in sorted(sources)]
+    return [stats.summary() for stats in sources.values()]
+
+
+def source_label(position, captions, names, row_sources):
+    """The name of a caption: --names by position, else the row's own source names, else its position
+    ("caption[1]"; "" for a file of single captions)."""
+    if position < len(names):
+        return names[position]
+    if row_sources:
+        return row_sources[position]
+    return f"caption[{position}]" if len(captions) > 1 or position else ""
 
 
 def parse_arguments(argv):
@@ -255,12 +283,13 @@ def parse_arguments(argv):
                     "files; in a multi-caption JSONL ({image, caption: [...]}) each position is a source.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="composed.jsonl, composed_index.json, captions-*.jsonl, a multi-caption JSONL, "
-                             "or a folder of captions-*.jsonl")
+                             "a folder of captions-*.jsonl, or webdataset shards of merge_multi_caption.py (a "
+                             ".tar or a folder of them)")
     parser.add_argument("--report", metavar="FILE", help="write the statistics, flag counts and examples as JSON")
     parser.add_argument("--flagged", metavar="FILE",
                         help="write every flagged caption as JSONL: {\"source\", \"image\", \"flags\", \"caption\"}")
     parser.add_argument("--names", help="comma-separated source names for the positions of a multi-caption "
-                                        "JSONL (default: caption[0], caption[1], ...)")
+                                        "JSONL (default: its rows' \"sources\", else caption[0], caption[1], ...)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt text to detect echoes of, besides the model scripts' preset prompts "
                              "(repeatable)")

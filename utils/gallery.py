@@ -22,11 +22,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 if not __package__:  # python utils/gallery.py: makes utils importable (utils/as_package.py)
     import as_package  # noqa: F401
 from utils.arguments import ArgumentParser
-from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, truncated_flags
+from utils.caption_qa import FLAGS, Checker, SourceStats, iter_file_captions, source_label, truncated_flags
 from utils.errors import InputError
 from utils.images import UnreadableImage
 from utils.input_reader import expand_inputs, read_image_bytes
 from utils.records import RecordError, composed_file
+from utils.tar_shards import holds_shards
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -43,7 +44,7 @@ def sample_rows(paths, names, size, seed, checker):
     sources, stats, sample, seen = [], {}, [], 0
     for number, path in enumerate(paths):
         wanted = {image: row for image, row in sample} if number else None
-        for image, captions, truncated_field in iter_file_captions(path):
+        for image, captions, truncated_field, row_sources in iter_file_captions(path):
             if isinstance(captions, str):
                 captions = [captions]
             truncated = truncated_flags(captions, truncated_field)
@@ -51,8 +52,7 @@ def sample_rows(paths, names, size, seed, checker):
                 if len(paths) > 1:
                     source = names[number] if number < len(names) else path
                 else:
-                    source = names[position] if position < len(names) else (
-                        f"caption[{position}]" if position or len(captions) > 1 else path)
+                    source = source_label(position, captions, names, row_sources) or path
                 if source not in stats:
                     sources.append(source)
                     stats[source] = SourceStats(source, examples=0)
@@ -187,9 +187,10 @@ def main(argv=None):
         description="Write a static HTML gallery (index.html, thumbs/, lengths.png) of a random sample of "
                     "images with all their captions side by side, flagged captions highlighted.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="one multi-caption JSONL ({image, caption: [...]}), or one or more composed.jsonl / "
-                             "composed_index.json files or folders holding one (one caption source each, joined "
-                             "by image; the sample is drawn from the first)")
+                        help="one multi-caption JSONL ({image, caption: [...]}) or its webdataset shards (a .tar "
+                             "or a folder of them), or one or more composed.jsonl / composed_index.json files or "
+                             "folders holding one (one caption source each, joined by image; the sample is drawn "
+                             "from the first)")
     parser.add_argument("--output-dir", required=True, help="folder for index.html, thumbs/ and lengths.png")
     parser.add_argument("--sample", type=int, default=50, help="images to show (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
@@ -198,9 +199,10 @@ def main(argv=None):
                              "are found from its image root, as captioning found them (its folder, or the folder "
                              "holding its shards or Parquet files)")
     parser.add_argument("--image-root", help="the captioning run's --image-root, if it had one: the folder image ids "
-                                             "start from (default: that of --input-json, else the current folder)")
+                                             "start from (default: that of --input-json, else the shards' folder "
+                                             "for shards, else the current folder)")
     parser.add_argument("--names", help="comma-separated source names: the caption positions of a multi-caption "
-                                        "JSONL, or the inputs in order")
+                                        "JSONL (default: its rows' \"sources\"), or the inputs in order")
     parser.add_argument("--thumb-size", type=int, default=256, help="longest thumbnail side in pixels (default 256)")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                         help="a prompt text whose echo is flagged, besides the model scripts' preset prompts "
@@ -210,8 +212,10 @@ def main(argv=None):
         parser.error("--sample must be at least 1")
     names = args.names.split(",") if args.names else []
     try:
-        image_root = args.image_root or (expand_inputs(args.input_json).root if args.input_json else ".")
-        paths = [composed_file(p) for p in args.inputs]
+        paths = [p if holds_shards(p) else composed_file(p) for p in args.inputs]
+        # the shards of a mirrored tar original hold each image under its id
+        image_root = args.image_root or (expand_inputs(args.input_json).root if args.input_json else
+                                         expand_inputs(paths[0]).root if holds_shards(paths[0]) else ".")
         sources, sample, stats = sample_rows(paths, names, args.sample, args.seed, Checker(args.prompt))
     except (RecordError, InputError) as e:
         sys.exit(f"gallery.py: error: {e}")

@@ -1,7 +1,8 @@
 """What the input is, and this process's part of it: JSON/JSONL lists of paths, webdataset tar shards, Parquet.
 
-    expand_inputs(spec) -> Inputs(kind, files, root)    a JSON/JSONL file, a .tar file, a folder of .tar files or
-                                                        a brace pattern (data/{00000..01242}.tar), or Parquet files
+    expand_inputs(spec) -> Inputs(kind, files, root)    a JSON/JSONL file, a .tar file, a folder of .tar files, a
+                                                        brace pattern (data/{00000..01242}.tar) or a glob, or
+                                                        Parquet files (also a Hub dataset folder: data/*.parquet)
     read_part(spec, rank, world, limit, image_root)     this process's entries, a summary of the input, the root
     read_image_bytes(image_id, image_root)              the one way from an image id to its bytes
 
@@ -16,9 +17,11 @@ part whose range holds its first header, so a process reads only the headers of 
 import bisect
 import functools
 import gc
+import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -28,7 +31,7 @@ from utils.errors import InputError, UserError
 from utils.images import read_file
 from utils.parquet_files import parquet_layout, read_parquet_image, read_rows
 from utils.records import RecordError, detect_format, iter_json_array, iter_json_lines, iter_records
-from utils.tar_shards import image_member, open_tar, read_tar_image, sample_starts, tar_caption
+from utils.tar_shards import image_member, open_tar, read_tar_image, sample_starts, tar_original
 
 _CONTAINERS = (".tar", ".parquet")
 # Output line fields written by the loop; input keys of the same name are kept as "input_<key>".
@@ -45,6 +48,7 @@ class Sample(NamedTuple):
     image: str  # the stable image id
     key: str
     caption: object  # the original caption (str), or None: not asked for or not there
+    metadata: dict  # the fields of a tar sample's .json member, a Parquet row's scalar columns; {} unless asked for
 
 
 def expand_braces(pattern):
@@ -75,6 +79,27 @@ def _common_folder(files):
     return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
 
 
+# How the Hub names splits in a dataset's data/ folder, in the order its viewer lists them.
+_HUB_SPLITS = {"train": 0, "training": 0, "validation": 1, "valid": 1, "val": 1, "dev": 1, "test": 2, "testing": 2}
+
+
+def hub_split(relative_path):
+    """The split a Parquet file under data/ belongs to: its folder (data/train/...) or its name's first part
+    (data/train-00000-of-00002.parquet)."""
+    first = relative_path.replace(os.sep, "/").split("/")[0]
+    return first if "/" in relative_path.replace(os.sep, "/") else re.split(r"[-_.]", first)[0]
+
+
+def hub_parquet_files(folder):
+    """The Parquet files of a dataset folder in the Hub layout (data/<split>-NNNNN-of-NNNNN.parquet or
+    data/<split>/*.parquet): train first, then validation, then test, then any other split, each in name order."""
+    data = os.path.join(folder, "data")
+    found = [os.path.relpath(os.path.join(root, name), data) for root, _, names in os.walk(data)
+             for name in names if name.lower().endswith(".parquet")]
+    ordered = sorted(found, key=lambda path: (_HUB_SPLITS.get(hub_split(path).lower(), 3), hub_split(path), path))
+    return [os.path.join(data, path) for path in ordered]
+
+
 def expand_inputs(spec):
     """The kind of input `spec` names and its files in order (see the module docstring)."""
     if os.path.isdir(spec):
@@ -84,16 +109,24 @@ def expand_inputs(spec):
                      and os.path.isfile(os.path.join(spec, n))]
             if files:
                 return Inputs(kind, files, _common_folder(files))
-        raise InputError(f"{spec}: a folder without .tar or .parquet files")
+        files = hub_parquet_files(spec) if os.path.isdir(os.path.join(spec, "data")) else []
+        if files:
+            return Inputs("parquet", files, _common_folder(files))
+        raise InputError(f"{spec}: a folder without .tar or .parquet files (nor a data/ folder of .parquet files)")
     if os.path.isfile(spec):
         kind = kind_of(spec) or "json"
         return Inputs(kind, [spec], _common_folder([spec]))
-    if "{" not in spec:
+    if glob.has_magic(spec):
+        files = sorted(glob.glob(spec, recursive=True))
+        if not files:
+            raise InputError(f"{spec}: the pattern matches no file")
+    elif "{" in spec:
+        files = expand_braces(spec)
+    else:
         raise InputError(f"{spec}: no such file or folder")
-    files = expand_braces(spec)
     kinds = {kind_of(f) for f in files}
     if len(kinds) != 1 or None in kinds:
-        raise InputError(f"{spec}: a brace pattern must name .tar files or .parquet files only")
+        raise InputError(f"{spec}: a pattern must name .tar files or .parquet files only")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise InputError(f"{spec}: {len(missing)} of {len(files)} files do not exist (first: {missing[0]}); "
@@ -120,15 +153,17 @@ def _id_prefix(path, image_root):
     return os.path.relpath(os.path.abspath(path), os.path.abspath(image_root)).replace(os.sep, "/")
 
 
-def iter_samples(inputs, image_root, rank=0, world=1, limit=None, captions=False):
-    """This rank's samples of tar shards or Parquet files, in input order (see the module docstring)."""
+def iter_samples(inputs, image_root, rank=0, world=1, limit=None, originals=False):
+    """This rank's samples of tar shards or Parquet files, in input order (see the module docstring); with
+    `originals`, each with its original caption and metadata."""
     if inputs.kind == "tar":
         for path, sample in tar_part(inputs.files, rank, world, limit):
             member = image_member(sample)
             image = f"{_id_prefix(path, image_root)}/{member.name if member else sample.key}"
-            yield Sample(image, sample.key, tar_caption(path, sample) if captions else None)
+            caption, metadata = tar_original(path, sample) if originals else (None, {})
+            yield Sample(image, sample.key, caption, metadata)
     elif inputs.kind == "parquet":
-        yield from parquet_part(inputs.files, image_root, rank, world, limit, captions)
+        yield from parquet_part(inputs.files, image_root, rank, world, limit, originals)
     else:
         raise ValueError(f"iter_samples reads tar shards and Parquet files, not {inputs.kind}")
 
@@ -154,7 +189,7 @@ def tar_part(files, rank, world, limit):
             yield path, sample
 
 
-def parquet_part(files, image_root, rank, world, limit, captions):
+def parquet_part(files, image_root, rank, world, limit, originals):
     layouts = [parquet_layout(f) for f in files]
     total = sum(layout.rows for layout in layouts)
     low, high = part_bounds(total if limit is None else min(limit, total), rank, world)
@@ -166,11 +201,18 @@ def parquet_part(files, image_root, rank, world, limit, captions):
             continue
         prefix = _id_prefix(path, image_root)
         path_column = layout.image if layout.image_kind == "path" else None
-        columns = [c for c in (layout.key, path_column, layout.caption if captions else None) if c]
+        wanted = [layout.caption, *layout.scalars] if originals else []
+        columns = list(dict.fromkeys(c for c in (layout.key, path_column, *wanted) if c))
         for row, values in read_rows(path, layout, columns, start, stop):
             key, image = values.get(layout.key), values.get(path_column)
+            metadata = {name: _json_safe(values[name]) for name in layout.scalars} if originals else {}
             yield Sample(image if image else f"{prefix}/{row}", f"{prefix}:{row}" if key is None else str(key),
-                         values.get(layout.caption))
+                         values.get(layout.caption), metadata)
+
+
+def _json_safe(value):
+    """A column value as JSON holds it: NaN and infinities, which JSON has not, as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def split_container(image_id, image_root):

@@ -32,6 +32,7 @@ ORIGINAL_FILE = re.compile(r"(.+)_\d+\.json$")
 BUCKETS = BucketSizing(bytes_per_bucket=64 << 20, max_buckets=256)
 
 encode = json.encoder.encode_basestring  # the C string encoder; json.dumps minus its overhead
+FLAG_JSON = {True: "true", False: "false"}
 
 
 class MergeError(Exception):
@@ -124,7 +125,8 @@ def collect_groups(inputs, output_dir):
 
 
 def iter_rows(path, on_partial):
-    """Yield (image, caption, truncated) from one caption file, validating each record."""
+    """Yield (image, caption, truncated: True, False or None where the file does not say, key or None) from one
+    caption file, validating each record."""
     if os.path.getsize(path) == 0:  # a rank that was started but wrote nothing yet
         return
     if detect_format(path) == "array":
@@ -144,7 +146,8 @@ def iter_rows(path, on_partial):
                 raise RecordError(f"{path}: {where}: expected an object, got {type(record).__name__}") from None
             key = "image" if not isinstance(record.get("image"), str) else "caption"
             raise RecordError(f"{path}: {where}: no \"{key}\" string") from None
-        yield image, caption, record.get("truncated") is True
+        truncated, key = record.get("truncated"), record.get("key")
+        yield image, caption, truncated if type(truncated) is bool else None, key if type(key) is str else None
 
 
 def merge_group(files, destination, name_prefix, num_buckets=None):
@@ -183,10 +186,11 @@ def write_rows(files, rows_path, entries_path, work, num_buckets, partial):
     with open(rows_path, "w", encoding="utf-8") as rows_out, open(entries_path, "w", encoding="utf-8") as entries_out, \
             open_buckets(work, "bucket", num_buckets) as buckets:
         for path in files:
-            for image, caption, truncated in iter_rows(path, lambda where, p=path: partial.append(p)):
+            for image, caption, truncated, key in iter_rows(path, lambda where, p=path: partial.append(p)):
                 image_json, caption_json = encode(image), encode(caption)
                 rows_out.write(f'{{"image": {image_json}, "caption": {caption_json}'
-                               + (', "truncated": true}\n' if truncated else "}\n"))
+                               + ("" if truncated is None else f', "truncated": {FLAG_JSON[truncated]}')
+                               + ("" if key is None else f', "key": {encode(key)}') + "}\n")
                 # One index member per line (JSON allows newlines between members), so pass 3
                 # can filter the index line by line too.
                 entries_out.write(f"{',' if rows else '{'}{image_json}: {caption_json}\n")

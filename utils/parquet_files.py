@@ -4,7 +4,8 @@ The main process reads only the key (and path or caption) columns; a worker stre
 group, so memory is about one data page of the image column (the writer decides its size). The image column:
 `image` if it is a struct {bytes, path} (Hugging Face's Image feature), binary or a string path; else the first
 struct {bytes, ...} or binary column; else a string `path` or `file_name` column. A struct row without bytes reads
-its `path`. The key: the `key` or `id` column. The original caption: `caption` or `text`.
+its `path`. The key: the `key`, `id`, `uid` or `image_id` column. The original caption: `caption` or `text`. The metadata: every
+other column of numbers, booleans or strings (a dataset's id, url, width, ...).
 """
 import bisect
 import functools
@@ -16,6 +17,7 @@ from utils.errors import InputError
 from utils.images import UnreadableImage, read_file
 
 _BATCH_ROWS = 16  # Parquet rows per record batch: a few images' bytes at a time
+KEY_COLUMNS = ("key", "id", "uid", "image_id")  # a dataset's own id, by the names datasets give it (DataComp: uid)
 
 
 class ParquetLayout(NamedTuple):
@@ -23,6 +25,7 @@ class ParquetLayout(NamedTuple):
     image_kind: str  # "struct" ({bytes, path}), "binary" or "path"
     key: object  # the key column, or None
     caption: object  # the original caption column, or None
+    scalars: list  # the metadata columns: numbers, booleans and strings other than the image and caption
     group_starts: list  # first row of each row group, then the row count
 
     @property
@@ -39,6 +42,12 @@ def _image_kind(arrow_type):
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return "path"
     return None
+
+
+def _is_scalar(arrow_type):
+    import pyarrow as pa
+    return (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+            or pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
 
 
 def parquet_file(path):
@@ -62,10 +71,11 @@ def parquet_layout(path):
     if image is None:
         raise InputError(f"{path}: no image column (an `image` struct {{bytes, path}}, binary or path column; "
                          f"columns: {', '.join(schema.names)})")
-    key = next((name for name in ("key", "id") if name in kinds and name != image), None)
+    key = next((name for name in KEY_COLUMNS if name in kinds and name != image), None)
     caption = next((name for name in ("caption", "text") if kinds.get(name) == "path" and name != image), None)
+    scalars = [field.name for field in schema if field.name not in (image, caption) and _is_scalar(field.type)]
     counts = [parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)]
-    return ParquetLayout(image, kinds[image], key, caption, list(itertools.accumulate(counts, initial=0)))
+    return ParquetLayout(image, kinds[image], key, caption, scalars, list(itertools.accumulate(counts, initial=0)))
 
 
 def read_rows(path, layout, columns, start, stop):

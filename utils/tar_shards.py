@@ -10,6 +10,7 @@ before the damage; the rest of that shard is skipped with a warning on stderr.
 """
 import functools
 import json
+import os
 import sys
 import tarfile
 from typing import NamedTuple
@@ -34,6 +35,13 @@ class TarSample(NamedTuple):
 
 class DamagedShard(InputError):
     """A shard whose headers stop making sense after some samples (cut off or corrupt)."""
+
+
+def holds_shards(path):
+    """Whether a caption source names webdataset shards: a .tar file or a folder holding some."""
+    if os.path.isdir(path):
+        return any(name.lower().endswith(".tar") for name in os.listdir(path))
+    return path.lower().endswith(".tar")
 
 
 def open_tar(path):
@@ -110,17 +118,23 @@ def read_member(path, member):
     return data
 
 
-def tar_caption(path, sample):
-    """The sample's original caption: its .txt member, else "caption" in its .json member, else None."""
-    try:
-        if "txt" in sample.members:
-            return read_member(path, sample.members["txt"]).decode("utf-8", errors="replace")
-        if "json" in sample.members:
-            caption = json.loads(read_member(path, sample.members["json"])).get("caption")
-            return caption if isinstance(caption, str) else None
-    except (UnreadableImage, ValueError, AttributeError):
-        pass  # a broken or odd member: no original caption
-    return None
+def tar_original(path, sample):
+    """(the sample's original caption or None, the fields of its .json member): the caption is its .txt member,
+    else "caption" in its .json member. A broken or odd member counts as absent."""
+    metadata = {}
+    if "json" in sample.members:
+        try:
+            metadata = json.loads(read_member(path, sample.members["json"]))
+        except (UnreadableImage, ValueError):
+            pass
+        metadata = metadata if isinstance(metadata, dict) else {}
+    caption = metadata.get("caption")
+    if "txt" in sample.members:
+        try:
+            caption = read_member(path, sample.members["txt"]).decode("utf-8", errors="replace")
+        except UnreadableImage:
+            caption = None
+    return (caption if isinstance(caption, str) else None), metadata
 
 
 def warn_damaged(damage):
