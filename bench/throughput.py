@@ -16,9 +16,12 @@ Rows:
             out-of-memory backoff, sdpa_grouped attention, lines written to disk.
   ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
             images/s counts images, each with K captions.
-Columns: images/s, prefill and decode time of one batch, peak GPU memory, and model FLOPs utilisation
-(model FLOPs per caption x images/s / measured bf16 matmul peak). Our rows also report the seconds inside
-caption() and those the batcher thread waited on the image workers.
+Columns: images/s, prefill and decode time of one batch, peak GPU memory, model FLOPs utilisation (model FLOPs
+per caption x images/s / measured bf16 matmul peak), and the share of the speed of light: the time the row's work
+takes at least, the prefill's model FLOPs at that peak plus what decode steps must read (the weights once per
+step, an image's prompt KV once per step for all its captions, each caption's own tokens) at the measured memory
+bandwidth, against the row's wall time; with the prefill's share of that time (which phase bounds the model).
+Our rows also report the seconds inside caption() and those the batcher thread waited on the image workers.
 
 Before the rows, the split: prefill and decode step time of one sorted batch, and for Qwen2-VL and MiniGPT-4
 the time of each part of the prefill (vision tower, Q-Former, language model, ...; GPU synchronised around
@@ -263,23 +266,81 @@ def minigpt4_sizes(captioner, prepared):
     return 32 + 40, (224 // 14) ** 2 + 1
 
 
-def model_flops(captioner, prepared_images, sizes, vision_names, new_tokens, prompts=1):
-    """Model FLOPs per image with `prompts` captions: 2 x parameters x tokens for the language model and the
-    vision tower, plus attention (4 x layers x hidden size x context, per token). The work a task needs: the
-    image and its prompt are counted once, then each caption's new tokens (the questions of further prompts,
-    10 to 30 tokens each, are left out), so rows that recompute the prompt per caption do not score higher."""
-    model = captioner.model
-    vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in vision_names))
-    embeddings = language_model(model).get_input_embeddings().weight.numel()
-    text = sum(p.numel() for p in model.parameters()) - vision - embeddings
-    config = language_model(model).config.get_text_config()
+def measured_bandwidth_gbs(device):
+    """Memory GB/s on this GPU, a copy of 4 GiB counted as its reads and writes: the denominator of decode's speed
+    of light."""
+    if device.type != "cuda":
+        return float("nan")
+    source = torch.empty(2 ** 31, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del source, target
+    return 10 * 2 * 2 ** 32 / seconds / 1e9
+
+
+class ModelShape:
+    """What the speed of light and the model FLOPs count: parameters of the vision part and of the language model
+    (without its input embeddings, which a step reads one row of), and its KV cache bytes per token."""
+
+    def __init__(self, captioner, vision_names):
+        model = captioner.model
+        self.vision = sum(p.numel() for n, p in model.named_parameters() if any(v in n for v in vision_names))
+        embeddings = language_model(model).get_input_embeddings().weight
+        self.text = sum(p.numel() for p in model.parameters()) - self.vision - embeddings.numel()
+        config = language_model(model).config.get_text_config()
+        self.layers, self.hidden = config.num_hidden_layers, config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.dtype_bytes = embeddings.element_size()
+        self.kv_bytes_per_token = 2 * self.layers * kv_heads * head_dim * self.dtype_bytes
+
+    def prefill_flops(self, prompt, patches):
+        """2 x parameters x tokens for the language model and the vision tower, plus attention (4 x layers x hidden
+        size x context, per token)."""
+        return 2 * self.text * prompt + 2 * self.vision * patches + 4 * self.layers * self.hidden * prompt * prompt / 2
+
+    def decode_flops(self, prompt, new_tokens, prompts):
+        context = prompts * new_tokens * (prompt + new_tokens / 2)
+        return 2 * self.text * prompts * new_tokens + 4 * self.layers * self.hidden * context
+
+    def decode_bytes(self, prompt, new_tokens, prompts, rows_per_step):
+        """What an image's decode steps must read at least: the weights once per step for all its rows, so an
+        image's share; the KV cache of its prompt once per step (its prompts share it) and each caption's own."""
+        weights = self.text * self.dtype_bytes * prompts * new_tokens / rows_per_step
+        kv = self.kv_bytes_per_token * (new_tokens * prompt + prompts * new_tokens * new_tokens / 2)
+        return weights + kv
+
+
+def model_flops(shape, captioner, prepared_images, sizes, new_tokens, prompts=1):
+    """Model FLOPs per image with `prompts` captions (ModelShape's count). The work a task needs: the image and its
+    prompt are counted once, then each caption's new tokens (the questions of further prompts, 10 to 30 tokens
+    each, are left out), so rows that recompute the prompt per caption do not score higher."""
     total = 0
     for prepared in prepared_images:
         prompt, patches = sizes(captioner, prepared)
-        context = prompt * prompt / 2 + prompts * new_tokens * (prompt + new_tokens / 2)
-        attention = 4 * config.num_hidden_layers * config.hidden_size * context
-        total += 2 * text * (prompt + prompts * new_tokens) + 2 * vision * patches + attention
+        total += shape.prefill_flops(prompt, patches) + shape.decode_flops(prompt, new_tokens, prompts)
     return total / len(prepared_images)
+
+
+def speed_of_light(shape, captioner, prepared_images, sizes, new_tokens, prompts, rows_per_step, peak_tflops,
+                   bandwidth_gbs):
+    """(prefill s, decode s) per image at the speed of light: the prefill's model FLOPs at the matmul peak; decode
+    at the memory bandwidth for the bytes its steps must read (ModelShape.decode_bytes), or at the peak for its
+    FLOPs where those take longer."""
+    prefill = decode = 0.0
+    for prepared in prepared_images:
+        prompt, patches = sizes(captioner, prepared)
+        prefill += shape.prefill_flops(prompt, patches) / (peak_tflops * 1e12)
+        decode += max(shape.decode_bytes(prompt, new_tokens, prompts, rows_per_step) / (bandwidth_gbs * 1e9),
+                      shape.decode_flops(prompt, new_tokens, prompts) / (peak_tflops * 1e12))
+    return prefill / len(prepared_images), decode / len(prepared_images)
 
 
 def set_attention(model, implementation):
@@ -450,9 +511,10 @@ class ModelBench:
     """One model's measurements: the prefill/decode split, then the rows (the seed's loop, ours, and the profiled
     run), all on one random-weight model built once."""
 
-    def __init__(self, name, spec, args, device, folder, names, peak):
+    def __init__(self, name, spec, args, device, folder, names, peak, bandwidth):
         import transformers
-        self.name, self.spec, self.args, self.device, self.folder, self.peak = name, spec, args, device, folder, peak
+        self.name, self.spec, self.args, self.device, self.folder = name, spec, args, device, folder
+        self.peak, self.bandwidth = peak, bandwidth  # TFLOP/s, GB/s
         self.captioner_class = getattr(importlib.import_module(spec["script"]), spec["captioner"])
         self.model_class = getattr(transformers, spec["model_class"])
         self.checkpoint = spec["checkpoint"](folder, args.tiny)
@@ -481,6 +543,7 @@ class ModelBench:
                 stack.enter_context(patched(refill, "generate", refill_at_lengths(self.lengths, steps)))
             self.captioner = self.build_captioner()
             self.sample = [self.captioner.prepare(open_image(p)) for p in self.paths[:len(IMAGE_SIZES)]]
+            self.shape = ModelShape(self.captioner, self.spec["vision_names"])
             flops = self.flops(self.args.new_tokens)
             batch = [self.captioner.prepare(open_image(p)) for p in self.paths[:2]]
             self.captioner.caption(batch[:2], [self.captioner.prompts[self.captioner.default_prompt]])  # warm-up
@@ -499,8 +562,7 @@ class ModelBench:
         return captioner
 
     def flops(self, new_tokens, prompts=1):
-        return model_flops(self.captioner, self.sample, self.spec["sizes"], self.spec["vision_names"], new_tokens,
-                           prompts)
+        return model_flops(self.shape, self.captioner, self.sample, self.spec["sizes"], new_tokens, prompts)
 
     def measure_split(self, size):
         """Prefill and decode of one batch as our loop forms it: the middle quarter of a read-ahead window of 4
@@ -532,6 +594,8 @@ class ModelBench:
         if multi and args.multi_batch:
             variants.append(("ours", args.multi_batch, ours_images, multi))
         if args.refill_batch:  # with InternVL2's five prompts where the model has them
+            variants += [("copied", args.refill_batch, ours_images, multi or default, rows)
+                         for rows in args.copied_prefix_rows]
             variants += [("ours", args.refill_batch, ours_images, multi or default, rows) for rows in args.decode_rows]
         if args.oom_batch and self.device.type == "cuda":
             variants.append(("oom", args.oom_batch, args.oom_batch, default))
@@ -557,6 +621,9 @@ class ModelBench:
             start = time.perf_counter()
             if kind == "seed":
                 images = self.seed(batch_size, images, prompts)
+            elif kind == "copied":  # each row's prefix in its slot, as before cascade attention
+                with patched(refill, "cascades", lambda cascades: lambda model: False):
+                    seconds = self.ours(batch_size, images, prompts, profile, decode_rows)
             elif kind == "oom":  # a batch that does not fit: the loop must halve it, and caption every image
                 total = torch.cuda.get_device_properties(self.device).total_memory
                 torch.cuda.set_per_process_memory_fraction(self.args.oom_gib * 2 ** 30 / total)
@@ -617,21 +684,29 @@ class ModelBench:
 
     def row(self, kind, batch_size, images, prompts, elapsed, seconds, decode_rows=None):
         args, device = self.args, self.device
-        label = {"oom": f"ours b{batch_size} in {args.oom_gib:g} GiB", "profile": f"ours b{batch_size} profiled"}.get(
-            kind, f"{kind} b{batch_size}")
+        label = {"oom": f"ours b{batch_size} in {args.oom_gib:g} GiB", "profile": f"ours b{batch_size} profiled",
+                 "copied": f"ours b{batch_size}"}.get(kind, f"{kind} b{batch_size}")
         label += "" if images else " (CUDA out of memory)"
         label += f" x{len(prompts)} prompts" if len(prompts) > 1 else ""
         label += f", {decode_rows} decode rows refilled" if decode_rows else ""
+        label += ", prefixes copied per row" if kind == "copied" else ""
         label += " (a pass each)" if kind == "seed" and len(prompts) > 1 else ""
         lengths = self.lengths.summary() if self.lengths is not None else None
         new_tokens = self.args.new_tokens if lengths is None else mean_new_tokens(lengths)
         flops = self.flops(new_tokens, len(prompts))
+        rows_per_step = decode_rows or batch_size * (len(prompts) if kind != "seed" else 1)  # the seed: a pass each
+        prefill_s, decode_s = speed_of_light(self.shape, self.captioner, self.sample, self.spec["sizes"], new_tokens,
+                                             len(prompts), rows_per_step, self.peak, self.bandwidth)
         row = dict(model=self.name, variant=label, images=images, prompts=len(prompts), seconds=round(elapsed, 2),
                    images_per_s=round(images / elapsed, 3),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 1) if device.type == "cuda" else None,
                    mfu=round(flops * images / elapsed / (self.peak * 1e12), 4) if self.peak == self.peak
                    else None,
-                   in_caption_s=round(seconds["in_caption"], 2) if "in_caption" in seconds else None)
+                   in_caption_s=round(seconds["in_caption"], 2) if "in_caption" in seconds else None,
+                   speed_of_light=round((prefill_s + decode_s) * images / elapsed, 4) if self.peak == self.peak
+                   else None,
+                   light_prefill_share=round(prefill_s / (prefill_s + decode_s), 3) if self.peak == self.peak
+                   else None)
         if "loader_wait" in seconds:
             row["loader_wait_s"] = round(seconds["loader_wait"], 2)
         if lengths is not None:
@@ -689,17 +764,18 @@ def print_lengths(row, split):
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    peak = measured_peak_tflops(device)
+    peak, bandwidth = measured_peak_tflops(device), measured_bandwidth_gbs(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul peak {peak:.0f} TFLOP/s, memory {bandwidth:.0f} GB/s", flush=True)
     results = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", peak_tflops=peak,
+                   bandwidth_gbs=bandwidth,
                    torch=torch.__version__, new_tokens=args.new_tokens, lengths=args.lengths, rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         names = make_images(folder, max(args.images, args.ours_images, args.seed_images, 4 * max(args.split_batches),
                                         profiled_images(args)))
         for name in args.models.split(","):
-            rows, flops, split = ModelBench(name, MODELS[name], args, device, folder, names, peak).run()
+            rows, flops, split = ModelBench(name, MODELS[name], args, device, folder, names, peak, bandwidth).run()
             results["rows"] += rows
             results.setdefault("flops_per_caption", {})[name] = flops
             results.setdefault("prefill_decode", {})[name] = split
@@ -715,12 +791,19 @@ def main():
 
 def print_table(rows):
     realistic = any("lengths" in r for r in rows)
-    print(f"\n{'model':10} {'variant':36} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6}"
-          + (f" {'ended':>6}" if realistic else ""))
+    print(f"\n{'model':10} {'variant':36} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6} {'light':>6}"
+          f" {'outside':>7} {'light in prefill':>16}" + (f" {'ended':>6}" if realistic else ""))
     for r in rows:
         ended = f" {r['lengths']['finished_fraction'] * 100:5.1f}%" if "lengths" in r else ""
+        outside = (f"{(r['seconds'] - r['in_caption_s']) / r['seconds'] * 100:6.1f}%" if r["in_caption_s"] is not None
+                   else "      -")
         print(f"{r['model']:10} {r['variant']:36} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
-              f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}%{ended}")
+              f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}% {(r['speed_of_light'] or 0) * 100:5.1f}% "
+              f"{outside} {(r['light_prefill_share'] or 0) * 100:15.0f}%{ended}")
+    print("light: the row's share of its speed of light (prefill FLOPs at the matmul peak, decode's reads at the "
+          "memory bandwidth); outside: the share of the row's time outside caption(), where the GPU has no work from "
+          "the loop (start, waiting for a batch, writing); light in prefill: the prefill's share of the speed of "
+          "light")
     if realistic:
         print("ended: share of decode row-steps spent on rows that had already ended (static batches)")
 
@@ -756,6 +839,9 @@ def parse_args():
                         "(InternVL2's five prompts where the model has them; 0: skip)")
     parser.add_argument("--decode-rows", type=lambda v: [int(b) for b in v.split(",")], default=[80],
                         help="--decode-rows of the --refill-batch rows, comma-separated: a row each")
+    parser.add_argument("--copied-prefix-rows", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
+                        help="--decode-rows of --refill-batch rows whose slots each hold their row's prefix, as before "
+                        "cascade attention (run before the --decode-rows rows), comma-separated: a row each")
     parser.add_argument("--oom-batch", type=int, default=0,
                         help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
                         "out-of-memory backoff (0: skip)")

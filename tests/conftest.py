@@ -12,9 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def command_env(extra):
-    """The environment the project's commands run in here: on the CPU, with this interpreter."""
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable,
-            **extra}
+    """The environment the project's commands run in here: on the CPU, with this interpreter; a variable that
+    `extra` gives as None is left out."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "PYTHON": sys.executable,
+           **extra}
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def run_command(args, check=True, **kwargs):

@@ -49,12 +49,15 @@ def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, imag
                               "--output-dir", str(out), "--temperature", "0", "--max-new-tokens", "16",
                               "--dtype", "float32", "--batch-size", "3", "--num-workers", "1", *model_flags,
                               *(["--no-compile", "--no-cuda-graphs"] if mode == "eager" else [])],
-                             env={"CUDA_VISIBLE_DEVICES": "0", **env})
+                             # (torch set TORCHINDUCTOR_CACHE_DIR here when this process compiled)
+                             env={"CUDA_VISIBLE_DEVICES": "0", "SYNTHETIC_CAPTION_CACHE": str(tmp_path / "cache"),
+                                  "TORCHINDUCTOR_CACHE_DIR": None, **env})
         assert "cannot record" not in result.stderr, result.stderr
         if mode == "graphs":
             assert " RMSNorms and MLPs compiled for the prefill" in result.stderr, result.stderr
             assert " decode steps replayed from CUDA graphs" in result.stderr
             assert " 0 decode steps replayed" not in result.stderr, result.stderr
+            assert any((tmp_path / "cache" / "torchinductor").iterdir())  # the compiled kernels kept there
         rows = [row for path in sorted(out.glob("*/*/*/captions-*.jsonl")) for row in read_jsonl(path)]
         captions[mode] = sorted((row["prompt"], row["image"], row["caption"], row["truncated"]) for row in rows)
     assert len(captions["graphs"]) >= len(good)

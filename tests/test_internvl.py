@@ -260,8 +260,8 @@ def test_five_prompt_recipe_matches_one_prompt_at_a_time(variant, cache, checkpo
 @pytest.mark.parametrize("variant", ["internlm2", "qwen2"])
 def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_checkpoints, monkeypatch):
     """--decode-rows (utils/generation/refill.py): 3 images x 5 prompts in 7 rows. Rows join image by image while
-    rows of other images are still decoding, at other columns and positions; each caption, ended or truncated, is the
-    one of that image with that prompt alone."""
+    rows of other images are still decoding, at other columns and positions, each image's prefix kept once (cascade
+    attention); each caption, ended or truncated, is the one of that image with that prompt alone."""
     from utils.generation import refill
     settings = make_settings(early_end_checkpoints[variant], attn_implementation="sdpa_grouped", decode_rows=7)
     captioner = internvl.InternVLCaptioner(settings, torch.device("cpu"))
@@ -274,8 +274,13 @@ def test_refilled_rows_give_the_captions_of_each_row_alone(variant, early_end_ch
         joined.append((rows, [row for row in slots.rows if row is not None]))
         place(slots, indices, rows, *args)
     monkeypatch.setattr(refill.Slots, "place", place_and_note)
+    entries = []  # the PrefixPool entry each image's prefix went to
+    pool_place = refill.PrefixPool.place
+    monkeypatch.setattr(refill.PrefixPool, "place", lambda pool, into, *args: (entries.append(into),
+                                                                               pool_place(pool, into, *args)))
     refilled = captioner.caption(images, prompts)
     assert [rows for rows, _ in joined] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert entries == [[0], [1], [2]]  # each image's prefix once, in an entry of its own (7 rows: 3 entries)
     assert any(live for _, live in joined)  # a row decoded on while another image's rows joined
     assert {c.truncated for row in refilled for c in row} == {True, False}
     captioner.decode_rows = None

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from utils.batch_runner import BatchRunner
 from utils.batcher import Batcher, OnSecondThread
+from utils.caches import share_compiled_kernels
 from utils.captioner import ModelSettings
 from utils.checkpoints import identify_checkpoint
 from utils.command_line import build_parser
@@ -87,6 +88,7 @@ def caption_part(captioner_cls, settings):
     """Check, plan, settle the run records, load the model and caption this process's pending images."""
     tag = settings.tag
     stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
+    share_compiled_kernels()  # before torch first asks where its cache is
     identify_checkpoint(settings.model, captioner_cls.model_on_hub)
     captioner_cls.check_options(settings.model, settings.options)
     place = settings.place

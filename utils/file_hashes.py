@@ -14,15 +14,14 @@ import time
 
 import blake3
 
+from utils.caches import cache_folder
 from utils.records import complete_lines
 
 RACY_NS = 2_000_000_000  # the coarsest modification-time granularity of common file systems (FAT: 2 s)
 
 
 def cache_path():
-    folder = os.environ.get("SYNTHETIC_CAPTION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "synthetic-caption")
-    return os.path.join(folder, "file-digests.jsonl")
+    return os.path.join(cache_folder(), "file-digests.jsonl")
 
 
 def file_key(path):

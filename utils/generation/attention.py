@@ -8,6 +8,12 @@ shared prefix); see bench/RESULTS.md. Instead, the query heads of a group stand 
 (batch, kv_heads, group x length, dim) against (batch, kv_heads, keys, dim), each group's rows masked as its
 positions are; the same arithmetic, no copy of the keys. Without a mask, or without grouped heads, transformers'
 sdpa path runs unchanged (SDPA's own grouped-query support needs no copy there).
+
+Cascade attention: in utils/generation/refill.py's decode steps the rows of an image share its prefix (~1,900
+tokens of image and template), kept once per image (`shared_prefixes`, a refill.PrefixPool) instead of once per row.
+A step's queries attend to their image's prefix, all rows of an image in one call, and to their own keys; the two
+softmaxes are merged by their log-sum-exps. Each part is SDPA's own kernel (memory-efficient on the GPU, the CPU's
+flash kernel), called for its log-sum-exp as well.
 """
 import torch
 from transformers import AttentionInterface
@@ -16,6 +22,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 
 def sdpa_grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if kwargs.get("shared_prefixes") is not None:
+        return cascade_attention(module, query, key, value, attention_mask, scaling, kwargs["shared_prefixes"])
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, length, dim = query.shape
     plain = groups == 1 or dropout or kwargs.get("output_attentions")
@@ -32,6 +40,45 @@ def sdpa_grouped_attention(module, query, key, value, attention_mask, dropout=0.
     output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
                                                               scale=scaling)
     return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+def attention_with_lse(query, key, value, bias, scale):
+    """SDPA's output and the log-sum-exp of each query row's scores; bias: additive, in the query's dtype, its last
+    dimension a multiple of 16 (the GPU kernel's alignment)."""
+    bias = bias.expand(*query.shape[:-1], key.shape[-2])
+    if query.device.type == "cuda":
+        output, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True,
+                                                                             scale=scale)[:2]
+        return output, lse[..., :query.shape[-2]]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=bias, scale=scale)
+
+
+def additive(mask, dtype):
+    """A boolean mask (True: attend) as SDPA's additive bias."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def cascade_attention(module, query, key, value, attention_mask, scaling, prefixes):
+    """One decode step (a query per row) over each row's image prefix in `prefixes` and over the row's own keys
+    (`key`, `value`, `attention_mask`: the slots' cache), merged; see the module docstring."""
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(rows, kv_heads, groups, dim)  # a group's heads in the length dimension, as above
+    own, own_lse = attention_with_lse(grouped, key, value, additive(attention_mask, query.dtype), scaling)
+    entries, per_entry = prefixes.entry_rows.shape
+    entry_queries = grouped[prefixes.entry_rows].transpose(1, 2).reshape(entries, kv_heads, per_entry * groups, dim)
+    prefix_keys, prefix_values = prefixes.layer(module.layer_idx)
+    shared, shared_lse = attention_with_lse(entry_queries, prefix_keys, prefix_values, prefixes.bias, scaling)
+    # back to the rows: entry e's row r is e * per_entry + r
+    shared = shared.reshape(entries, kv_heads, per_entry, groups, dim).transpose(1, 2).reshape(
+        entries * per_entry, kv_heads, groups, dim)[prefixes.row_position]
+    shared_lse = shared_lse.reshape(entries, kv_heads, per_entry, groups).transpose(1, 2).reshape(
+        entries * per_entry, kv_heads, groups)[prefixes.row_position]
+    total = torch.logaddexp(shared_lse.float(), own_lse.float())
+    output = (shared.float() * torch.exp(shared_lse.float() - total)[..., None]
+              + own.float() * torch.exp(own_lse.float() - total)[..., None])
+    return output.to(query.dtype).reshape(rows, 1, heads, dim), None
 
 
 AttentionInterface.register("sdpa_grouped", sdpa_grouped_attention)

@@ -7,22 +7,33 @@ and values. Rows are [padding][prefix][padding][own tokens]: prefixes left-padde
 tokens to the longest own part, the attention mask 0 on both paddings; position ids follow the mask as generate()
 makes them, so every real token sees exactly what it sees in its unpadded sequence.
 """
+from typing import NamedTuple
+
 import torch
 from transformers import DynamicCache
 
 from utils.generation.tensors import left_padded, mask_positions, to_device_async
 
 
+class PrefilledRows(NamedTuple):
+    cache: object  # DynamicCache of the rows, image-major: each its image's prefix (copied), then its own tokens
+    mask: object  # their attention mask
+    logits: object  # of each row's first new token
+    prefixes: list  # per layer (keys, values) of the prefixes alone, one row per image
+    prefix_width: int  # the prefixes' columns, the first of every row
+
+
 def prefill_rows(model, prompt_ids, image_features, image_token_id, pad_token_id):
-    """Every row's prompt prefilled, its image's shared prefix once: (a DynamicCache of the rows, image-major, their
-    attention mask, the logits of each row's first new token). As generate() prefills, positions follow the mask."""
+    """Every row's prompt prefilled, its image's shared prefix once (PrefilledRows). As generate() prefills,
+    positions follow the mask."""
     cache, mask, own_embeds, image_of_row = prefill_prefixes(model, prompt_ids, image_features, image_token_id,
                                                              pad_token_id)
+    prefixes = [(layer.keys, layer.values) for layer in cache.layers]
     cache.batch_select_indices(image_of_row)
     position_ids = mask_positions(mask)[:, -own_embeds.shape[1]:]
     output = model(inputs_embeds=own_embeds, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                    use_cache=True, logits_to_keep=1)
-    return cache, mask, output.logits[:, -1]
+    return PrefilledRows(cache, mask, output.logits[:, -1], prefixes, mask.shape[1] - own_embeds.shape[1])
 
 
 def prefill_prefixes(model, prompt_ids, image_features, image_token_id, pad_token_id):
