@@ -1,18 +1,20 @@
-"""Caption images with Qwen2-VL, exactly as its model card runs it, batched.
+"""Caption images with Qwen2-VL, Qwen2.5-VL or Qwen3-VL, exactly as their model cards run them, batched.
 
     bash generate.sh input.json qwen [--model Qwen/Qwen2-VL-7B-Instruct] [flags]
 
-The model card: the chat template with the image before the text, `qwen_vl_utils.process_vision_info`
-to resize, the native processor and `Qwen2VLForConditionalGeneration.generate` with the checkpoint's
-generation config. The only differences: many images go through one `generate` call, left-padded, and
-the processor's image half (resize, normalise, cut into patches) runs in the loop's worker processes;
-the main process repeats each image's placeholder id once per image token, which is what the processor's
-tokenization of the expanded text gives. The vision tower gets its per-batch layout (each image's patch
-count and rotary positions) made on the CPU, with transformers' own functions, instead of computing it
-from the grids on the GPU.
+The checkpoint's model_type picks the model class (MODEL_CLASSES). The model card: the chat template with the
+image before the text, `qwen_vl_utils.process_vision_info` to resize (with the processor's pixel limits and patch
+size: 14, or Qwen3-VL's 16), the native processor and `generate` with the checkpoint's generation config. The only
+differences: many images go through one `generate` call, left-padded, and the processor's image half (resize,
+normalise, cut into patches) runs in the loop's worker processes; the main process repeats each image's
+placeholder id once per image token, which is what the processor's tokenization of the expanded text gives. The
+vision tower gets its per-batch layout made on the CPU, with transformers' own functions, instead of computing it
+from the grids on the GPU: each image's patch count and rotary positions, Qwen2.5-VL's attention windows, Qwen3-VL's
+position-embedding interpolation.
 """
 import contextlib
 import functools
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 from utils import prompts as presets
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 # what a hub id is downloaded with: configs (model, generation, processor, chat template), tokenizer and weights
 CHECKPOINT_FILES = ["*.json", "*.txt", "*.jinja", "*.safetensors"]
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 class PreparedImage(NamedTuple):
@@ -38,11 +42,11 @@ class PreparedImage(NamedTuple):
 
 class BatchInputs(NamedTuple):
     """A batch's inputs as CPU tensors: its text rows (input_ids, attention_mask, mm_token_type_ids), their
-    position ids, and the image grids with the vision tower's sequence boundaries."""
+    position ids, the image grids, and the vision tower's layout beyond the rotary positions (vision_layout())."""
     text: dict
     position_ids: "torch.Tensor"
     grid_thw: "torch.Tensor"
-    vision_cu_seqlens: "torch.Tensor"
+    vision: dict
 
 
 def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
@@ -59,14 +63,43 @@ def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
                          get_vision_position_ids(grid, image_processor.merge_size))
 
 
+def model_type(folder):
+    """The checkpoint's model_type, from its config.json; a one-line error for one this script does not run."""
+    import json
+    from pathlib import Path
+    kind = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    if kind not in MODEL_CLASSES:
+        from utils.errors import UserError
+        raise UserError(f"{folder}: model_type {kind!r} is not one of qwen.py's: {', '.join(MODEL_CLASSES)}")
+    return kind
+
+
+def vision_layout(visual, grid_thw):
+    """The vision tower's layout for a batch's grids beyond the rotary positions, made on the CPU with transformers'
+    own functions, as its forward would make it: each image's patch boundaries, Qwen2.5-VL's windows (the order
+    of the merged tokens, the windows' boundaries), Qwen3-VL's interpolation of its learned position embeddings.
+    From the grids on the GPU, each vision block reads the boundaries back (a wait for the GPU), then launches one
+    attention call per image while the GPU idles (bench/RESULTS.md)."""
+    from transformers import vision_utils
+    cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
+    layout = {"cu_seqlens": cu_seqlens, "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max())}
+    config = visual.config
+    if hasattr(config, "fullatt_block_indexes"):  # Qwen2.5-VL
+        window_index, cu_window_seqlens = vision_utils.get_vision_window_index(
+            grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
+        layout.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+                      max_window_seqlen=int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()))
+    if hasattr(config, "num_position_embeddings"):  # Qwen3-VL
+        layout["interp_indices"], layout["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
+            grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=config.spatial_merge_size)
+    return layout
+
+
 @contextlib.contextmanager
-def vision_layout(visual, cu_seqlens, positions):
+def given_layout(visual, layout):
     """The vision tower's calls in this context take the batch's layout made beforehand, as transformers'
-    vision_utils lets a caller precompute it: each image's patch boundaries (cu_seqlens) on the CPU and the
-    patches' rotary positions. From the grids on the GPU, each vision block reads the boundaries back (a wait
-    for the GPU), then launches one attention call per image while the GPU idles (bench/RESULTS.md)."""
-    layout = {"cu_seqlens": cu_seqlens, "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-              "position_ids": positions}
+    vision_utils lets a caller precompute it."""
     hook = visual.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, **layout}),
                                             with_kwargs=True)
     try:
@@ -94,11 +127,18 @@ class QwenCaptioner(Captioner):
                             help="largest image area after resizing; lower it to save memory and time "
                             "(default: the checkpoint's processor setting)")
 
+    @classmethod
+    def check_options(cls, model, options):
+        if os.path.isdir(model):  # a hub id's config is read once it is downloaded
+            model_type(model)
+
     def __init__(self, settings, device):
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
         import utils.generation.attention  # noqa: F401  (registers the sdpa_grouped attention implementation)
         folder = fetch_folder(settings.model, CHECKPOINT_FILES)
+        model_class = getattr(transformers, MODEL_CLASSES[model_type(folder)])
         self.processor = AutoProcessor.from_pretrained(folder)
         image_processor = self.processor.image_processor
         # qwen_vl_utils and the processor must use the same limits, or images are resized twice.
@@ -107,7 +147,7 @@ class QwenCaptioner(Captioner):
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self.prepare = functools.partial(prepare_image, min_pixels=min_pixels, max_pixels=max_pixels,
                                          image_processor=image_processor, dtype=settings.dtype)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+        self.model = model_class.from_pretrained(
             folder, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
         # flash-attn's varlen call reads the boundaries on the GPU; the other implementations split on the CPU
         self.boundaries_on_gpu = settings.attn_implementation == "flash_attention_2"
@@ -157,22 +197,24 @@ class QwenCaptioner(Captioner):
         """The batch's work on the CPU, apart from the GPU's: the loop runs it on its batcher thread while the
         GPU captions the batch before (utils/batcher.py)."""
         import torch
-        from transformers.vision_utils import get_vision_cu_seqlens
         text = self.text_inputs(images, prompts)
         grid_thw = torch.cat([image.grid_thw for image in images for _ in prompts])
-        return BatchInputs(text, self.position_ids(text, grid_thw), grid_thw, get_vision_cu_seqlens(grid_thw))
+        return BatchInputs(text, self.position_ids(text, grid_thw), grid_thw,
+                           vision_layout(self.model.model.visual, grid_thw))
 
     def caption(self, images, prompts, inputs=None):
         device = self.model.device
-        text, position_ids, grid_thw, cu_seqlens = self.cpu_inputs(images, prompts) if inputs is None else inputs
+        import torch
+        text, position_ids, grid_thw, vision = self.cpu_inputs(images, prompts) if inputs is None else inputs
         model_inputs = {name: to_device_async(tensor, device) for name, tensor in text.items()}
         model_inputs["position_ids"] = to_device_async(position_ids, device)
         model_inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
         model_inputs["image_grid_thw"] = to_device_async(grid_thw, device)
-        positions = to_device([image.vision_positions for image in images for _ in prompts], device)
-        if self.boundaries_on_gpu:
-            cu_seqlens = cu_seqlens.to(device)
-        with vision_layout(self.model.model.visual, cu_seqlens, positions):
+        # the boundaries split the attention on the CPU, except in flash-attn's varlen call
+        layout = {name: to_device_async(value, device) if isinstance(value, torch.Tensor) and (
+            self.boundaries_on_gpu or not name.endswith("seqlens")) else value for name, value in vision.items()}
+        layout["position_ids"] = to_device([image.vision_positions for image in images for _ in prompts], device)
+        with given_layout(self.model.model.visual, layout):
             output = self.model.generate(**model_inputs, **self.generation)
         new_tokens = output[:, model_inputs["input_ids"].shape[1]:].tolist()  # one copy to the CPU
         answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True,

@@ -28,6 +28,8 @@ def scripts(tmp_path_factory):
     minigpt4 = build(str(root / "minigpt4"))
     return {
         "qwen": ["qwen", "--model", str(make_checkpoint(root / "qwen"))],
+        "qwen2_5_vl": ["qwen", "--model", str(make_checkpoint(root / "qwen2_5_vl", model_type="qwen2_5_vl"))],
+        "qwen3_vl": ["qwen", "--model", str(make_checkpoint(root / "qwen3_vl", model_type="qwen3_vl"))],
         "internvl-internlm2": ["internvl", "--model", build_checkpoint(str(root / "internlm2"), "internlm2"),
                                "--prompts", "detail,noun,style", "--max-tiles", "2"],
         "internvl-qwen2": ["internvl", "--model", build_checkpoint(str(root / "qwen2"), "qwen2"), "--max-tiles", "2"],
@@ -36,7 +38,8 @@ def scripts(tmp_path_factory):
     }, {"TORCH_HOME": f"{minigpt4}/torch_home"}
 
 
-@pytest.mark.parametrize("name", ["qwen", "internvl-internlm2", "internvl-qwen2", "llava", "minigpt4"])
+@pytest.mark.parametrize("name", ["qwen", "qwen2_5_vl", "qwen3_vl", "internvl-internlm2", "internvl-qwen2", "llava",
+                                  "minigpt4"])
 def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, image_folder, tmp_path):
     flags, env = scripts
     script, *model_flags = flags[name]

@@ -1,22 +1,26 @@
-"""qwen.py end to end against the Qwen2-VL model card's one-image call, on a tiny checkpoint."""
+"""qwen.py end to end against the model cards' one-image call (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), on tiny
+checkpoints."""
 import pytest
 import torch
+import transformers
 from conftest import read_jsonl, run_command
+from qwen_checkpoint import FAMILIES, make_checkpoint
 from qwen_vl_utils import process_vision_info
 from sample_images import write_input
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import AutoProcessor
 
 MAX_NEW_TOKENS = 12
 FREE_PROMPT = "What is in the picture?"
 
 
-@pytest.fixture(scope="module")
-def model_card_caption(qwen_checkpoint):
-    """The model card's code for one image, greedy, with the processor's pixel limits passed to qwen_vl_utils."""
-    processor = AutoProcessor.from_pretrained(qwen_checkpoint)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen_checkpoint, dtype=torch.float32).eval()
+def model_card_captioner(checkpoint, model_class):
+    """The model card's code for one image, greedy, with the processor's pixel limits and patch size passed to
+    qwen_vl_utils (Qwen3-VL's card: image_patch_size=16, and the processor told not to resize again)."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
     default_size = dict(processor.image_processor.size)
     end_tokens = model.generation_config.eos_token_id
+    patch_size = processor.image_processor.patch_size
 
     def caption(image_path, prompt, max_pixels=None):
         size = {**default_size, **({"longest_edge": max_pixels} if max_pixels else {})}
@@ -26,14 +30,21 @@ def model_card_caption(qwen_checkpoint):
              "max_pixels": size["longest_edge"]},
             {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image_inputs, video_inputs = process_vision_info(messages)
-        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt")
+        image_inputs, video_inputs = process_vision_info(messages, image_patch_size=patch_size)
+        resize = {} if patch_size == 14 else {"do_resize": False}
+        inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt",
+                           **resize)
         generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new_tokens = generated[0, inputs.input_ids.shape[1]:]
         answer = processor.batch_decode([new_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
         return answer, not any(int(t) in end_tokens for t in new_tokens)
 
     return caption
+
+
+@pytest.fixture(scope="module")
+def model_card_caption(qwen_checkpoint):
+    return model_card_captioner(qwen_checkpoint, transformers.Qwen2VLForConditionalGeneration)
 
 
 def test_batched_captions_equal_model_card_and_broken_entries_are_recorded(
@@ -84,3 +95,32 @@ def test_lowered_pixel_budget_reaches_qwen_vl_utils_and_processor(
     for row in rows:
         expected, _ = model_card_caption(folder / row["image"], "Describe the image in detail:", max_pixels=3136)
         assert row["caption"] == expected
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen2_5_vl_and_qwen3_vl_give_their_model_cards_captions(model_type, image_folder, tmp_path_factory, tmp_path):
+    """The same script on a Qwen2.5-VL checkpoint (window attention, full-attention blocks) and a Qwen3-VL one
+    (patch size 16, deepstack features), chosen by the checkpoint's model_type; batched in 3 with two prompts."""
+    checkpoint = make_checkpoint(str(tmp_path_factory.mktemp(f"tiny-{model_type}")), model_type=model_type)
+    folder, good, _ = image_folder
+    out = tmp_path / "out"
+    run_command(["python", "qwen.py", "--input-json", str(write_input(folder / "good.json", good)), "--model",
+                 checkpoint, "--output-dir", str(out), "--batch-size", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                 "--temperature", "0", "--prompt", "default", "--prompt", FREE_PROMPT, "--num-workers", "1"])
+    caption = model_card_captioner(checkpoint, getattr(transformers, FAMILIES[model_type][1].__name__))
+    rows = [row for path in sorted(out.glob("qwen/*/*/captions-*.jsonl")) for row in read_jsonl(path)]
+    assert len(rows) == 2 * len(good)
+    prompts = {"default": "Describe the image in detail:"}
+    for row in rows:
+        expected, truncated = caption(folder / row["image"], prompts.get(row["prompt"], FREE_PROMPT))
+        assert (row["caption"], row["truncated"]) == (expected, truncated), (row["image"], row["prompt"])
+
+
+def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
+    result = run_command(["python", "qwen.py", "--input-json", "examples/input.json", "--model", str(tmp_path / "llava"),
+                          "--output-dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == (f"qwen.py: error: {tmp_path / 'llava'}: model_type 'llava' is not one of qwen.py's: "
+                                     "qwen2_vl, qwen2_5_vl, qwen3_vl")
