@@ -119,3 +119,30 @@ def test_hugging_face_datasets_loads_the_jsonl_the_parquet_and_the_shards(traini
     key = first["__key__"]
     assert first["jpg"].size == (40 + int(key), 32) and first["detail.txt"] == captions_of(key)[1]
     assert first["json"]["caption"] == captions_of(key) and first["json"]["height"] == 32
+
+
+def test_hugging_face_reads_the_shards_of_a_parquet_dataset_with_mixed_formats(tmp_path):
+    """A Hub dataset folder whose images are JPEG and PNG, keyed by its id column: one image member type (the first
+    row's format, bytes unchanged), so Hugging Face's webdataset loader takes the shards; keys are the dataset's ids."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    images = [image_bytes(n, fmt="PNG" if n % 2 else "JPEG") for n in range(6)]
+    os.makedirs(tmp_path / "ds" / "data")
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": b, "path": None} for b in images], struct),
+                             "id": [f"sample-{n}" for n in range(6)], "text": [f"web {n}" for n in range(6)]}),
+                   tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    os.makedirs(tmp_path / "detail")
+    with open(tmp_path / "detail" / "composed.jsonl", "w") as f:
+        f.writelines(json.dumps({"image": f"train-00000-of-00001.parquet/{n}", "caption": f"detail {n}",
+                                 "truncated": False}) + "\n" for n in range(6))
+    run_command(["python", "utils/merge_multi_caption.py", "--original", tmp_path / "ds", "--index",
+                 tmp_path / "detail", "--output-format", "webdataset", "--output", tmp_path / "shards",
+                 "--shard-size", "4"])
+    shards = datasets.load_dataset("webdataset", data_files=str(tmp_path / "shards" / "*.tar"), split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(shards["__key__"]) == [f"sample-{n}" for n in range(6)]
+    for sample in shards:
+        n = int(sample["__key__"].split("-")[1])
+        assert sample["jpg"].size == (48, 40) and sample["detail.txt"] == f"detail {n}" and sample["txt"] == f"web {n}"
