@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-VARIANTS = ("internlm2", "internlm2-vit6b", "qwen2")
+# InternVL2 (internlm2-chat or Hermes-2 template); InternVL2.5 and InternVL3 (the internvl2_5 template): InternLM2.5,
+# which loads as InternLM2, and Qwen2.5, which loads as Qwen2
+VARIANTS = ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5")
 
 # What the tiny tokenizers learn from (the prompts of the project plus some caption-like text).
 SENTENCES = [
@@ -165,6 +167,10 @@ def build_config(variant, vocab_size, token_ids):
             **TINY_LLM, **token_ids,
         }
         template = "Hermes-2"
+    if variant in ("internlm2_5", "qwen2_5"):
+        template = "internvl2_5"
+        llm_config["_name_or_path"] = {"internlm2_5": "internlm/internlm2_5-7b-chat",
+                                       "qwen2_5": "Qwen/Qwen2.5-7B-Instruct"}[variant]
     return {
         "architectures": ["InternVLChatModel"],
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",

@@ -32,7 +32,7 @@ SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生�
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl")
     return {variant: build_checkpoint(str(root / variant), variant) for variant in
-            ("internlm2", "internlm2-vit6b", "qwen2")}
+            ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5")}
 
 
 def make_settings(model, max_new_tokens=8, attn_implementation="eager", decode_rows=None):
@@ -172,10 +172,38 @@ def test_internlm2_decode_matches_original(checkpoints, captioners, tmp_path):
     assert tokenizer.decode(ids) == "<img> </img>  hello <|action_end|> you  re  ok? <quad>"
 
 
+SYSTEM_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+def test_internvl2_5_and_internvl3_prompt_ids(checkpoints, captioners):
+    """The internvl2_5 template of InternVL2.5 and InternVL3 (conversation.py: MPT style, sep "<|im_end|>\n", its own
+    system message) over InternLM2.5 and Qwen2.5; the end token is "<|im_end|>"."""
+    question = presets.INTERNVL["background"]
+    query = ("<|im_start|>system\n" + SYSTEM_2_5 + "<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 * 2
+             + "</img>\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+    folder = checkpoints["qwen2_5"]
+    assert captioners["qwen2_5"].prompt_ids(question, 2) == Tokenizer.from_file(folder + "/tokenizer.json").encode(
+        query).ids  # the original's fast tokenizer
+    folder = checkpoints["internlm2_5"]
+    sp = spm.SentencePieceProcessor(model_file=folder + "/tokenizer.model")
+    with open(folder + "/tokenizer_config.json") as f:
+        ids = {t["content"]: int(i) for i, t in json.load(f)["added_tokens_decoder"].items()}
+    start, end = ids["<|im_start|>"], ids["<|im_end|>"]
+    # the slow tokenizer: sentencepiece on each piece between the added tokens, BOS first
+    expected = ([1, start] + sp.encode("system\n" + SYSTEM_2_5) + [end] + sp.encode("\n") + [start]
+                + sp.encode("user\n") + [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * 256 * 2 + [ids["</img>"]]
+                + sp.encode("\n" + question) + [end] + sp.encode("\n") + [start] + sp.encode("assistant\n"))
+    assert captioners["internlm2_5"].prompt_ids(question, 2) == expected
+    qwen_end = Tokenizer.from_file(checkpoints["qwen2_5"] + "/tokenizer.json").token_to_id("<|im_end|>")
+    for variant, end_id in (("internlm2_5", end), ("qwen2_5", qwen_end)):
+        assert captioners[variant].template["sep"] == "<|im_end|>\n"
+        assert captioners[variant].end_token_ids == [end_id]
+
+
 IMAGE_SIZES = [(900, 450), (300, 600), (200, 200)]  # with at most 2 tiles: 2+1, 2+1 and 1 tiles
 
 
-@pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2"])
+@pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5"])
 def test_batched_prompts_match_one_by_one(variant, captioners):
     captioner = captioners[variant]
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
@@ -307,17 +335,20 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkp
     assert len(tokens["eager", "generate_left_padded"]) == 15
 
 
-def test_native_conversion_roundtrip(checkpoints, captioners, tmp_path):
-    out = convert_internvl.convert_checkpoint(checkpoints["qwen2"], str(tmp_path / "native"),
-                                              captioners["qwen2"].image_token_id)
+@pytest.mark.parametrize("variant,template", [("qwen2", "Hermes-2"), ("qwen2_5", "internvl2_5"),
+                                              ("internlm2_5", "internvl2_5")])
+def test_native_conversion_roundtrip(variant, template, checkpoints, captioners, tmp_path):
+    """The native (-hf) folder of each: the captions of the original layout."""
+    out = convert_internvl.convert_checkpoint(checkpoints[variant], str(tmp_path / "native"),
+                                              captioners[variant].image_token_id)
     with open(out + "/config.json") as f:
         config = json.load(f)
-    assert config["model_type"] == "internvl" and config["template"] == "Hermes-2"
+    assert config["model_type"] == "internvl" and config["template"] == template
     assert config["tie_word_embeddings"] is False
     native = internvl.InternVLCaptioner(make_settings(out), torch.device("cpu"))
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
     prompts = [presets.INTERNVL["detail"]]
-    assert native.caption(images, prompts) == captioners["qwen2"].caption(images, prompts)
+    assert native.caption(images, prompts) == captioners[variant].caption(images, prompts)
 
 
 HF_CHAT_TEMPLATE = (  # the chat template of OpenGVLab's *-hf folders (transformers' InternVL conversion)
