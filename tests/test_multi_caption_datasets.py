@@ -42,7 +42,8 @@ def write_indexes(folder, ids, truncated_ids=()):
     """Two caption sources as utils/merge.py writes them: detail (composed.jsonl with truncated flags) and noun
     (composed_index.json); both miss the last id."""
     write_lines(folder / "detail" / "composed.jsonl",
-                [{"image": i, "caption": f"detail of {i}", "truncated": i in truncated_ids} for i in reversed(ids[:-1])])
+                [{"image": i, "caption": f"detail of {i}", "truncated": i in truncated_ids}
+                 for i in reversed(ids[:-1])])
     (folder / "noun_index.json").write_text(json.dumps({i: f"noun of {i}" for i in ids[:-1]}))
     return ["--index", folder / "detail", "--index", folder / "noun_index.json"]
 

@@ -119,8 +119,8 @@ def test_qwen2_5_vl_and_qwen3_vl_give_their_model_cards_captions(model_type, ima
 def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):
     (tmp_path / "llava").mkdir()
     (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
-    result = run_command(["python", "qwen.py", "--input-json", "examples/input.json", "--model", str(tmp_path / "llava"),
-                          "--output-dir", str(tmp_path / "out")], check=False)
+    result = run_command(["python", "qwen.py", "--input-json", "examples/input.json", "--model",
+                          str(tmp_path / "llava"), "--output-dir", str(tmp_path / "out")], check=False)
     assert result.returncode == 2 and not (tmp_path / "out").exists()
-    assert result.stderr.strip() == (f"qwen.py: error: {tmp_path / 'llava'}: model_type 'llava' is not one of qwen.py's: "
-                                     "qwen2_vl, qwen2_5_vl, qwen3_vl")
+    assert result.stderr.strip() == (f"qwen.py: error: {tmp_path / 'llava'}: model_type 'llava' is not one of "
+                                     "qwen.py's: qwen2_vl, qwen2_5_vl, qwen3_vl")

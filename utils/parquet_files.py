@@ -4,8 +4,8 @@ The main process reads only the key (and path or caption) columns; a worker stre
 group, so memory is about one data page of the image column (the writer decides its size). The image column:
 `image` if it is a struct {bytes, path} (Hugging Face's Image feature), binary or a string path; else the first
 struct {bytes, ...} or binary column; else a string `path` or `file_name` column. A struct row without bytes reads
-its `path`. The key: the `key`, `id`, `uid` or `image_id` column. The original caption: `caption` or `text`. The metadata: every
-other column of numbers, booleans or strings (a dataset's id, url, width, ...).
+its `path`. The key: the `key`, `id`, `uid` or `image_id` column. The original caption: `caption` or `text`. The
+metadata: every other column of numbers, booleans or strings (a dataset's id, url, width, ...).
 """
 import bisect
 import functools

@@ -286,7 +286,8 @@ class RefillDecoder:
             slots_of_image = [slots[start:end] for start, end in zip(first_rows, first_rows[1:])]
             self.prefixes.place(entries, prefilled, first_rows[:-1], slots_of_image)
             for entry, image in zip(entries, images):
-                self.entry_of_row.update((row, entry) for row in range(self.first_row[image], self.first_row[image + 1]))
+                rows_of_image = range(self.first_row[image], self.first_row[image + 1])
+                self.entry_of_row.update((row, entry) for row in rows_of_image)
         self.slots.place(slots, rows, prefilled, first_tokens)
         return TokensInFlight(slots, rows, first_tokens)
 
