@@ -14,7 +14,7 @@ position-embedding interpolation.
 """
 import contextlib
 import functools
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from utils import prompts as presets
@@ -66,10 +66,12 @@ def prepare_image(image, min_pixels, max_pixels, image_processor, dtype):
 def model_type(folder):
     """The checkpoint's model_type, from its config.json; a one-line error for one this script does not run."""
     import json
-    from pathlib import Path
-    kind = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    from utils.errors import UserError
+    try:
+        kind = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        raise UserError(f"{folder}/config.json: not a model config (JSON object)") from None
     if kind not in MODEL_CLASSES:
-        from utils.errors import UserError
         raise UserError(f"{folder}: model_type {kind!r} is not one of qwen.py's: {', '.join(MODEL_CLASSES)}")
     return kind
 
@@ -129,7 +131,7 @@ class QwenCaptioner(Captioner):
 
     @classmethod
     def check_options(cls, model, options):
-        if os.path.isdir(model):  # a hub id's config is read once it is downloaded
+        if (Path(model) / "config.json").is_file():  # a hub id's config is read once it is downloaded
             model_type(model)
 
     def __init__(self, settings, device):
