@@ -27,7 +27,8 @@ TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidde
                     "use_sliding_window", "sliding_window", "max_window_layers",
                     "original_max_position_embeddings", "partial_rotary_factor")
 TEXT_CONFIG_CLASSES = {"InternLM2ForCausalLM": "LlamaConfig", "LlamaForCausalLM": "LlamaConfig",
-                       "Qwen2ForCausalLM": "Qwen2Config", "Phi3ForCausalLM": "Phi3Config"}  # transformers' names
+                       "Qwen2ForCausalLM": "Qwen2Config", "Phi3ForCausalLM": "Phi3Config",
+                       "Qwen3ForCausalLM": "Qwen3Config"}  # transformers' names; Qwen3: InternVL3.5
 
 
 def rope_parameters(llm_config):

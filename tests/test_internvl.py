@@ -407,10 +407,17 @@ LLAMA_LLM = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attn
              "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 96}  # (ids shrunk with the vocabulary)
 
 
-@pytest.mark.parametrize("llm_config,rope_type", [(PHI3_LLM, "longrope"), (LLAMA_LLM, "default")])
+QWEN3_LLM = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attn_implementation": "flash_attention_2",
+             "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+             "head_dim": 32, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+             "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 96}  # InternVL3.5's (its q and k norms included)
+
+
+@pytest.mark.parametrize("llm_config,rope_type", [(PHI3_LLM, "longrope"), (LLAMA_LLM, "default"),
+                                                  (QWEN3_LLM, "default")])
 def test_other_language_models_convert(tmp_path, llm_config, rope_type):
-    """Phi-3 and Llama checkpoints keep transformers' own key names under language_model.: the converted model's
-    text path must give the logits of the plain causal LM with those weights."""
+    """Phi-3, Llama and Qwen3 (InternVL3.5) checkpoints keep transformers' own key names under language_model.: the
+    converted model's text path must give the logits of the plain causal LM with those weights."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
