@@ -83,14 +83,17 @@ def vision_layout(visual, grid_thw):
     From the grids on the GPU, each vision block reads the boundaries back (a wait for the GPU), then launches one
     attention call per image while the GPU idles (bench/RESULTS.md)."""
     from transformers import vision_utils
+
+    def longest(boundaries):
+        return int((boundaries[1:] - boundaries[:-1]).max())
     cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
-    layout = {"cu_seqlens": cu_seqlens, "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max())}
+    layout = {"cu_seqlens": cu_seqlens, "max_seqlen": longest(cu_seqlens)}
     config = visual.config
     if hasattr(config, "fullatt_block_indexes"):  # Qwen2.5-VL
         window_index, cu_window_seqlens = vision_utils.get_vision_window_index(
             grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
         layout.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
-                      max_window_seqlen=int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()))
+                      max_window_seqlen=longest(cu_window_seqlens))
     if hasattr(config, "num_position_embeddings"):  # Qwen3-VL
         layout["interp_indices"], layout["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,

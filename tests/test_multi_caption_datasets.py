@@ -15,10 +15,8 @@ from sample_images import image_bytes, write_tar_shard
 from utils.tar_shards import iter_tar_samples
 
 
-def run(*args, ok=True, script_folder=False):
-    """merge_multi_caption.py with these arguments; script_folder: the first argument names another utils/ script."""
-    script, args = (args[0], args[1:]) if script_folder else ("merge_multi_caption.py", args)
-    return run_command(["python", f"utils/{script}", *map(str, args)], check=ok, timeout=120)
+def run(*args, ok=True):
+    return run_command(["python", "utils/merge_multi_caption.py", *map(str, args)], check=ok, timeout=120)
 
 
 def write_lines(path, records):
@@ -152,7 +150,7 @@ def test_shards_to_mirrored_webdataset_with_bytes_unchanged(shards):
     assert [(s.key, sorted(s.members)) for s in samples] == [
         (key, sorted([image, "json", "original.txt", "detail.txt", "noun_index.txt", "txt"]))
         for key, image in [("000000000", "jpg"), ("000000001", "jpg"), ("000000002", "png"), ("000000003", "jpg")]]
-    result = run("caption_qa.py", out, script_folder=True)  # the shards are a caption source too
+    result = run_command(["python", "utils/caption_qa.py", out])  # the shards are a caption source too
     assert f"{out} noun_index " in result.stdout
     again = run("--original", folder / "data", *indexes, "--output-format", "webdataset", "--output", out, ok=False)
     assert again.returncode == 1 and again.stderr.strip() == (

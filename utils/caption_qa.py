@@ -245,7 +245,7 @@ def input_files(item):
 
 def check_input(item, names, checker, new_stats, flagged):
     """Flag and count the captions of one INPUT, writing the flagged ones to `flagged` (a file or None);
-    -> the summaries of its sources, one per caption position. new_stats: source name -> SourceStats."""
+    -> the summaries of its sources, one per caption name (source_label). new_stats: source name -> SourceStats."""
     sources = {}
     for path in input_files(item):
         for image, captions, truncated_field, names_here in iter_file_captions(path):

@@ -86,8 +86,8 @@ _HUB_SPLITS = {"train": 0, "training": 0, "validation": 1, "valid": 1, "val": 1,
 def hub_split(relative_path):
     """The split a Parquet file under data/ belongs to: its folder (data/train/...) or its name's first part
     (data/train-00000-of-00002.parquet)."""
-    first = relative_path.replace(os.sep, "/").split("/")[0]
-    return first if "/" in relative_path.replace(os.sep, "/") else re.split(r"[-_.]", first)[0]
+    parts = relative_path.replace(os.sep, "/").split("/")
+    return parts[0] if len(parts) > 1 else re.split(r"[-_.]", parts[0])[0]
 
 
 def hub_parquet_files(folder):
@@ -96,8 +96,10 @@ def hub_parquet_files(folder):
     data = os.path.join(folder, "data")
     found = [os.path.relpath(os.path.join(root, name), data) for root, _, names in os.walk(data)
              for name in names if name.lower().endswith(".parquet")]
-    ordered = sorted(found, key=lambda path: (_HUB_SPLITS.get(hub_split(path).lower(), 3), hub_split(path), path))
-    return [os.path.join(data, path) for path in ordered]
+    def order(path):
+        split = hub_split(path)
+        return _HUB_SPLITS.get(split.lower(), 3), split, path
+    return [os.path.join(data, path) for path in sorted(found, key=order)]
 
 
 def expand_inputs(spec):

@@ -117,11 +117,14 @@ class WebdatasetOutput:
 
     def write(self, line):
         row = json.loads(line)
+        shard = member = None
         if self.input_shards is not None:
-            self.open_shard(self.mirrored_shard(row["image"]))  # first: its rows' failures count in its stats
+            shard, member = split_container(row["image"], self.image_root)
+            if shard is not None:
+                self.open_shard(self.mirrored(shard))  # first: its rows' failures count in its stats
         try:
             data = read_image_bytes(row["image"], self.image_root)
-            key, extension = self.member_name(row, data)
+            key, extension = self.member_name(row, member, data)
         except UnreadableImage:
             self.unreadable += 1  # captioned once, unreadable now (moved, deleted): counted and left out
             self.shard_unreadable += 1
@@ -141,16 +144,11 @@ class WebdatasetOutput:
         self.shard_records.append(record)
         self.samples += 1
 
-    def mirrored_shard(self, image):
-        shard, _ = split_container(image, self.image_root)
-        return None if shard is None else self.mirrored(shard)
-
-    def member_name(self, row, data):
-        """(key, image extension): a mirrored sample's input key and extension; otherwise the row's key (checked by
-        numbered_key) and image_extension's."""
+    def member_name(self, row, member, data):
+        """(key, image extension): a mirrored sample's input key and extension (member: its path in its input
+        shard); otherwise the row's key (checked by numbered_key) and image_extension's."""
         if self.input_shards is None:
             return row.get("key"), self.image_extension(row["image"], data)
-        _, member = split_container(row["image"], self.image_root)
         if member is None:
             raise UnreadableImage("not a member of the input shards")
         key, extension = key_and_extension(member) or (member, format_extension(data))

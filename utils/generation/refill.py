@@ -34,6 +34,7 @@ from transformers import (MinPLogitsWarper, SuppressTokensLogitsProcessor, Tempe
                           TopPLogitsWarper)
 from transformers.cache_utils import Cache, StaticLayer
 
+from utils.generation.attention import additive
 from utils.generation.cuda_graphs import decode_step_graph
 from utils.generation.prefill import prefill_rows, shared_prefix_length
 from utils.generation.tensors import HostCopy, to_device_async
@@ -117,8 +118,7 @@ class PrefixPool:
             self.values[layer][index, :, :width] = values
         mask = prefilled.mask[to_device_async(torch.tensor(first_rows), index.device), :width].bool()
         self.bias.index_fill_(0, index, float("-inf"))
-        self.bias[index, 0, 0, :width] = torch.zeros_like(self.bias[index, 0, 0, :width]).masked_fill_(
-            ~mask, float("-inf"))
+        self.bias[index, 0, 0, :width] = additive(mask, self.bias.dtype)
         rows_of_entry = [slots + slots[:1] * (self.rows_per_entry - len(slots)) for slots in slots_of_image]
         self.entry_rows[index] = to_device_async(torch.tensor(rows_of_entry), index.device)
         slots = [slot for rows in slots_of_image for slot in rows]
@@ -219,11 +219,11 @@ class RefillDecoder:
             self.prefixes = PrefixPool(entries, widest, aligned(prefix_width), size,
                                        model.config.get_text_config(decoder=True).num_hidden_layers, model.dtype,
                                        model.device)
-            prefix_width = 0
         self.entry_of_row = {}
-        # room for every new token but the last (never fed back), and for the step a row may run after its end
-        self.slots = Slots(model, size, aligned(prefix_width + own_width + max_new_tokens), graph or model,
-                           self.prefixes)
+        # a slot holds its row's own columns, and its prefix too without a pool; room for every new token but the
+        # last (never fed back), and for the step a row may run after its end
+        in_slot = own_width + (0 if self.prefixes else prefix_width)
+        self.slots = Slots(model, size, aligned(in_slot + max_new_tokens), graph or model, self.prefixes)
         self.admit_threshold = max(widest, size // 8)  # rows join in groups: one prefill for several images
         # at most this many rows per prefill: when most slots free at once (captions of one length), the prefilled
         # rows' cache, held beside the slots' until copied, stays a quarter of theirs (one prefill for all the free
