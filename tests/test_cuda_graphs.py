@@ -1,9 +1,11 @@
 """On a GPU: every model script gives the same captions with its prefill compiled and its decode steps replayed as
 CUDA graphs (the defaults there) as with --no-compile --no-cuda-graphs, and records a graph (no eager fallback);
+the prefill runs eagerly until its background compile is done, then compiled, with the same tokens;
 generate()'s stop check read one step late, and a cache and recording kept for the next call of the same shape,
 give the tokens of plain generate(); recordings go on while another thread pins memory. Skipped without CUDA; run
 on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, imag
         result = run_command(["python", f"{script}.py", "--input-json", str(input_file), "--image-root", str(folder),
                               "--output-dir", str(out), "--temperature", "0", "--max-new-tokens", "16",
                               "--dtype", "float32", "--batch-size", "3", "--num-workers", "1", *model_flags,
-                              *(["--no-compile", "--no-cuda-graphs"] if mode == "eager" else [])],
+                              *(["--no-compile", "--no-cuda-graphs"] if mode == "eager" else ["--wait-for-compile"])],
                              # (torch set TORCHINDUCTOR_CACHE_DIR here when this process compiled)
                              env={"CUDA_VISIBLE_DEVICES": "0", "SYNTHETIC_CAPTION_CACHE": str(tmp_path / "cache"),
                                   "TORCHINDUCTOR_CACHE_DIR": None, **env})
@@ -60,11 +62,37 @@ def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, imag
             assert " RMSNorms and MLPs compiled for the prefill" in result.stderr, result.stderr
             assert " decode steps replayed from CUDA graphs" in result.stderr
             assert " 0 decode steps replayed" not in result.stderr, result.stderr
+            assert " 0 of the prefill's module calls compiled (0 eager" not in result.stderr, result.stderr
+            assert "(0 eager while compiling)" in result.stderr, result.stderr
             assert any((tmp_path / "cache" / "torchinductor").iterdir())  # the compiled kernels kept there
         rows = [row for path in sorted(out.glob("*/*/*/captions-*.jsonl")) for row in read_jsonl(path)]
         captions[mode] = sorted((row["prompt"], row["image"], row["caption"], row["truncated"]) for row in rows)
     assert len(captions["graphs"]) >= len(good)
     assert captions["graphs"] == captions["eager"]
+
+
+def test_the_prefill_is_eager_until_the_background_compile_is_done():
+    """compile_prefill's default: the first prefill starts the compile on its thread and runs eagerly; later ones run
+    the compiled code once it is ready, under the compile lock's file; every call gives eager generate()'s tokens
+    (float32)."""
+    from utils.generation import compiled_prefill
+    model = tiny_llama()  # float32
+    ids = torch.randint(1, 48, (4, 6), device="cuda")
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                  pad_token_id=0)
+    with torch.inference_mode():
+        plain = model.generate(**kwargs)
+        compiled_prefill.compile_prefill(model)
+        before = compiled_prefill.PREFILL_CALLS.copy()
+        assert torch.equal(model.generate(**kwargs), plain)
+        assert compiled_prefill.PREFILL_CALLS["eager"] > before["eager"]
+        code = compiled_prefill.compiled(type(model.model.norm).forward)
+        assert code.ready.wait(300)
+        assert torch.equal(model.generate(**kwargs), plain)
+    assert compiled_prefill.PREFILL_CALLS["compiled"] > before["compiled"]
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert (Path(cache_dir()) / "compile.lock").is_file()
+    compiled_prefill.eager_forwards(model)
 
 
 def tiny_llama():

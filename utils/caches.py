@@ -13,5 +13,9 @@ def share_compiled_kernels():
     $TORCHINDUCTOR_CACHE_DIR names one. Inductor's default, /tmp/torchinductor_$USER, starts empty on every fresh
     node, so each requeued job compiled again; in a home folder that the nodes share, a cluster compiles once.
     Inductor writes each entry to a temporary file and renames it, so processes and nodes may share the folder; its
-    keys hold the GPU, torch and the code compiled."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_folder(), "torchinductor"))
+    keys hold the GPU, torch and the code compiled. Torch writes its default into the variable when it is first
+    asked for the folder (importing torchvision does, as minigpt4.py does before the loop starts): that value
+    counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_folder(), "torchinductor")

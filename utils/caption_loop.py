@@ -62,9 +62,10 @@ def load_captioner(captioner_cls, settings, device, dtype):
     captioner = captioner_cls(model_settings(captioner_cls, settings, dtype), device)
     on_gpu = device.type == "cuda"
     if on_gpu and settings.compile:
-        modules = compile_prefill(captioner.model)
-        print(f"{settings.tag} {modules} RMSNorms and MLPs compiled for the prefill (torch.compile: the first batches "
-              "take longer)", file=sys.stderr, flush=True)
+        modules = compile_prefill(captioner.model, wait=settings.wait_for_compile)
+        when = "at the first batch" if settings.wait_for_compile else "in the background; eager until then"
+        print(f"{settings.tag} {modules} RMSNorms and MLPs compiled for the prefill (torch.compile, {when})",
+              file=sys.stderr, flush=True)
     graphs = decode_with_cuda_graphs(captioner.model, captioner.unread_in_decode) if on_gpu and settings.cuda_graphs else []
     return captioner, graphs
 
@@ -145,7 +146,11 @@ def caption_work(captioner, graphs, work, writer, settings, stop):
 
 
 def report(runner, graphs, work, tag, seconds):
+    from utils.generation.compiled_prefill import PREFILL_CALLS
     replayed = f", {sum(g.replays for g in graphs)} decode steps replayed from CUDA graphs" if graphs else ""
+    if PREFILL_CALLS:
+        replayed += (f", {PREFILL_CALLS['compiled']} of the prefill's module calls compiled "
+                     f"({PREFILL_CALLS['eager']} eager while compiling)")
     print(f"{tag} captioned {runner.captioned}, failed {runner.failed}, skipped {work.skipped}, {seconds:.1f} s, "
           f"{runner.captioned / max(seconds, 1e-9):.2f} images/s{replayed}", file=sys.stderr, flush=True)
 

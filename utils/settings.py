@@ -39,6 +39,7 @@ class Settings:
     attn_implementation: str
     cuda_graphs: bool
     compile: bool
+    wait_for_compile: bool
     decode_rows: Optional[int]
     limit: Optional[int]
     overwrite: bool
@@ -159,7 +160,8 @@ def resolve_settings(captioner_cls, args, own_flags, place):
         decoding=Decoding(args.max_new_tokens, args.min_new_tokens, args.temperature, args.top_p, args.num_beams),
         seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
         sort_window=args.sort_window, attn_implementation=args.attn_implementation,
-        cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile, decode_rows=getattr(args, "decode_rows", None),
+        cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
+        wait_for_compile=args.wait_for_compile, decode_rows=getattr(args, "decode_rows", None),
         limit=args.limit, overwrite=args.overwrite, retry_errors=args.retry_errors, check_input=args.check_input,
         options=options, place=place)
 
