@@ -14,6 +14,7 @@ position-embedding interpolation.
 """
 import contextlib
 import functools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -76,13 +77,44 @@ def model_type(folder):
     return kind
 
 
+class PackedVisionAttention:
+    """Stands in for the forward of a vision block's attention (transformers' VisionAttention: qkv, the rotary
+    embedding, attention within each image or window, proj), with the attention in one call over all the batch's
+    sequences (padded_attention) instead of one call per sequence. The sequences' PaddedLayouts come with the
+    batch's layout (vision_layout()); boundaries that come without get one here."""
+
+    def __init__(self, attention):
+        self.attention = attention
+        self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+
+    def __call__(self, hidden_states, cu_seqlens, position_embeddings, padded_layouts=(), **kwargs):
+        from utils.generation.attention import PaddedLayout, padded_attention
+        attention, length = self.attention, hidden_states.shape[0]
+        query, key, value = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(
+            1, 0, 2, 3).unbind(0)
+        query, key = self.rotary(query, key, *position_embeddings)
+        layout = next((layout for layout in padded_layouts if layout.boundaries is cu_seqlens), None)
+        if layout is None:
+            layout = PaddedLayout.of(cu_seqlens.cpu()).to(hidden_states.device)
+        output = padded_attention(query, key, value, layout, attention.scaling)
+        return attention.proj(output.reshape(length, -1))
+
+
+def pack_vision_attention(visual):
+    for block in visual.blocks:
+        block.attn.forward = PackedVisionAttention(block.attn)
+
+
 def vision_layout(visual, grid_thw):
     """The vision tower's layout for a batch's grids beyond the rotary positions, made on the CPU with transformers'
     own functions, as its forward would make it: each image's patch boundaries, Qwen2.5-VL's windows (the order
-    of the merged tokens, the windows' boundaries), Qwen3-VL's interpolation of its learned position embeddings.
-    From the grids on the GPU, each vision block reads the boundaries back (a wait for the GPU), then launches one
-    attention call per image while the GPU idles (bench/RESULTS.md)."""
+    of the merged tokens, the windows' boundaries), Qwen3-VL's interpolation of its learned position embeddings;
+    and for PackedVisionAttention the PaddedLayout of each set of boundaries. From the grids on the GPU, each
+    vision block reads the boundaries back (a wait for the GPU), then launches one attention call per image or
+    window while the GPU idles (bench/RESULTS.md)."""
     from transformers import vision_utils
+
+    from utils.generation.attention import PaddedLayout
 
     def longest(boundaries):
         return int((boundaries[1:] - boundaries[:-1]).max())
@@ -98,6 +130,9 @@ def vision_layout(visual, grid_thw):
         layout["interp_indices"], layout["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=config.spatial_merge_size)
+    if isinstance(visual.blocks[0].attn.forward, PackedVisionAttention):
+        layout["padded_layouts"] = tuple(PaddedLayout.of(layout[name]) for name in ("cu_seqlens", "cu_window_seqlens")
+                                         if name in layout)
     return layout
 
 
@@ -154,8 +189,11 @@ class QwenCaptioner(Captioner):
                                          image_processor=image_processor, dtype=settings.dtype)
         self.model = model_class.from_pretrained(
             folder, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
-        # flash-attn's varlen call reads the boundaries on the GPU; the other implementations split on the CPU
+        # flash-attn's varlen call reads the boundaries on the GPU; the others find them on the CPU; SDPA's
+        # attention runs packed (eager stays transformers' reference)
         self.boundaries_on_gpu = settings.attn_implementation == "flash_attention_2"
+        if settings.attn_implementation in ("sdpa_grouped", "sdpa"):
+            pack_vision_attention(self.model.model.visual)
         self.prompt_ids = functools.lru_cache(maxsize=64)(self.prompt_ids)  # the same few prompts in every batch
         self.generation = settings.decoding.generate_kwargs()
         end = self.model.generation_config.eos_token_id
@@ -218,6 +256,8 @@ class QwenCaptioner(Captioner):
         # the boundaries split the attention on the CPU, except in flash-attn's varlen call
         layout = {name: to_device_async(value, device) if isinstance(value, torch.Tensor) and (
             self.boundaries_on_gpu or not name.endswith("seqlens")) else value for name, value in vision.items()}
+        if "padded_layouts" in layout:
+            layout["padded_layouts"] = tuple(padded.to(device) for padded in layout["padded_layouts"])
         layout["position_ids"] = to_device([image.vision_positions for image in images for _ in prompts], device)
         with given_layout(self.model.model.visual, layout):
             output = self.model.generate(**model_inputs, **self.generation)

@@ -45,8 +45,9 @@ def in_range(label):
     return wrap
 
 
-def timed(seconds, key, sync=None):
-    """wrap for `patched`: adds each call's wall time to seconds[key]; sync() (the GPU) before and after."""
+def timed(seconds, key, sync=None, calls=None):
+    """wrap for `patched`: adds each call's wall time to seconds[key], and its (start, end) to the list `calls` if
+    given; sync() (the GPU) before and after."""
     def wrap(function):
         @functools.wraps(function)
         def timed_call(*args, **kwargs):
@@ -59,6 +60,8 @@ def timed(seconds, key, sync=None):
                 if sync:
                     sync()
                 seconds[key] += time.perf_counter() - start
+                if calls is not None:
+                    calls.append((start, time.perf_counter()))
         return timed_call
     return wrap
 

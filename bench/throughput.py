@@ -16,6 +16,8 @@ Rows:
             out-of-memory backoff, sdpa_grouped attention, lines written to disk.
   ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
             images/s counts images, each with K captions.
+  ours bN, vision per sequence   (--unpacked-vision, Qwen models) the same with the vision tower's attention
+            one call per image or window, as transformers runs it.
 Columns: images/s, prefill and decode time of one batch, peak GPU memory, model FLOPs utilisation (model FLOPs
 per caption x images/s / measured bf16 matmul peak), and the share of the speed of light: the time the row's work
 takes at least, the prefill's model FLOPs at that peak plus what decode steps must read (the weights once per
@@ -70,6 +72,14 @@ QWEN2_VL_7B = dict(
     text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+)
+
+
+QWEN2_5_VL_7B = dict(
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+    text_config=dict(QWEN2_VL_7B["text_config"], max_position_embeddings=128000),
 )
 
 
@@ -138,14 +148,15 @@ def sync(device):
 
 # ----------------------------------------------------------------------------------------------- Qwen2-VL
 
-def qwen_checkpoint(folder, tiny):
-    from transformers import Qwen2VLConfig
-
-    from tests.qwen_checkpoint import make_checkpoint
-    path = make_checkpoint(folder / "qwen")
+def qwen_checkpoint(folder, tiny, model_type="qwen2_vl", architecture=QWEN2_VL_7B):
+    """The tests' tiny checkpoint of `model_type`; not tiny, given the real `architecture` (Qwen2-VL-7B's by
+    default) and the model card's pixel limits."""
+    from tests.qwen_checkpoint import FAMILIES, make_checkpoint
+    config_class = FAMILIES[model_type][0]
+    path = make_checkpoint(folder / model_type, model_type=model_type)
     if not tiny:  # the real architecture and pixel limits; weights are made on the GPU, not read
-        config = Qwen2VLConfig.from_pretrained(path)
-        real = Qwen2VLConfig(**QWEN2_VL_7B, image_token_id=config.image_token_id,
+        config = config_class.from_pretrained(path)
+        real = config_class(**architecture, image_token_id=config.image_token_id,
                              video_token_id=config.video_token_id, vision_start_token_id=config.vision_start_token_id,
                              vision_end_token_id=config.vision_end_token_id)
         real.text_config.eos_token_id = config.text_config.eos_token_id
@@ -171,22 +182,31 @@ INTERNVL2_8B_LLM = dict(hidden_size=4096, intermediate_size=14336, num_attention
                         rope_scaling={"type": "dynamic", "factor": 2.0})
 
 
-def internvl_checkpoint(folder, tiny):
-    """A native InternVL2 folder: the tests' tiny original checkpoint converted, then (not tiny) given the
-    InternVL2-8B architecture (InternViT-300M + InternLM2.5-7B)."""
-    import internvl
-    from convert.internvl import convert_checkpoint, native_config
-    from tests.internvl_checkpoint import build_checkpoint
-    original = Path(build_checkpoint(str(folder / "internvl-original")))
-    image_token_id = internvl.load_tokenizer(str(original)).convert_tokens_to_ids(internvl.IMG_CONTEXT)
-    native = Path(convert_checkpoint(str(original), str(folder / "internvl"), image_token_id))
-    if not tiny:
-        unknown_ids_as_unk(internvl.InternLM2Tokenizer, internvl.load_tokenizer(str(native)).sp.get_piece_size())
-        config = json.loads((original / "config.json").read_text())
-        config["vision_config"].update(INTERNVL2_8B_VISION)
-        config["llm_config"].update(INTERNVL2_8B_LLM)
-        native_config(config).save_pretrained(native)
-    return native
+# InternVL3-8B: InternViT-300M-448px-V2_5 (InternVL2's sizes) + Qwen2.5-7B-Instruct, the internvl2_5 template
+INTERNVL3_8B_LLM = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                        num_hidden_layers=28, vocab_size=151674, max_position_embeddings=32768, rope_theta=1000000.0)
+
+
+def internvl_checkpoint(variant="internlm2", llm=INTERNVL2_8B_LLM):
+    """A native InternVL folder: the tests' tiny original checkpoint of `variant` converted, then (not tiny) given
+    the real architecture (InternViT-300M + `llm`; by default InternVL2-8B's InternLM2.5-7B)."""
+    def checkpoint(folder, tiny):
+        import internvl
+        from convert.internvl import convert_checkpoint, native_config
+        from tests.internvl_checkpoint import build_checkpoint
+        original = Path(build_checkpoint(str(folder / f"internvl-{variant}-original"), variant))
+        image_token_id = internvl.load_tokenizer(str(original)).convert_tokens_to_ids(internvl.IMG_CONTEXT)
+        native = Path(convert_checkpoint(str(original), str(folder / f"internvl-{variant}"), image_token_id))
+        if not tiny:
+            tokenizer = internvl.load_tokenizer(str(native))
+            if isinstance(tokenizer, internvl.InternLM2Tokenizer):
+                unknown_ids_as_unk(internvl.InternLM2Tokenizer, tokenizer.sp.get_piece_size())
+            config = json.loads((original / "config.json").read_text())
+            config["vision_config"].update(INTERNVL2_8B_VISION)
+            config["llm_config"].update(llm)
+            native_config(config).save_pretrained(native)
+        return native
+    return checkpoint
 
 
 def internvl_sizes(captioner, prepared):
@@ -364,10 +384,19 @@ MODELS = {
                  checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
                  prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
                  parts={"vision tower": "model.visual"}),
+    "qwen2.5": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2_5_VLForConditionalGeneration",
+                    checkpoint=functools.partial(qwen_checkpoint, model_type="qwen2_5_vl", architecture=QWEN2_5_VL_7B),
+                    sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
+                    prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
+                    parts={"vision tower": "model.visual"}),
     "internvl": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
-                     checkpoint=internvl_checkpoint, sizes=internvl_sizes,
+                     checkpoint=internvl_checkpoint(), sizes=internvl_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
                      multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR),
+    "internvl3": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
+                      checkpoint=internvl_checkpoint("qwen2_5", INTERNVL3_8B_LLM), sizes=internvl_sizes,
+                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
+                      multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR),
     "llava-7b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                      checkpoint=llava_checkpoint("7b"), sizes=llava_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
@@ -590,6 +619,8 @@ class ModelBench:
         if self.lengths is not None and multi and args.big_batch:  # the passes differ in length: run all five
             variants.append(("seed", args.big_batch, args.images, multi))
         ours_images = args.ours_images or args.images
+        variants += [("unpacked", batch, ours_images, default) for batch in args.ours_batches if batch and
+                     args.unpacked_vision and spec["script"] == "qwen"]
         variants += [("ours", batch, ours_images, default) for batch in args.ours_batches if batch]
         if multi and args.multi_batch:
             variants.append(("ours", args.multi_batch, ours_images, multi))
@@ -621,6 +652,11 @@ class ModelBench:
             start = time.perf_counter()
             if kind == "seed":
                 images = self.seed(batch_size, images, prompts)
+            elif kind == "unpacked":  # Qwen's vision tower as transformers runs it: a call per image or window
+                with patched(importlib.import_module("qwen"), "pack_vision_attention", lambda pack: lambda visual: None):
+                    for block in self.captioner.model.model.visual.blocks:
+                        block.attn.__dict__.pop("forward", None)
+                    seconds = self.ours(batch_size, images, prompts)
             elif kind == "copied":  # each row's prefix in its slot, as before cascade attention
                 with patched(refill, "cascades", lambda cascades: lambda model: False):
                     seconds = self.ours(batch_size, images, prompts, profile, decode_rows)
@@ -667,9 +703,10 @@ class ModelBench:
             "--batch-size", str(batch_size), "--num-workers", str(args.num_workers), "--limit", str(images),
             "--prompts", ",".join(prompts), *args.ours_flags,
             *(["--decode-rows", str(decode_rows)] if decode_rows else [])])
-        seconds = dict(in_caption=0.0)
+        seconds, calls = dict(in_caption=0.0), []
         with contextlib.ExitStack() as stack:
-            stack.enter_context(patched(self.captioner_class, "caption", timed(seconds, "in_caption", self.sync)))
+            stack.enter_context(patched(self.captioner_class, "caption",
+                                        timed(seconds, "in_caption", self.sync, calls)))
             stack.enter_context(loader_wait(seconds))
             if profile:
                 stack.enter_context(patched(self.captioner_class, "caption", profile))
@@ -678,6 +715,9 @@ class ModelBench:
             status = caption_part(self.captioner_class, settings)
             if profile:
                 profile.stop()  # when the run had no batch after the profiled ones
+        if len(calls) > 1:  # the steady state: from the end of the first batch to the end of the run
+            span = time.perf_counter() - calls[0][1]
+            seconds["steady_outside_share"] = (span - sum(end - start for start, end in calls[1:])) / span
         lines = sum(1 for path in out.glob("*/*/*/captions-*.jsonl") for _ in open(path))
         assert status == 0 and lines == images * len(prompts), (status, lines)
         return seconds
@@ -685,7 +725,8 @@ class ModelBench:
     def row(self, kind, batch_size, images, prompts, elapsed, seconds, decode_rows=None):
         args, device = self.args, self.device
         label = {"oom": f"ours b{batch_size} in {args.oom_gib:g} GiB", "profile": f"ours b{batch_size} profiled",
-                 "copied": f"ours b{batch_size}"}.get(kind, f"{kind} b{batch_size}")
+                 "copied": f"ours b{batch_size}", "unpacked": f"ours b{batch_size}, vision per sequence"}.get(
+                     kind, f"{kind} b{batch_size}")
         label += "" if images else " (CUDA out of memory)"
         label += f" x{len(prompts)} prompts" if len(prompts) > 1 else ""
         label += f", {decode_rows} decode rows refilled" if decode_rows else ""
@@ -709,6 +750,8 @@ class ModelBench:
                    else None)
         if "loader_wait" in seconds:
             row["loader_wait_s"] = round(seconds["loader_wait"], 2)
+        if "steady_outside_share" in seconds:
+            row["steady_outside_share"] = round(seconds["steady_outside_share"], 4)
         if lengths is not None:
             row["lengths"] = lengths
         return row
@@ -772,8 +815,8 @@ def main():
                    torch=torch.__version__, new_tokens=args.new_tokens, lengths=args.lengths, rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        names = make_images(folder, max(args.images, args.ours_images, args.seed_images, 4 * max(args.split_batches),
-                                        profiled_images(args)))
+        names = make_images(folder, max(args.images, args.ours_images, args.seed_images,
+                                        4 * max(args.split_batches, default=0), profiled_images(args)))
         for name in args.models.split(","):
             rows, flops, split = ModelBench(name, MODELS[name], args, device, folder, names, peak, bandwidth).run()
             results["rows"] += rows
@@ -792,18 +835,19 @@ def main():
 def print_table(rows):
     realistic = any("lengths" in r for r in rows)
     print(f"\n{'model':10} {'variant':36} {'images':>6} {'s':>8} {'images/s':>9} {'GiB':>6} {'MFU':>6} {'light':>6}"
-          f" {'outside':>7} {'light in prefill':>16}" + (f" {'ended':>6}" if realistic else ""))
+          f" {'outside':>7} {'steady':>6} {'light in prefill':>16}" + (f" {'ended':>6}" if realistic else ""))
     for r in rows:
         ended = f" {r['lengths']['finished_fraction'] * 100:5.1f}%" if "lengths" in r else ""
         outside = (f"{(r['seconds'] - r['in_caption_s']) / r['seconds'] * 100:6.1f}%" if r["in_caption_s"] is not None
                    else "      -")
+        steady = f"{r['steady_outside_share'] * 100:5.1f}%" if "steady_outside_share" in r else "     -"
         print(f"{r['model']:10} {r['variant']:36} {r['images']:6d} {r['seconds']:8.2f} {r['images_per_s']:9.2f} "
               f"{r['peak_gib'] or 0:6.1f} {(r['mfu'] or 0) * 100:5.1f}% {(r['speed_of_light'] or 0) * 100:5.1f}% "
-              f"{outside} {(r['light_prefill_share'] or 0) * 100:15.0f}%{ended}")
+              f"{outside} {steady} {(r['light_prefill_share'] or 0) * 100:15.0f}%{ended}")
     print("light: the row's share of its speed of light (prefill FLOPs at the matmul peak, decode's reads at the "
           "memory bandwidth); outside: the share of the row's time outside caption(), where the GPU has no work from "
-          "the loop (start, waiting for a batch, writing); light in prefill: the prefill's share of the speed of "
-          "light")
+          "the loop (start, waiting for a batch, writing); steady: the same from the end of the first batch on; light "
+          "in prefill: the prefill's share of the speed of light")
     if realistic:
         print("ended: share of decode row-steps spent on rows that had already ended (static batches)")
 
@@ -842,12 +886,16 @@ def parse_args():
     parser.add_argument("--copied-prefix-rows", type=lambda v: [int(b) for b in v.split(",") if b], default=[],
                         help="--decode-rows of --refill-batch rows whose slots each hold their row's prefix, as before "
                         "cascade attention (run before the --decode-rows rows), comma-separated: a row each")
+    parser.add_argument("--unpacked-vision", action="store_true", help="Qwen models: before each row of ours, the "
+                        "same with the vision tower's attention one call per image or window, as transformers runs it "
+                        "(qwen.py packs it into one call per layer)")
     parser.add_argument("--oom-batch", type=int, default=0,
                         help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
                         "out-of-memory backoff (0: skip)")
     parser.add_argument("--oom-gib", type=float, default=40)
-    parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",")], default=[64],
-                        help="batch sizes whose prefill/decode split is measured")
+    parser.add_argument("--split-batches", type=lambda v: [int(b) for b in v.split(",") if b], default=[64],
+                        help="batch sizes whose prefill/decode split is measured (\"\": none, so that the first row "
+                        "after the model's warm-up call is the first work of the process)")
     parser.add_argument("--ours-flags", nargs=argparse.REMAINDER, default=[], help="extra flags for our script")
     parser.add_argument("--profile", nargs="?", const="", default=None, metavar="DIR",
                         help="print the CUDA kernels of a few decode steps of each split batch; with DIR, also an "

@@ -12,6 +12,10 @@ Variants:
   internlm2-vit6b  InternVL2-26B layout: InternViT-6B style (RMSNorm, qk-norm, no qkv bias) + InternLM2
   qwen2            InternVL2-1B layout: InternViT-300M + Qwen2 (separate q/k/v with bias), byte-level
                    BPE tokenizer in Qwen2's format, template Hermes-2
+  internlm2_5      InternVL2.5 layout: as internlm2 (InternLM2.5 loads as InternLM2), template internvl2_5
+  qwen2_5          InternVL2.5/InternVL3 layout: as qwen2 (Qwen2.5 loads as Qwen2), template internvl2_5
+  qwen3            InternVL3.5 layout: InternViT-300M + Qwen3 (no q/k/v bias, q and k RMSNorms per head, its own
+                   head size), Qwen2's tokenizer format, template internvl2_5
 
 Command line (for manual checks):  python tests/internvl_checkpoint.py OUT_DIR [--variant qwen2]
 """
@@ -25,8 +29,8 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 # InternVL2 (internlm2-chat or Hermes-2 template); InternVL2.5 and InternVL3 (the internvl2_5 template): InternLM2.5,
-# which loads as InternLM2, and Qwen2.5, which loads as Qwen2
-VARIANTS = ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5")
+# which loads as InternLM2, and Qwen2.5, which loads as Qwen2; InternVL3.5 (the same template): Qwen3
+VARIANTS = ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5", "qwen3")
 
 # What the tiny tokenizers learn from (the prompts of the project plus some caption-like text).
 SENTENCES = [
@@ -167,10 +171,14 @@ def build_config(variant, vocab_size, token_ids):
             **TINY_LLM, **token_ids,
         }
         template = "Hermes-2"
-    if variant in ("internlm2_5", "qwen2_5"):
+    if variant == "qwen3":  # InternVL3.5: Qwen3, its head size its own, no q/k/v biases, q and k normed per head
+        llm_config.update(_name_or_path="Qwen/Qwen3-8B", architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+                          head_dim=32, attention_bias=False, max_position_embeddings=40960, sliding_window=None)
+        del llm_config["max_window_layers"]
+    if variant in ("internlm2_5", "qwen2_5", "qwen3"):
         template = "internvl2_5"
         llm_config["_name_or_path"] = {"internlm2_5": "internlm/internlm2_5-7b-chat",
-                                       "qwen2_5": "Qwen/Qwen2.5-7B-Instruct"}[variant]
+                                       "qwen2_5": "Qwen/Qwen2.5-7B-Instruct", "qwen3": "Qwen/Qwen3-8B"}[variant]
     return {
         "architectures": ["InternVLChatModel"],
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
@@ -230,7 +238,8 @@ def random_state_dict(config, seed=0):
         "mlp1.3.weight": rand(ld, ld), "mlp1.3.bias": rand(ld),
     })
     heads, kv_heads = l["num_attention_heads"], l["num_key_value_heads"]
-    head_dim = ld // heads
+    head_dim = l.get("head_dim") or ld // heads
+    biases = l["architectures"][0] == "Qwen2ForCausalLM"
     vocab = l["vocab_size"]
     if l["architectures"][0] == "InternLM2ForCausalLM":
         sd["language_model.model.tok_embeddings.weight"] = rand(vocab, ld, std=1.0)
@@ -249,12 +258,14 @@ def random_state_dict(config, seed=0):
         sd["language_model.model.embed_tokens.weight"] = rand(vocab, ld, std=1.0)
         for i in range(l["num_hidden_layers"]):
             p = f"language_model.model.layers.{i}."
-            sd[p + "self_attn.q_proj.weight"] = rand(heads * head_dim, ld)
-            sd[p + "self_attn.q_proj.bias"] = rand(heads * head_dim)
-            sd[p + "self_attn.k_proj.weight"] = rand(kv_heads * head_dim, ld)
-            sd[p + "self_attn.k_proj.bias"] = rand(kv_heads * head_dim)
-            sd[p + "self_attn.v_proj.weight"] = rand(kv_heads * head_dim, ld)
-            sd[p + "self_attn.v_proj.bias"] = rand(kv_heads * head_dim)
+            for name, size in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
+                               ("v_proj", kv_heads * head_dim)):
+                sd[p + f"self_attn.{name}.weight"] = rand(size, ld)
+                if biases:
+                    sd[p + f"self_attn.{name}.bias"] = rand(size)
+            if not biases:  # Qwen3
+                sd[p + "self_attn.q_norm.weight"] = norm_weight(head_dim)
+                sd[p + "self_attn.k_norm.weight"] = norm_weight(head_dim)
             sd[p + "self_attn.o_proj.weight"] = rand(ld, heads * head_dim)
             sd[p + "mlp.gate_proj.weight"] = rand(li, ld)
             sd[p + "mlp.up_proj.weight"] = rand(li, ld)

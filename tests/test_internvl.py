@@ -32,7 +32,7 @@ SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生�
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("internvl")
     return {variant: build_checkpoint(str(root / variant), variant) for variant in
-            ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5")}
+            ("internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5", "qwen3")}
 
 
 def make_settings(model, max_new_tokens=8, attn_implementation="eager", decode_rows=None):
@@ -176,14 +176,15 @@ SYSTEM_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工�
 
 
 def test_internvl2_5_and_internvl3_prompt_ids(checkpoints, captioners):
-    """The internvl2_5 template of InternVL2.5 and InternVL3 (conversation.py: MPT style, sep "<|im_end|>\n", its own
-    system message) over InternLM2.5 and Qwen2.5; the end token is "<|im_end|>"."""
+    """The internvl2_5 template of InternVL2.5, InternVL3 and InternVL3.5 (conversation.py: MPT style, sep
+    "<|im_end|>\n", its own system message) over InternLM2.5, Qwen2.5 and Qwen3; the end token is "<|im_end|>"."""
     question = presets.INTERNVL["background"]
     query = ("<|im_start|>system\n" + SYSTEM_2_5 + "<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 * 2
              + "</img>\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
-    folder = checkpoints["qwen2_5"]
-    assert captioners["qwen2_5"].prompt_ids(question, 2) == Tokenizer.from_file(folder + "/tokenizer.json").encode(
-        query).ids  # the original's fast tokenizer
+    for variant in ("qwen2_5", "qwen3"):  # InternVL3.5 (Qwen3): the same template and tokenizer format
+        folder = checkpoints[variant]
+        assert captioners[variant].prompt_ids(question, 2) == Tokenizer.from_file(
+            folder + "/tokenizer.json").encode(query).ids  # the original's fast tokenizer
     folder = checkpoints["internlm2_5"]
     sp = spm.SentencePieceProcessor(model_file=folder + "/tokenizer.model")
     with open(folder + "/tokenizer_config.json") as f:
@@ -195,7 +196,7 @@ def test_internvl2_5_and_internvl3_prompt_ids(checkpoints, captioners):
                 + sp.encode("\n" + question) + [end] + sp.encode("\n") + [start] + sp.encode("assistant\n"))
     assert captioners["internlm2_5"].prompt_ids(question, 2) == expected
     qwen_end = Tokenizer.from_file(checkpoints["qwen2_5"] + "/tokenizer.json").token_to_id("<|im_end|>")
-    for variant, end_id in (("internlm2_5", end), ("qwen2_5", qwen_end)):
+    for variant, end_id in (("internlm2_5", end), ("qwen2_5", qwen_end), ("qwen3", qwen_end)):
         assert captioners[variant].template["sep"] == "<|im_end|>\n"
         assert captioners[variant].end_token_ids == [end_id]
 
@@ -203,7 +204,7 @@ def test_internvl2_5_and_internvl3_prompt_ids(checkpoints, captioners):
 IMAGE_SIZES = [(900, 450), (300, 600), (200, 200)]  # with at most 2 tiles: 2+1, 2+1 and 1 tiles
 
 
-@pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5"])
+@pytest.mark.parametrize("variant", ["internlm2", "internlm2-vit6b", "qwen2", "internlm2_5", "qwen2_5", "qwen3"])
 def test_batched_prompts_match_one_by_one(variant, captioners):
     captioner = captioners[variant]
     images = [internvl.prepare_image(noise_image(w, h, seed=k), max_tiles=2) for k, (w, h) in enumerate(IMAGE_SIZES)]
@@ -336,7 +337,7 @@ def test_shared_prefix_gives_the_tokens_of_plain_generate_on_gpu(variant, checkp
 
 
 @pytest.mark.parametrize("variant,template", [("qwen2", "Hermes-2"), ("qwen2_5", "internvl2_5"),
-                                              ("internlm2_5", "internvl2_5")])
+                                              ("internlm2_5", "internvl2_5"), ("qwen3", "internvl2_5")])
 def test_native_conversion_roundtrip(variant, template, checkpoints, captioners, tmp_path):
     """The native (-hf) folder of each: the captions of the original layout."""
     out = convert_internvl.convert_checkpoint(checkpoints[variant], str(tmp_path / "native"),
@@ -440,7 +441,8 @@ def test_other_language_models_convert(tmp_path, llm_config, rope_type):
         assert torch.equal(model(input_ids=input_ids).logits, text_model(input_ids=input_ids).logits)
 
 
-def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path):
+@pytest.mark.parametrize("variant", ["internlm2", "qwen3"])  # InternVL2, InternVL3.5
+def test_generate_sh_end_to_end(variant, checkpoints, captioners, image_folder, tmp_path):
     """The real script through generate.sh, with refilled rows (--decode-rows: 3 images x 2 prompts in 3 rows):
     every image and prompt gets the one-by-one caption, broken entries go to the errors file."""
     folder, good, broken = image_folder
@@ -449,12 +451,12 @@ def test_generate_sh_end_to_end(checkpoints, captioners, image_folder, tmp_path)
     input_file = tmp_path / "input.json"
     input_file.write_text(json.dumps([{"image": name, "id": k} for k, name in enumerate(entries)]))
     out = tmp_path / "out"
-    run_command(["bash", "generate.sh", str(input_file), "internvl", "--model", checkpoints["internlm2"],
+    run_command(["bash", "generate.sh", str(input_file), "internvl", "--model", checkpoints[variant],
                  "--image-root", str(folder), "--output-dir", str(out), "--prompts", "detail,noun",
                  "--temperature", "0", "--max-new-tokens", "8", "--attn-implementation", "sdpa_grouped",
                  "--decode-rows", "3", "--batch-size", "3", "--num-workers", "1", "--max-tiles", "2"])
-    model_dir = out / "internvl" / "internlm2"
-    captioner = captioners["internlm2"]
+    model_dir = out / "internvl" / variant
+    captioner = captioners[variant]
     for key in ("detail", "noun"):
         rows = read_jsonl(model_dir / key / "captions-00000-of-00001.jsonl")
         assert sorted(row["image"] for row in rows) == sorted(images)

@@ -13,11 +13,11 @@ MAX_NEW_TOKENS = 12
 FREE_PROMPT = "What is in the picture?"
 
 
-def model_card_captioner(checkpoint, model_class):
+def model_card_captioner(checkpoint, model_class, device="cpu"):
     """The model card's code for one image, greedy, with the processor's pixel limits and patch size passed to
     qwen_vl_utils (Qwen3-VL's card: image_patch_size=16, and the processor told not to resize again)."""
     processor = AutoProcessor.from_pretrained(checkpoint)
-    model = model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = model_class.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
     default_size = dict(processor.image_processor.size)
     end_tokens = model.generation_config.eos_token_id
     patch_size = processor.image_processor.patch_size
@@ -33,7 +33,7 @@ def model_card_captioner(checkpoint, model_class):
         image_inputs, video_inputs = process_vision_info(messages, image_patch_size=patch_size)
         resize = {} if patch_size == 14 else {"do_resize": False}
         inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt",
-                           **resize)
+                           **resize).to(device)
         generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new_tokens = generated[0, inputs.input_ids.shape[1]:]
         answer = processor.batch_decode([new_tokens], skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
@@ -97,17 +97,25 @@ def test_lowered_pixel_budget_reaches_qwen_vl_utils_and_processor(
         assert row["caption"] == expected
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen2_5_vl_and_qwen3_vl_give_their_model_cards_captions(model_type, image_folder, tmp_path_factory, tmp_path):
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("model_type, device", [("qwen2_5_vl", "cpu"), ("qwen3_vl", "cpu"),
+                                                *[pytest.param(kind, "cuda", marks=ON_GPU) for kind in FAMILIES]])
+def test_each_family_gives_its_model_cards_captions(model_type, device, image_folder, tmp_path_factory, tmp_path):
     """The same script on a Qwen2.5-VL checkpoint (window attention, full-attention blocks) and a Qwen3-VL one
-    (patch size 16, deepstack features), chosen by the checkpoint's model_type; batched in 3 with two prompts."""
+    (patch size 16, deepstack features), chosen by the checkpoint's model_type; batched in 3 with two prompts. On a
+    GPU (float32, every family): the script's fast paths (the vision tower's packed attention, the compiled prefill,
+    CUDA graphs) against the model card's plain transformers there."""
     checkpoint = make_checkpoint(str(tmp_path_factory.mktemp(f"tiny-{model_type}")), model_type=model_type)
     folder, good, _ = image_folder
     out = tmp_path / "out"
+    gpu = {"env": {"CUDA_VISIBLE_DEVICES": "0"}} if device == "cuda" else {}
     run_command(["python", "qwen.py", "--input-json", str(write_input(folder / "good.json", good)), "--model",
                  checkpoint, "--output-dir", str(out), "--batch-size", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
-                 "--temperature", "0", "--prompt", "default", "--prompt", FREE_PROMPT, "--num-workers", "1"])
-    caption = model_card_captioner(checkpoint, getattr(transformers, FAMILIES[model_type][1].__name__))
+                 "--temperature", "0", "--prompt", "default", "--prompt", FREE_PROMPT, "--num-workers", "1",
+                 "--dtype", "float32", *(["--wait-for-compile"] if gpu else [])], **gpu)
+    caption = model_card_captioner(checkpoint, getattr(transformers, FAMILIES[model_type][1].__name__), device)
     rows = [row for path in sorted(out.glob("qwen/*/*/captions-*.jsonl")) for row in read_jsonl(path)]
     assert len(rows) == 2 * len(good)
     prompts = {"default": "Describe the image in detail:"}

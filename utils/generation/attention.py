@@ -14,11 +14,19 @@ tokens of image and template), kept once per image (`shared_prefixes`, a refill.
 A step's queries attend to their image's prefix, all rows of an image in one call, and to their own keys; the two
 softmaxes are merged by their log-sum-exps. Each part is SDPA's own kernel (memory-efficient on the GPU, the CPU's
 flash kernel), called for its log-sum-exp as well.
+
+Packed sequences (a vision tower's images or windows, all of a batch's in one tensor): `padded_attention` attends
+within each in one SDPA call over them padded to the longest (PaddedLayout), where transformers' SDPA path makes
+one call per sequence: thousands of small calls per layer for Qwen2.5-VL's windows.
 """
+from typing import NamedTuple
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from utils.generation.tensors import to_device_async
 
 
 def sdpa_grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -79,6 +87,43 @@ def cascade_attention(module, query, key, value, attention_mask, scaling, prefix
     output = (shared.float() * torch.exp(shared_lse.float() - total)[..., None]
               + own.float() * torch.exp(own_lse.float() - total)[..., None])
     return output.to(query.dtype).reshape(rows, 1, heads, dim), None
+
+
+class PaddedLayout(NamedTuple):
+    """Packed sequences (their boundaries, as cu_seqlens) laid out as a padded batch for one attention call: where
+    each token goes in the (sequences x longest) block, and which keys of a row are real."""
+    boundaries: torch.Tensor  # (sequences + 1,), on the CPU: the tensor the layout was made from
+    index: torch.Tensor  # (tokens,): each token's place in the padded block
+    key_mask: torch.Tensor  # (sequences, 1, 1, longest), True where a key is one of the row's tokens
+    longest: int
+
+    @classmethod
+    def of(cls, boundaries):
+        lengths = boundaries[1:] - boundaries[:-1]
+        longest = int(lengths.max())
+        sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        offset = torch.arange(int(boundaries[-1])) - boundaries[:-1][sequence]
+        key_mask = torch.arange(longest)[None] < lengths[:, None]
+        return cls(boundaries, sequence * longest + offset, key_mask[:, None, None], longest)
+
+    def to(self, device):
+        return self._replace(index=to_device_async(self.index, device), key_mask=to_device_async(self.key_mask, device))
+
+
+def padded_attention(query, key, value, layout, scale):
+    """Attention within each of the packed sequences of (tokens, heads, dim) query, key and value, in one SDPA call
+    over them padded to the longest, each row's padding masked out; returns (tokens, heads, dim)."""
+    sequences, longest = layout.key_mask.shape[0], layout.longest
+    heads, dim = query.shape[1:]
+
+    def padded(tensor):
+        block = tensor.new_zeros(sequences * longest, heads, dim)
+        block[layout.index] = tensor
+        return block.view(sequences, longest, heads, dim).transpose(1, 2)
+
+    output = torch.nn.functional.scaled_dot_product_attention(padded(query), padded(key), padded(value),
+                                                              attn_mask=layout.key_mask, scale=scale)
+    return output.transpose(1, 2).reshape(sequences * longest, heads, dim)[layout.index]
 
 
 AttentionInterface.register("sdpa_grouped", sdpa_grouped_attention)
