@@ -83,6 +83,16 @@ def image_folder(tmp_path_factory):
     return folder, make_good_images(folder), make_broken_entries(folder)
 
 
+def tiny_llama(device="cuda"):
+    """A float32 Llama of two layers with random weights (seed 0)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    return LlamaForCausalLM(config).to(device).eval()
+
+
 def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_token_id, **generate_kwargs):
     """{(decoding, path): new tokens} of plain generate() over the full left-padded sequences, of
     utils/generation/shared_prefix.py's shared-prefix path and of utils/generation/refill.py's refilled rows, decoding eagerly and as

@@ -1,17 +1,14 @@
 """On a GPU: every model script gives the same captions with its prefill compiled and its decode steps replayed as
 CUDA graphs (the defaults there) as with --no-compile --no-cuda-graphs, and records a graph (no eager fallback);
-the prefill runs eagerly until its background compile is done, then compiled, with the same tokens;
 generate()'s stop check read one step late, and a cache and recording kept for the next call of the same shape,
 give the tokens of plain generate(); recordings go on while another thread pins memory. Skipped without CUDA; run
 on the device with `python3 -m pytest tests/test_cuda_graphs.py`."""
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import read_jsonl, run_command
+from conftest import read_jsonl, run_command, tiny_llama
 from sample_images import write_input
 from utils.generation.cuda_graphs import decode_with_cuda_graphs
 
@@ -69,37 +66,6 @@ def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, imag
         captions[mode] = sorted((row["prompt"], row["image"], row["caption"], row["truncated"]) for row in rows)
     assert len(captions["graphs"]) >= len(good)
     assert captions["graphs"] == captions["eager"]
-
-
-def test_the_prefill_is_eager_until_the_background_compile_is_done():
-    """compile_prefill's default: the first prefill starts the compile on its thread and runs eagerly; later ones run
-    the compiled code once it is ready, under the compile lock's file; every call gives eager generate()'s tokens
-    (float32)."""
-    from utils.generation import compiled_prefill
-    model = tiny_llama()  # float32
-    ids = torch.randint(1, 48, (4, 6), device="cuda")
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                  pad_token_id=0)
-    with torch.inference_mode():
-        plain = model.generate(**kwargs)
-        compiled_prefill.compile_prefill(model)
-        before = compiled_prefill.PREFILL_CALLS.copy()
-        assert torch.equal(model.generate(**kwargs), plain)
-        assert compiled_prefill.PREFILL_CALLS["eager"] > before["eager"]
-        code = compiled_prefill.compiled(type(model.model.norm).forward)
-        assert code.ready.wait(300)
-        assert torch.equal(model.generate(**kwargs), plain)
-    assert compiled_prefill.PREFILL_CALLS["compiled"] > before["compiled"]
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    assert (Path(cache_dir()) / "compile.lock").is_file()
-    compiled_prefill.eager_forwards(model)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return LlamaForCausalLM(config).cuda().eval()
 
 
 def test_recordings_go_on_while_another_thread_pins_memory():

@@ -58,6 +58,7 @@ def load_captioner(captioner_cls, settings, device, dtype):
 
     from utils.generation.compiled_prefill import compile_prefill
     from utils.generation.cuda_graphs import decode_with_cuda_graphs
+    share_compiled_kernels()
     torch.manual_seed(settings.seed + settings.place.rank)
     captioner = captioner_cls(model_settings(captioner_cls, settings, dtype), device)
     on_gpu = device.type == "cuda"
@@ -89,7 +90,6 @@ def caption_part(captioner_cls, settings):
     """Check, plan, settle the run records, load the model and caption this process's pending images."""
     tag = settings.tag
     stop = StopRequest(tag)  # from here on a signal ends the run quietly: at the latest after the next batch
-    share_compiled_kernels()  # before torch first asks where its cache is
     identify_checkpoint(settings.model, captioner_cls.model_on_hub)
     captioner_cls.check_options(settings.model, settings.options)
     place = settings.place

@@ -20,18 +20,17 @@ Fused kernels round differently from the eager chain: bfloat16 activations diffe
 between batch sizes. In float32 the GPU tests require the tokens of eager generate() (tests/test_cuda_graphs.py,
 tokens_of_all_paths in tests/conftest.py). `eager_forwards` undoes `compile_prefill`.
 """
-import concurrent.futures
 import contextlib
 import fcntl
 import functools
 import os
+import queue
 import sys
 import threading
 from collections import Counter
 
 import torch
 
-COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")  # one graph at a time
 PREFILL_CALLS = Counter()  # "compiled", "eager": prefill calls of the wrapped modules, by the code they ran
 
 
@@ -55,7 +54,7 @@ class CompiledForward:
         for dimension in range(hidden_states.dim() - 1):
             torch._dynamo.decorators.mark_unbacked(example, dimension)
         modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # compiled code is kept per mode
-        COMPILER.submit(self.compile, module, example, modes)
+        compile_thread().put(functools.partial(self.compile, module, example, modes))
 
     def compile(self, module, example, modes):
         grad, inference = modes
@@ -74,6 +73,19 @@ class CompiledForward:
 @functools.cache
 def compiled(forward):
     return CompiledForward(forward)
+
+
+@functools.cache
+def compile_thread():
+    """The queue of the thread that compiles, one graph at a time. A daemon: a process that ends (its work done, or
+    stopped by a signal) does not wait for a compile still under way."""
+    jobs = queue.SimpleQueue()
+
+    def work():
+        while True:
+            jobs.get()()
+    threading.Thread(target=work, name="compile", daemon=True).start()
+    return jobs
 
 
 @contextlib.contextmanager

@@ -1,0 +1,39 @@
+"""utils/generation/compiled_prefill.py's default: the prefill runs eagerly until the background compile is done,
+then compiled, with the same tokens. On the GPU where there is one, else on the CPU (inductor's C++ code)."""
+import torch
+
+from conftest import tiny_llama
+from utils.generation import compiled_prefill
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, monkeypatch):
+    """The first prefill starts the compile on its thread (under the lock file in inductor's cache folder) and runs
+    eagerly; once the code is ready the prefill runs it; every call gives eager generate()'s tokens (float32)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = tiny_llama(DEVICE)
+    ids = torch.randint(1, 48, (4, 6), device=DEVICE)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                  pad_token_id=0)
+    with torch.inference_mode():
+        plain = model.generate(**kwargs)
+        compiled_prefill.compile_prefill(model)
+        before = compiled_prefill.PREFILL_CALLS.copy()
+        assert torch.equal(model.generate(**kwargs), plain)
+        assert compiled_prefill.PREFILL_CALLS["eager"] > before["eager"]
+        codes = {compiled_prefill.compiled(module.forward.forward) for module in model.modules()
+                 if isinstance(module.__dict__.get("forward"), compiled_prefill.PrefillForward)}
+        assert len(codes) == 2 and all(code.ready.wait(600) for code in codes)  # RMSNorm, MLP
+        middle, graphs = compiled_prefill.PREFILL_CALLS.copy(), dict(torch._dynamo.utils.counters["stats"])
+        longer = torch.randint(1, 48, (3, 11), device=DEVICE)  # other sizes: the same code, no recompile
+        expected = model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
+                                  max_new_tokens=4, pad_token_id=0)
+        assert torch.equal(model.generate(**kwargs), plain)
+    assert compiled_prefill.PREFILL_CALLS["compiled"] > middle["compiled"]
+    assert compiled_prefill.PREFILL_CALLS["eager"] == middle["eager"]
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # nothing compiled again
+    assert (tmp_path / "inductor" / "compile.lock").is_file()
+    compiled_prefill.eager_forwards(model)
+    assert torch.equal(model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
+                                      max_new_tokens=4, pad_token_id=0), expected)
