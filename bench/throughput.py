@@ -379,24 +379,18 @@ def seed_loop(captioner, paths, batch_size, prompt_keys):
 
 
 VISION_TOWER_AND_PROJECTOR = {"vision tower": "model.vision_tower", "projector": "model.multi_modal_projector"}
+QWEN = dict(script="qwen", captioner="QwenCaptioner", sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
+            prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
+            parts={"vision tower": "model.visual"})
+INTERNVL = dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
+                sizes=internvl_sizes, vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
+                multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR)
 MODELS = {
-    "qwen": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2VLForConditionalGeneration",
-                 checkpoint=qwen_checkpoint, sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
-                 prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
-                 parts={"vision tower": "model.visual"}),
-    "qwen2.5": dict(script="qwen", captioner="QwenCaptioner", model_class="Qwen2_5_VLForConditionalGeneration",
-                    checkpoint=functools.partial(qwen_checkpoint, model_type="qwen2_5_vl", architecture=QWEN2_5_VL_7B),
-                    sizes=qwen_sizes, vision_names=("visual",), seed_batch=3,
-                    prefill_parts=("model.visual", "model.get_rope_index", "model.language_model", "lm_head"),
-                    parts={"vision tower": "model.visual"}),
-    "internvl": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
-                     checkpoint=internvl_checkpoint(), sizes=internvl_sizes,
-                     vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
-                     multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR),
-    "internvl3": dict(script="internvl", captioner="InternVLCaptioner", model_class="InternVLForConditionalGeneration",
-                      checkpoint=internvl_checkpoint("qwen2_5", INTERNVL3_8B_LLM), sizes=internvl_sizes,
-                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=20,
-                      multi_prompts="detail,noun,background,main,style", parts=VISION_TOWER_AND_PROJECTOR),
+    "qwen": dict(QWEN, model_class="Qwen2VLForConditionalGeneration", checkpoint=qwen_checkpoint),
+    "qwen2.5": dict(QWEN, model_class="Qwen2_5_VLForConditionalGeneration",
+                    checkpoint=functools.partial(qwen_checkpoint, model_type="qwen2_5_vl", architecture=QWEN2_5_VL_7B)),
+    "internvl": dict(INTERNVL, checkpoint=internvl_checkpoint()),
+    "internvl3": dict(INTERNVL, checkpoint=internvl_checkpoint("qwen2_5", INTERNVL3_8B_LLM)),
     "llava-7b": dict(script="llava", captioner="LlavaCaptioner", model_class="LlavaForConditionalGeneration",
                      checkpoint=llava_checkpoint("7b"), sizes=llava_sizes,
                      vision_names=("vision_tower", "multi_modal_projector"), seed_batch=8,
@@ -549,7 +543,6 @@ class ModelBench:
         self.checkpoint = spec["checkpoint"](folder, args.tiny)
         self.dtype_name = "float32" if args.tiny else "bfloat16"
         self.dtype = getattr(torch, self.dtype_name)
-        self.model_class.from_pretrained = random_weights_loader(self.model_class, device, self.dtype)
         self.paths = [folder / n for n in names]
         self.lengths = None
         if args.lengths == "realistic":
@@ -565,6 +558,9 @@ class ModelBench:
     def run(self):
         """(rows, FLOPs per caption of --new-tokens tokens, prefill/decode split)"""
         with contextlib.ExitStack() as stack:
+            # (inside run() only: the next model's checkpoint may load this class for real, as InternVL's does)
+            stack.enter_context(patched(self.model_class, "from_pretrained",
+                                        lambda real: random_weights_loader(self.model_class, self.device, self.dtype)))
             stack.enter_context(patched(self.model_class, "generate", marked_generate(self.lengths)))
             if self.lengths is not None:
                 steps = Counter()
@@ -653,7 +649,7 @@ class ModelBench:
             if kind == "seed":
                 images = self.seed(batch_size, images, prompts)
             elif kind == "unpacked":  # Qwen's vision tower as transformers runs it: a call per image or window
-                with patched(importlib.import_module("qwen"), "pack_vision_attention", lambda pack: lambda visual: None):
+                with patched(importlib.import_module("qwen"), "pack_vision_attention", lambda pack: lambda _: None):
                     for block in self.captioner.model.model.visual.blocks:
                         block.attn.__dict__.pop("forward", None)
                     seconds = self.ours(batch_size, images, prompts)
