@@ -97,8 +97,8 @@ def tokens_of_all_paths(model, prompt_ids, image_features, image_token_id, pad_t
     """{(decoding, path): new tokens} of plain generate() over the full left-padded sequences, of
     utils/generation/shared_prefix.py's shared-prefix path and of utils/generation/refill.py's refilled rows, decoding eagerly and as
     CUDA graphs (on the GPU: decode_with_cuda_graphs stays on `model`), on the GPU with the prefill compiled as the
-    scripts run it there (compile_prefill, waited for, also left on `model`). With graphs, every path must decode through them
-    (the shared one with its own static cache, the refill with its slots)."""
+    scripts run it there (compile_prefill, waited for, also left on `model`). With graphs, every path must decode
+    through them (the shared one with its own static cache, the refill with its slots)."""
     import torch
     from utils.generation import shared_prefix
     from utils.generation.compiled_prefill import compile_prefill
