@@ -239,7 +239,7 @@ def random_state_dict(config, seed=0):
     })
     heads, kv_heads = l["num_attention_heads"], l["num_key_value_heads"]
     head_dim = l.get("head_dim") or ld // heads
-    biases = l["architectures"][0] == "Qwen2ForCausalLM"
+    qwen3 = l["architectures"][0] == "Qwen3ForCausalLM"  # no q/k/v biases; q and k RMSNorms per head
     vocab = l["vocab_size"]
     if l["architectures"][0] == "InternLM2ForCausalLM":
         sd["language_model.model.tok_embeddings.weight"] = rand(vocab, ld, std=1.0)
@@ -261,9 +261,9 @@ def random_state_dict(config, seed=0):
             for name, size in (("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
                                ("v_proj", kv_heads * head_dim)):
                 sd[p + f"self_attn.{name}.weight"] = rand(size, ld)
-                if biases:
+                if not qwen3:
                     sd[p + f"self_attn.{name}.bias"] = rand(size)
-            if not biases:  # Qwen3
+            if qwen3:
                 sd[p + "self_attn.q_norm.weight"] = norm_weight(head_dim)
                 sd[p + "self_attn.k_norm.weight"] = norm_weight(head_dim)
             sd[p + "self_attn.o_proj.weight"] = rand(ld, heads * head_dim)

@@ -124,9 +124,8 @@ def compile_prefill(model, wait=False):
     torch._inductor.config.emulate_precision_casts = True  # round intermediates to bfloat16 where eager does
     modules = [module for name, module in model.named_modules()
                if type(module).__name__.endswith("RMSNorm") or name.rpartition(".")[2] == "mlp"]
-    for module in modules:
-        if not isinstance(module.forward, PrefillForward):  # not already done
-            module.forward = PrefillForward(module, wait)
+    for module in modules:  # (a module done before gets this call's `wait`: the forward wrapped is its class's)
+        module.forward = PrefillForward(module, wait)
     return len(modules)
 
 
