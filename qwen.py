@@ -77,39 +77,69 @@ def model_type(folder):
     return kind
 
 
-class PackedVisionAttention:
+def rotated_qkv(qkv, cos, sin, heads, rotary):
+    """A vision attention's query, key and value from its qkv projection, `rotary` (the family's
+    apply_rotary_pos_emb_vision) applied to query and key, as transformers' VisionAttention computes them. Compiled
+    (VisionAttention), this is one fused kernel instead of a dozen elementwise ones over float32 copies."""
+    import torch
+    torch._check(cos.shape[0] == qkv.shape[0])  # one row per patch (the compile's example has sizes of its own)
+    query, key, value = qkv.reshape(qkv.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    query, key = rotary(query, key, cos, sin)
+    return query, key, value
+
+
+def per_sequence_attention(attention, query, key, value, boundaries):
+    """Attention within each image of (tokens, heads, dim) query, key and value, one SDPA call per image, as
+    transformers' VisionAttention makes them."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    lengths = (boundaries[1:] - boundaries[:-1]).tolist()
+    parts = zip(*(torch.split(tensor.transpose(0, 1)[None], lengths, dim=2) for tensor in (query, key, value)))
+    return torch.cat([sdpa_attention_forward(attention, part_query, part_key, part_value, None, dropout=0.0,
+                                             scaling=attention.scaling, is_causal=False)[0]
+                      for part_query, part_key, part_value in parts], dim=1)
+
+
+class VisionAttention:
     """Stands in for the forward of a vision block's attention (transformers' VisionAttention: qkv, the rotary
-    embedding, attention within each image or window, proj), with the attention in one call over all the batch's
-    sequences (padded_attention) instead of one call per sequence. The sequences' PaddedLayouts come with the
-    batch's layout (vision_layout()); boundaries that come without get one here."""
+    embedding, attention within each image or window, proj) and computes the same, two parts faster:
+    - query, key and value come from rotated_qkv, compiled once compile_prefill sets `compile_wait`
+      (utils/generation/compiled_prefill.py);
+    - Qwen2.5-VL's windows are attended in one SDPA call over all the batch's windows, padded to the longest
+      (padded_attention), where transformers makes one call per 64-patch window. The windows' PaddedLayout comes
+      with the batch's layout (vision_layout()). Whole images keep one call each: per image, SDPA's kernel is
+      faster than the padded call (bench/RESULTS.md)."""
 
     def __init__(self, attention):
         self.attention = attention
         self.rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+        self.compile_wait = None
 
     def __call__(self, hidden_states, cu_seqlens, position_embeddings, padded_layouts=(), **kwargs):
-        from utils.generation.attention import PaddedLayout, padded_attention
-        attention, length = self.attention, hidden_states.shape[0]
-        query, key, value = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(
-            1, 0, 2, 3).unbind(0)
-        query, key = self.rotary(query, key, *position_embeddings)
+        from utils.generation.attention import padded_attention
+        from utils.generation.compiled_prefill import run_compiled
+        attention = self.attention
+        args = (attention.qkv(hidden_states), *position_embeddings, attention.num_heads, self.rotary)
+        query, key, value = (rotated_qkv(*args) if self.compile_wait is None
+                             else run_compiled(rotated_qkv, args, self.compile_wait))
         layout = next((layout for layout in padded_layouts if layout.boundaries is cu_seqlens), None)
         if layout is None:
-            layout = PaddedLayout.of(cu_seqlens.cpu()).to(hidden_states.device)
-        output = padded_attention(query, key, value, layout, attention.scaling)
-        return attention.proj(output.reshape(length, -1))
+            output = per_sequence_attention(attention, query, key, value, cu_seqlens)
+        else:
+            output = padded_attention(query, key, value, layout, attention.scaling)
+        return attention.proj(output.reshape(hidden_states.shape[0], -1))
 
 
-def pack_vision_attention(visual):
+def replace_vision_attention(visual):
     for block in visual.blocks:
-        block.attn.forward = PackedVisionAttention(block.attn)
+        block.attn.forward = VisionAttention(block.attn)
 
 
 def vision_layout(visual, grid_thw):
     """The vision tower's layout for a batch's grids beyond the rotary positions, made on the CPU with transformers'
     own functions, as its forward would make it: each image's patch boundaries, Qwen2.5-VL's windows (the order
     of the merged tokens, the windows' boundaries), Qwen3-VL's interpolation of its learned position embeddings;
-    and for PackedVisionAttention the PaddedLayout of each set of boundaries. From the grids on the GPU, each
+    and for VisionAttention the PaddedLayout of Qwen2.5-VL's windows. From the grids on the GPU, each
     vision block reads the boundaries back (a wait for the GPU), then launches one attention call per image or
     window while the GPU idles (bench/RESULTS.md)."""
     from transformers import vision_utils
@@ -130,9 +160,19 @@ def vision_layout(visual, grid_thw):
         layout["interp_indices"], layout["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
             grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
             align_corners=visual.interpolation_align_corners, spatial_merge_size=config.spatial_merge_size)
-    if isinstance(visual.blocks[0].attn.forward, PackedVisionAttention):
-        layout["padded_layouts"] = tuple(PaddedLayout.of(layout[name]) for name in ("cu_seqlens", "cu_window_seqlens")
-                                         if name in layout)
+    if isinstance(visual.blocks[0].attn.forward, VisionAttention) and "cu_window_seqlens" in layout:
+        layout["padded_layouts"] = (PaddedLayout.of(layout["cu_window_seqlens"]),)
+    return layout
+
+
+def layout_on_device(vision, device, boundaries_on_gpu):
+    """vision_layout()'s tensors on the GPU, but for the boundaries, which split the attention on the CPU except in
+    flash-attn's varlen call (`boundaries_on_gpu`)."""
+    import torch
+    layout = {name: to_device_async(value, device) if isinstance(value, torch.Tensor) and (
+        boundaries_on_gpu or not name.endswith("seqlens")) else value for name, value in vision.items()}
+    if "padded_layouts" in layout:
+        layout["padded_layouts"] = tuple(padded.to(device) for padded in layout["padded_layouts"])
     return layout
 
 
@@ -190,10 +230,10 @@ class QwenCaptioner(Captioner):
         self.model = model_class.from_pretrained(
             folder, dtype=settings.dtype, attn_implementation=settings.attn_implementation).to(device).eval()
         # flash-attn's varlen call reads the boundaries on the GPU; the others find them on the CPU; SDPA's
-        # attention runs packed (eager stays transformers' reference)
+        # vision attention runs in VisionAttention (eager stays transformers' reference)
         self.boundaries_on_gpu = settings.attn_implementation == "flash_attention_2"
         if settings.attn_implementation in ("sdpa_grouped", "sdpa"):
-            pack_vision_attention(self.model.model.visual)
+            replace_vision_attention(self.model.model.visual)
         self.prompt_ids = functools.lru_cache(maxsize=64)(self.prompt_ids)  # the same few prompts in every batch
         self.generation = settings.decoding.generate_kwargs()
         end = self.model.generation_config.eos_token_id
@@ -247,17 +287,12 @@ class QwenCaptioner(Captioner):
 
     def caption(self, images, prompts, inputs=None):
         device = self.model.device
-        import torch
         text, position_ids, grid_thw, vision = self.cpu_inputs(images, prompts) if inputs is None else inputs
         model_inputs = {name: to_device_async(tensor, device) for name, tensor in text.items()}
         model_inputs["position_ids"] = to_device_async(position_ids, device)
         model_inputs["pixel_values"] = to_device([image.pixel_values for image in images for _ in prompts], device)
         model_inputs["image_grid_thw"] = to_device_async(grid_thw, device)
-        # the boundaries split the attention on the CPU, except in flash-attn's varlen call
-        layout = {name: to_device_async(value, device) if isinstance(value, torch.Tensor) and (
-            self.boundaries_on_gpu or not name.endswith("seqlens")) else value for name, value in vision.items()}
-        if "padded_layouts" in layout:
-            layout["padded_layouts"] = tuple(padded.to(device) for padded in layout["padded_layouts"])
+        layout = layout_on_device(vision, device, self.boundaries_on_gpu)
         layout["position_ids"] = to_device([image.vision_positions for image in images for _ in prompts], device)
         with given_layout(self.model.model.visual, layout):
             output = self.model.generate(**model_inputs, **self.generation)

@@ -17,7 +17,7 @@ Rows:
   ours bN xK prompts   the same with K prompts in one pass (InternVL2's five merge prompts); its
             images/s counts images, each with K captions.
   ours bN, vision per sequence   (--unpacked-vision, Qwen models) the same with the vision tower's attention
-            one call per image or window, as transformers runs it.
+            as transformers runs it: one call per image or window, the rotary embedding eager.
 Columns: images/s, prefill and decode time of one batch, peak GPU memory, model FLOPs utilisation (model FLOPs
 per caption x images/s / measured bf16 matmul peak), and the share of the speed of light: the time the row's work
 takes at least, the prefill's model FLOPs at that peak plus what decode steps must read (the weights once per
@@ -649,7 +649,7 @@ class ModelBench:
             if kind == "seed":
                 images = self.seed(batch_size, images, prompts)
             elif kind == "unpacked":  # Qwen's vision tower as transformers runs it: a call per image or window
-                with patched(importlib.import_module("qwen"), "pack_vision_attention", lambda pack: lambda _: None):
+                with patched(importlib.import_module("qwen"), "replace_vision_attention", lambda replace: lambda _: None):
                     for block in self.captioner.model.model.visual.blocks:
                         block.attn.__dict__.pop("forward", None)
                     seconds = self.ours(batch_size, images, prompts)
@@ -883,8 +883,8 @@ def parse_args():
                         help="--decode-rows of --refill-batch rows whose slots each hold their row's prefix, as before "
                         "cascade attention (run before the --decode-rows rows), comma-separated: a row each")
     parser.add_argument("--unpacked-vision", action="store_true", help="Qwen models: before each row of ours, the "
-                        "same with the vision tower's attention one call per image or window, as transformers runs it "
-                        "(qwen.py packs it into one call per layer)")
+                        "same with the vision tower's attention as transformers runs it: one call per image or window, "
+                        "the rotary embedding eager (qwen.VisionAttention compiles it and packs the windows)")
     parser.add_argument("--oom-batch", type=int, default=0,
                         help="an extra row of ours at this batch size with GPU memory capped at --oom-gib, to show the "
                         "out-of-memory backoff (0: skip)")

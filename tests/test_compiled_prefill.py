@@ -1,9 +1,11 @@
 """utils/generation/compiled_prefill.py's default: the prefill runs eagerly until the background compile is done,
 then compiled, with the same tokens. On the GPU where there is one, else on the CPU (inductor's C++ code)."""
+import pytest
 import torch
 
 from conftest import tiny_llama
 from utils.generation import compiled_prefill
+from utils.generation.cuda_graphs import decode_with_cuda_graphs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,3 +39,22 @@ def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, mon
     compiled_prefill.eager_forwards(model)
     assert torch.equal(model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
                                       max_new_tokens=4, pad_token_id=0), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_no_decode_step_is_recorded_while_a_compile_runs():
+    """A compile on the compile thread synchronizes the device, which a recording on another thread does not
+    survive: while one runs (compiled_prefill.COMPILING held), decode steps run eagerly, and once it is done the
+    next call records and replays; the same tokens throughout."""
+    model = tiny_llama("cuda")
+    ids = torch.randint(1, 48, (4, 6), device="cuda")
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                  pad_token_id=0)
+    with torch.inference_mode():
+        plain = model.generate(**kwargs)
+        [step] = decode_with_cuda_graphs(model)
+        with compiled_prefill.COMPILING:
+            assert torch.equal(model.generate(**kwargs), plain)
+        assert step.replays == 0 and not step.recording_failed
+        assert torch.equal(model.generate(**kwargs), plain)
+    assert step.replays > 0

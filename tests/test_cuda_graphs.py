@@ -56,7 +56,7 @@ def test_compiled_prefill_and_graphs_give_the_eager_captions(name, scripts, imag
                                   "TORCHINDUCTOR_CACHE_DIR": None, **env})
         assert "cannot record" not in result.stderr, result.stderr
         if mode == "graphs":
-            assert " RMSNorms and MLPs compiled for the prefill" in result.stderr, result.stderr
+            assert " RMSNorms, MLPs and vision attentions compiled for the prefill" in result.stderr, result.stderr
             assert " decode steps replayed from CUDA graphs" in result.stderr
             assert " 0 decode steps replayed" not in result.stderr, result.stderr
             assert " 0 of the prefill's module calls compiled (0 eager" not in result.stderr, result.stderr

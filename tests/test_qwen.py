@@ -105,8 +105,8 @@ ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_each_family_gives_its_model_cards_captions(model_type, device, image_folder, tmp_path_factory, tmp_path):
     """The same script on a Qwen2.5-VL checkpoint (window attention, full-attention blocks) and a Qwen3-VL one
     (patch size 16, deepstack features), chosen by the checkpoint's model_type; batched in 3 with two prompts. On a
-    GPU (float32, every family): the script's fast paths (the vision tower's packed attention, the compiled prefill,
-    CUDA graphs) against the model card's plain transformers there."""
+    GPU (float32, every family): the script's fast paths (the vision tower's packed windows and compiled rotary
+    embedding, the compiled prefill, CUDA graphs) against the model card's plain transformers there."""
     checkpoint = make_checkpoint(str(tmp_path_factory.mktemp(f"tiny-{model_type}")), model_type=model_type)
     folder, good, _ = image_folder
     out = tmp_path / "out"
@@ -122,6 +122,28 @@ def test_each_family_gives_its_model_cards_captions(model_type, device, image_fo
     for row in rows:
         expected, truncated = caption(folder / row["image"], prompts.get(row["prompt"], FREE_PROMPT))
         assert (row["caption"], row["truncated"]) == (expected, truncated), (row["image"], row["prompt"])
+
+
+def test_the_vision_rotary_embedding_compiled_in_the_background_computes_eagers_query_key_and_value():
+    """qwen.rotated_qkv as VisionAttention runs it once compile_prefill turns its compile on: eager while the
+    compile of an example with sizes of its own runs, then that one code at every number of patches (float32, the
+    tests' tiny vision tower's 4 heads of 8)."""
+    import qwen
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from utils.generation.compiled_prefill import compiled, run_compiled
+
+    def arguments(patches):
+        return (torch.randn(patches, 3 * 32), torch.randn(patches, 8), torch.randn(patches, 8), 4,
+                apply_rotary_pos_emb_vision)
+    first = arguments(5)
+    with torch.inference_mode():
+        assert all(map(torch.equal, run_compiled(qwen.rotated_qkv, first, wait=False), qwen.rotated_qkv(*first)))
+        assert compiled(qwen.rotated_qkv).ready.wait(600)
+        graphs = dict(torch._dynamo.utils.counters["stats"])
+        for patches in (3, 700):
+            args = arguments(patches)
+            assert all(map(torch.equal, run_compiled(qwen.rotated_qkv, args, wait=False), qwen.rotated_qkv(*args)))
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # nothing compiled again
 
 
 def test_a_checkpoint_of_another_family_is_refused_in_one_line(tmp_path):

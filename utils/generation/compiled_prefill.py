@@ -7,14 +7,17 @@ each becomes one fused kernel between the unchanged matrix products, which makes
 faster (see bench/RESULTS.md).
 
 Decode steps (one token per row) run the eager forward: CUDA graphs replay them (utils/generation/cuda_graphs.py),
-and compiled code was slower there. Compiled code is shared by every module of a class, with dynamic sizes.
+and compiled code was slower there. Compiled code is shared by every module of a class, with dynamic sizes. A
+model's own forward stand-ins can have a compiled part of theirs too (`run_compiled`; qwen.VisionAttention's
+rotary embedding), which compile_prefill turns on.
 
 Compiling takes seconds per module class, tens of seconds with an empty inductor cache. By default it runs on a
 background thread, from an example input shaped like the first one, while the prefill runs the eager forward, so
 the GPU never waits for it; once the code is ready the prefill uses it. The processes of a node take turns
 (a file lock in inductor's cache folder): the first compiles, the others then load its kernels from the cache
-instead of compiling the same graphs at once. `wait=True` compiles at the first call instead, as torch.compile
-does; then which batches ran compiled does not depend on how fast the compile went.
+instead of compiling the same graphs at once. While a compile runs, decode steps are not recorded as CUDA graphs
+(COMPILING). `wait=True` compiles at the first call instead, as torch.compile does; then which batches ran
+compiled does not depend on how fast the compile went.
 
 Fused kernels round differently from the eager chain: bfloat16 activations differ in their last bits, as they do
 between batch sizes. In float32 the GPU tests require the tokens of eager generate() (tests/test_cuda_graphs.py,
@@ -32,10 +35,14 @@ from collections import Counter
 import torch
 
 PREFILL_CALLS = Counter()  # "compiled", "eager": prefill calls of the wrapped modules, by the code they ran
+# Held while a compile runs: inductor synchronizes the device as it tunes kernels, which a CUDA graph being
+# recorded on another thread does not survive (the recording and the compile both fail). Recordings do not wait
+# for it: utils/generation/cuda_graphs.py decodes eagerly until it is free.
+COMPILING = threading.Lock()
 
 
 class CompiledForward:
-    """One compiled code per forward function (per module class), shared by all its modules and by later
+    """One compiled code per function (a module class's forward), shared by all its modules and by later
     compile_prefill calls on the same model, so that these find it compiled."""
 
     def __init__(self, forward):
@@ -43,31 +50,39 @@ class CompiledForward:
         self.ready = threading.Event()
         self.started = False
 
-    def compile_in_background(self, module, hidden_states):
-        """Compile for inputs like `hidden_states` on the compile thread, once."""
+    def compile_in_background(self, *args):
+        """Compile for arguments like `args` on the compile thread, once: tensors stand in with sizes of 2 but
+        their last, their other arguments as they are."""
         if self.started:
             return
         self.started = True
-        shape = [2] * (hidden_states.dim() - 1) + [hidden_states.shape[-1]]
-        example = torch.randn(shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        # sizes without a value to specialize on: code for every size (64-bit indexing), not only ones like it
-        for dimension in range(hidden_states.dim() - 1):
-            torch._dynamo.decorators.mark_unbacked(example, dimension)
+        example = [example_like(arg) if isinstance(arg, torch.Tensor) else arg for arg in args]
         modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # compiled code is kept per mode
-        compile_thread().put(functools.partial(self.compile, module, example, modes))
+        compile_thread().put(functools.partial(self.compile, example, modes))
 
-    def compile(self, module, example, modes):
+    def compile(self, example, modes):
         grad, inference = modes
         try:
-            with node_lock(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                self.code(module, example)
-                if example.is_cuda:
-                    torch.cuda.current_stream(example.device).synchronize()
+            with node_lock(), COMPILING, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self.code(*example)
+                if any(isinstance(arg, torch.Tensor) and arg.is_cuda for arg in example):
+                    torch.cuda.current_stream().synchronize()
         except Exception as error:  # noqa: BLE001  (the eager forward goes on serving the prefill)
             print(f"torch.compile failed, the prefill stays eager: {type(error).__name__}: {error}".splitlines()[0],
                   file=sys.stderr, flush=True)
             return
         self.ready.set()
+
+
+def example_like(tensor):
+    """A tensor of ones like `tensor`, its sizes but the last unbacked: code for every size (64-bit indexing too),
+    not only for ones like it. Ones, not random: the compile thread must not draw from the generator that the
+    captioner's sampling draws from."""
+    example = torch.ones([2] * (tensor.dim() - 1) + list(tensor.shape[-1:]), dtype=tensor.dtype,
+                         device=tensor.device)
+    for dimension in range(tensor.dim() - 1):
+        torch._dynamo.decorators.mark_unbacked(example, dimension)
+    return example
 
 
 @functools.cache
@@ -101,32 +116,48 @@ def node_lock():
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def run_compiled(function, args, wait):
+    """function(*args) by its compiled code once that is ready (or at once, `wait`); until then eagerly, the
+    compile started in the background."""
+    code = compiled(function)
+    if wait or code.ready.is_set():
+        PREFILL_CALLS["compiled"] += 1
+        return code.code(*args)
+    code.compile_in_background(*args)
+    PREFILL_CALLS["eager"] += 1
+    return function(*args)
+
+
 class PrefillForward:
-    """Stands in for a module's forward: compiled code when the rows hold more than one token and the code is ready
-    (or `wait`), eager otherwise."""
+    """Stands in for a module's forward: compiled code (run_compiled) when the rows hold more than one token,
+    eager otherwise."""
 
     def __init__(self, module, wait):
         self.module, self.forward, self.wait = module, type(module).forward, wait
 
     def __call__(self, hidden_states):
         if hidden_states.shape[-2] > 1:
-            code = compiled(self.forward)
-            if self.wait or code.ready.is_set():
-                PREFILL_CALLS["compiled"] += 1
-                return code.code(self.module, hidden_states)
-            code.compile_in_background(self.module, hidden_states)
-            PREFILL_CALLS["eager"] += 1
+            return run_compiled(self.forward, (self.module, hidden_states), self.wait)
         return self.forward(self.module, hidden_states)
 
 
 def compile_prefill(model, wait=False):
-    """Give every RMSNorm and every module named `mlp` in `model` a PrefillForward; returns how many modules."""
+    """Give every RMSNorm and every module named `mlp` in `model` a PrefillForward, and turn on the compiled part
+    of every forward stand-in that has one (a `compile_wait` attribute: None, eager; else run_compiled's `wait`;
+    qwen.VisionAttention); returns how many modules."""
     torch._inductor.config.emulate_precision_casts = True  # round intermediates to bfloat16 where eager does
     modules = [module for name, module in model.named_modules()
                if type(module).__name__.endswith("RMSNorm") or name.rpartition(".")[2] == "mlp"]
     for module in modules:  # (a module done before gets this call's `wait`: the forward wrapped is its class's)
         module.forward = PrefillForward(module, wait)
-    return len(modules)
+    stand_ins = [forward for forward in own_forwards(model) if hasattr(forward, "compile_wait")]
+    for forward in stand_ins:
+        forward.compile_wait = wait
+    return len(modules) + len(stand_ins)
+
+
+def own_forwards(model):
+    return [module.__dict__["forward"] for module in model.modules() if "forward" in module.__dict__]
 
 
 def eager_forwards(model):
@@ -134,3 +165,6 @@ def eager_forwards(model):
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), PrefillForward):
             del module.forward
+    for forward in own_forwards(model):
+        if hasattr(forward, "compile_wait"):
+            forward.compile_wait = None

@@ -19,7 +19,8 @@ from its first decode step; a call of another shape frees both first. This holds
 its inputs (generate() passes the position ids, also Qwen2-VL's), the cache and the weights. A caller that brings
 its own cache (utils/generation/shared_prefix.py: a prefix prefilled beforehand) brings a StaticCache
 (`uses_static_cache` says when), recorded for that call alone. Prefill stays eager. A step that cannot be recorded
-(a forward that reads a GPU value on the CPU) runs eagerly, with one warning. `eager_decoding` undoes
+(a forward that reads a GPU value on the CPU) runs eagerly, with one warning; so do steps while a compile runs
+on another thread (utils/generation/compiled_prefill.py), until a later step records. `eager_decoding` undoes
 `decode_with_cuda_graphs`.
 """
 import contextlib
@@ -30,6 +31,8 @@ import torch
 from transformers import GenerationMixin
 from transformers.generation import utils as generation_utils
 from transformers.generation.utils import DeferredStopCheck
+
+from utils.generation.compiled_prefill import COMPILING
 
 
 def _tensors(value):
@@ -111,6 +114,14 @@ class DecodeStepGraph:
         return self.outputs
 
     def record(self, kwargs):
+        if not COMPILING.acquire(blocking=False):
+            return  # a compile is under way (see COMPILING): this step runs eagerly, a later one records
+        try:
+            self.record_now(kwargs)
+        finally:
+            COMPILING.release()
+
+    def record_now(self, kwargs):
         self.signature = self.signature_of(kwargs)
         self.inputs = {name: ({k: v.clone() for k, v in value.items()} if isinstance(value, dict) and _tensors(value)
                               else value.clone() if isinstance(value, torch.Tensor) else value)
