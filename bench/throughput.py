@@ -649,7 +649,7 @@ class ModelBench:
             if kind == "seed":
                 images = self.seed(batch_size, images, prompts)
             elif kind == "unpacked":  # Qwen's vision tower as transformers runs it: a call per image or window
-                with patched(importlib.import_module("qwen"), "replace_vision_attention", lambda replace: lambda _: None):
+                with patched(importlib.import_module("qwen"), "replace_vision_attention", lambda _: lambda _: None):
                     for block in self.captioner.model.model.visual.blocks:
                         block.attn.__dict__.pop("forward", None)
                     seconds = self.ours(batch_size, images, prompts)

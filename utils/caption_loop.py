@@ -65,8 +65,8 @@ def load_captioner(captioner_cls, settings, device, dtype):
     if on_gpu and settings.compile:
         modules = compile_prefill(captioner.model, wait=settings.wait_for_compile)
         when = "at the first batch" if settings.wait_for_compile else "in the background; eager until then"
-        print(f"{settings.tag} {modules} RMSNorms, MLPs and vision attentions compiled for the prefill (torch.compile, {when})",
-              file=sys.stderr, flush=True)
+        print(f"{settings.tag} {modules} RMSNorms, MLPs and vision attentions compiled for the prefill "
+              f"(torch.compile, {when})", file=sys.stderr, flush=True)
     graphs = decode_with_cuda_graphs(captioner.model, captioner.unread_in_decode) if on_gpu and settings.cuda_graphs else []
     return captioner, graphs
 
