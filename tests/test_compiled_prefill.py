@@ -58,3 +58,37 @@ def test_no_decode_step_is_recorded_while_a_compile_runs():
         assert step.replays == 0 and not step.recording_failed
         assert torch.equal(model.generate(**kwargs), plain)
     assert step.replays > 0
+
+
+COMPILE_AND_COUNT = """
+import json, sys
+sys.path[:0] = sys.argv[1:]
+import torch
+from conftest import tiny_llama
+from utils.generation import compiled_prefill
+model = tiny_llama("cpu")
+compiled_prefill.compile_prefill(model)
+with torch.inference_mode():
+    model(input_ids=torch.ones(2, 5, dtype=torch.long))  # the first prefill: the compiles start
+    codes = {compiled_prefill.compiled(module.forward.forward) for module in model.modules()
+             if isinstance(module.__dict__.get("forward"), compiled_prefill.PrefillForward)}
+    assert all(code.ready.wait(600) for code in codes)
+print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
+"""
+
+
+def test_two_processes_with_one_cache_folder_compile_each_graph_once(tmp_path):
+    """Two processes of a node started at once, one inductor cache folder: they take turns through its lock file,
+    so each of the two graphs (RMSNorm, MLP) is compiled by one of them and loaded from the cache by the other."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    processes = [subprocess.Popen([sys.executable, "-c", COMPILE_AND_COUNT, str(REPO / "tests"), str(REPO)], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    counts = [json.loads(process.communicate(timeout=600)[0].splitlines()[-1]) for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    assert sum(count.get("fxgraph_cache_miss", 0) for count in counts) == 2, counts
+    assert sum(count.get("fxgraph_cache_hit", 0) for count in counts) == 2, counts
