@@ -168,6 +168,12 @@ def qwen_checkpoint(folder, tiny, model_type="qwen2_vl", architecture=QWEN2_VL_7
     return path
 
 
+def transformers_vision_attention(visual):
+    """Undo qwen.replace_vision_attention: the vision tower's attention as transformers runs it."""
+    for block in visual.blocks:
+        block.attn.__dict__.pop("forward", None)
+
+
 def qwen_sizes(captioner, prepared):
     """(prompt tokens, vision-tower patches) of one prepared image."""
     return prepared.tokens + 30, int(prepared.grid_thw.prod())
@@ -650,8 +656,7 @@ class ModelBench:
                 images = self.seed(batch_size, images, prompts)
             elif kind == "unpacked":  # Qwen's vision tower as transformers runs it: a call per image or window
                 with patched(importlib.import_module("qwen"), "replace_vision_attention", lambda _: lambda _: None):
-                    for block in self.captioner.model.model.visual.blocks:
-                        block.attn.__dict__.pop("forward", None)
+                    transformers_vision_attention(self.captioner.model.model.visual)
                     seconds = self.ours(batch_size, images, prompts)
             elif kind == "copied":  # each row's prefix in its slot, as before cascade attention
                 with patched(refill, "cascades", lambda cascades: lambda model: False):

@@ -21,7 +21,7 @@ import torch
 
 import qwen
 from bench.instrument import patched
-from bench.throughput import IMAGE_SIZES, QWEN2_VL_7B, sync
+from bench.throughput import IMAGE_SIZES, QWEN2_VL_7B, sync, transformers_vision_attention
 from utils.generation import attention
 from utils.generation.attention import PaddedLayout
 from utils.generation.compiled_prefill import compile_prefill, eager_forwards
@@ -98,8 +98,7 @@ def measure(visual, inputs, device, repeats, pad_images):
 
 def set_attention(visual, ours, compiled):
     """ours: qwen.VisionAttention (its compiled part if `compiled`), else transformers' own."""
-    for block in visual.blocks:
-        block.attn.__dict__.pop("forward", None)
+    transformers_vision_attention(visual)
     if ours:
         qwen.replace_vision_attention(visual)
         for block in visual.blocks:

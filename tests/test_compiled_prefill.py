@@ -1,9 +1,13 @@
 """utils/generation/compiled_prefill.py's default: the prefill runs eagerly until the background compile is done,
 then compiled, with the same tokens. On the GPU where there is one, else on the CPU (inductor's C++ code)."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import REPO, command_env, tiny_llama
 from utils.generation import compiled_prefill
 from utils.generation.cuda_graphs import decode_with_cuda_graphs
 
@@ -62,7 +66,7 @@ def test_no_decode_step_is_recorded_while_a_compile_runs():
 
 COMPILE_AND_COUNT = """
 import json, sys
-sys.path[:0] = sys.argv[1:]
+sys.path.insert(0, "tests")
 import torch
 from conftest import tiny_llama
 from utils.generation import compiled_prefill
@@ -80,13 +84,8 @@ print(json.dumps(dict(torch._dynamo.utils.counters["inductor"])))
 def test_two_processes_with_one_cache_folder_compile_each_graph_once(tmp_path):
     """Two processes of a node started at once, one inductor cache folder: they take turns through its lock file,
     so each of the two graphs (RMSNorm, MLP) is compiled by one of them and loaded from the cache by the other."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from conftest import REPO
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    processes = [subprocess.Popen([sys.executable, "-c", COMPILE_AND_COUNT, str(REPO / "tests"), str(REPO)], env=env,
+    env = command_env({"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    processes = [subprocess.Popen([sys.executable, "-c", COMPILE_AND_COUNT], cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]
     counts = [json.loads(process.communicate(timeout=600)[0].splitlines()[-1]) for process in processes]
     assert all(process.returncode == 0 for process in processes)
