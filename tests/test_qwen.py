@@ -124,6 +124,28 @@ def test_each_family_gives_its_model_cards_captions(model_type, device, image_fo
         assert (row["caption"], row["truncated"]) == (expected, truncated), (row["image"], row["prompt"])
 
 
+@ON_GPU
+def test_the_vision_towers_fast_paths_compute_transformers_features_on_the_gpu(qwen_checkpoint):
+    """Qwen2-VL's vision tower with qwen.VisionAttention, then with the prefill compiled too, against transformers'
+    own, float32 on the GPU: equal eager, and within float32 rounding compiled (Inductor sums in its own order).
+    The end-to-end case's greedy tokens survive a 1% error in the vision attention on the tiny checkpoint; this
+    test does not (its query or its output scaled by 1.01 moves the features by about 1e-3 of their largest)."""
+    import qwen
+    from utils.generation.compiled_prefill import compile_prefill
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        qwen_checkpoint, dtype=torch.float32, attn_implementation="sdpa").to("cuda").eval()
+    generator = torch.Generator().manual_seed(1)
+    grid = torch.tensor([[1, 8, 8], [1, 6, 4], [1, 2, 10]], device="cuda")
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, generator=generator).to("cuda")
+    with torch.inference_mode():
+        reference = model.model.visual(pixels, grid_thw=grid).pooler_output
+        qwen.replace_vision_attention(model.model.visual)
+        assert torch.equal(model.model.visual(pixels, grid_thw=grid).pooler_output, reference)
+        compile_prefill(model, wait=True)
+        compiled = model.model.visual(pixels, grid_thw=grid).pooler_output
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-5 * float(reference.abs().max()))
+
+
 def test_the_vision_rotary_embedding_compiled_in_the_background_computes_eagers_query_key_and_value():
     """qwen.rotated_qkv as VisionAttention runs it once compile_prefill turns its compile on: eager while the
     compile of an example with sizes of its own runs, then that one code at every number of patches (float32, the
