@@ -36,6 +36,11 @@ def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, mon
         expected = model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
                                   max_new_tokens=4, pad_token_id=0)
         assert torch.equal(model.generate(**kwargs), plain)
+        # Called while an FX trace is under way (torch 2.11 tells every thread so while the compile thread traces
+        # a graph), compiled code runs eagerly instead of raising.
+        norm, hidden, outputs = model.model.norm, torch.randn(2, 5, 32, device=DEVICE), []
+        ModulesRunAsTheyAre().trace(lambda: outputs.append(norm(hidden)))
+        assert torch.equal(outputs[0], type(norm).forward(norm, hidden))
     assert compiled_prefill.PREFILL_CALLS["compiled"] > middle["compiled"]
     assert compiled_prefill.PREFILL_CALLS["eager"] == middle["eager"]
     assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # nothing compiled again
@@ -43,6 +48,13 @@ def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, mon
     compiled_prefill.eager_forwards(model)
     assert torch.equal(model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
                                       max_new_tokens=4, pad_token_id=0), expected)
+
+
+class ModulesRunAsTheyAre(torch.fx.Tracer):
+    """An FX trace that runs the modules it meets, as the one inductor's compile makes."""
+
+    def call_module(self, module, forward, args, kwargs):
+        return forward(*args, **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -95,6 +95,10 @@ def compile_thread():
     """The queue of the thread that compiles, one graph at a time. A daemon: a process that ends (its work done, or
     stopped by a signal) does not wait for a compile still under way."""
     jobs = queue.SimpleQueue()
+    # In torch 2.11 "FX is tracing" is one flag for the process (2.14 keeps one per thread): while this thread
+    # traces a graph, the main thread's call of code already compiled raises ("using FX to symbolically trace a
+    # dynamo-optimized function"). With this off, that call runs the function eagerly: the same computation.
+    torch._dynamo.config.error_on_nested_fx_trace = False
 
     def work():
         while True:
