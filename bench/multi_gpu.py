@@ -1,47 +1,57 @@
 """generate.sh on several GPUs: scaling with a real-size checkpoint, and exactly-once under failures.
 
     python -m bench.multi_gpu --real-size /tmp/qwen2-vl-7b-random --processes 1,2 --images 1024
+    python -m bench.multi_gpu --captioner internvl --real-size /tmp/internvl2-8b-random --processes 1,8
     python -m bench.multi_gpu --checks --processes 2
 
---real-size DIR: a Qwen2-VL-7B with random weights is saved to DIR once, in the hub format (config,
-safetensors shards, the tests' tokenizer and processor files), so every process loads it through the real
-`from_pretrained` path. Then `bash generate.sh` runs on the same --images JPEGs once for each count of
---processes (NUM_GPUS=P, one process per GPU), each with exactly --new-tokens new tokens. Reported per run:
-wall time, time from launch to the first caption line on disk (start-up: P processes loading the same
-checkpoint at once), and each rank's images/s from its summary line; the aggregate against one GPU.
+--real-size DIR: a checkpoint with random weights is saved to DIR once, so that every process loads it as it
+would load a download. Qwen2-VL-7B (--captioner qwen): the hub format (config, safetensors shards, the tests'
+tokenizer and processor files), read by the real `from_pretrained` path. InternVL2-8B (--captioner internvl): the
+original format in DIR/original (InternVLChatModel's key names, bfloat16 shards of at most 5 GB; the tests' tiny
+tokenizer, so the vocabulary is the tokenizer's, not InternLM2.5's 92,553), which each process converts at load;
+then `internvl.py --convert-to DIR/native` (timed) and the native folder. Then `bash generate.sh` runs on the same
+--images JPEGs for each folder and each count of --processes (NUM_GPUS=P, one process per GPU), greedy, each
+caption exactly --new-tokens new tokens. Reported per run: wall time, time from launch to the first caption line on disk
+(start-up: P processes loading the same checkpoint at once), host memory sampled every 0.2 s (one rank's peak
+resident and anonymous memory, and all ranks' anonymous memory at once: the part they do not share, where a
+conversion at load holds the whole checkpoint), and each rank's images/s from its summary line; the aggregate
+against one GPU.
 
 --checks: the exactly-once properties, on the tests' tiny Qwen2-VL checkpoint in float32 (greedy, so the
 captions of any split must be identical): one process as the reference; two "nodes" on this host
 (NNODES=2, NODE_RANK=0/1, one GPU each, started at once); one rank of a NUM_GPUS=P run killed with
 SIGKILL mid-run, then the same command again; SIGTERM to a NUM_GPUS=P launcher mid-run (it must exit
-143), then the same command again. Each is merged with utils/merge.py and compared with the reference.
+143), then the same command again; a job array's layout, --array-units units (`--part I/K`) started at once over
+the host's GPUs, one unit killed with SIGKILL (its whole process group, as a scheduler ends a task) and rerun alone.
+Each is merged with utils/merge.py and compared with the reference.
 Prints a table and writes JSON.
 """
 import argparse
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # generate.sh and utils/merge.py run from here
 
-SUMMARY = re.compile(r"\[qwen rank (\d+)/(\d+)\] captioned (\d+), failed (\d+), skipped (\d+), ([\d.]+) s, "
-                     r"([\d.]+) images/s")
+SUMMARY = re.compile(r"\[\w+ (?:part \d+/\d+ )?rank (\d+)/(\d+)\] captioned (\d+), failed (\d+), skipped (\d+), "
+                     r"([\d.]+) s, ([\d.]+) images/s")
 
 
-def command(input_file, out, model, flags):
-    return ["bash", "generate.sh", str(input_file), "qwen", "--model", str(model), "--output-dir", str(out), *flags]
-
-
-def start(input_file, out, model, flags, **env):
+def start(input_file, out, model, flags, captioner="qwen", own_group=False, **env):
+    """`bash generate.sh` in the background; `own_group`: in a process group of its own (to kill it whole)."""
     env = {**os.environ, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}}
-    return subprocess.Popen(command(input_file, out, model, flags), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    command = ["bash", "generate.sh", str(input_file), captioner, "--model", str(model), "--output-dir", str(out),
+               *flags]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_group)
 
 
 def finish(process):
@@ -49,9 +59,9 @@ def finish(process):
     return process.returncode, stderr
 
 
-def caption_lines(out):
+def caption_lines(out, files="captions-*.jsonl"):
     rows = []
-    for path in sorted(out.glob("qwen/*/default/captions-*.jsonl")):
+    for path in sorted(out.glob(f"*/*/*/{files}")):
         with open(path, "rb") as f:
             rows += [json.loads(line) for line in f if line.endswith(b"\n")]
     return rows
@@ -59,7 +69,7 @@ def caption_lines(out):
 
 def merged(out):
     subprocess.run([sys.executable, "utils/merge.py", str(out)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    composed = next(out.glob("qwen/*/default/composed.jsonl"))
+    composed = next(out.glob("*/*/*/composed.jsonl"))
     return sorted((row["image"], row["caption"]) for row in map(json.loads, open(composed)))
 
 
@@ -73,18 +83,56 @@ def wait_for_lines(process, out, count=1):
     return None
 
 
-def rank_pids():
-    """The running caption processes by their RANK (the first of each rank: its image workers come later)."""
+def rank_pids(captioner="qwen"):
+    """The running caption processes by their RANK, 0 where none is set (one process: generate.sh runs the script
+    itself); the first of each rank, as its image workers come later. The launcher, whose command names the
+    script too, is not one."""
     pids = {}
-    for pid in subprocess.run(["pgrep", "-f", "qwen.py"], capture_output=True, text=True).stdout.split():
+    for pid in subprocess.run(["pgrep", "-f", f"{captioner}.py"], capture_output=True, text=True).stdout.split():
         try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        for item in environ:
-            if item.startswith(b"RANK="):
-                pids[int(item[5:])] = min(int(pid), pids.get(int(item[5:]), int(pid)))
+        if len(arguments) < 2 or not arguments[1].endswith(f"{captioner}.py".encode()):
+            continue
+        rank = next((int(item[5:]) for item in environ if item.startswith(b"RANK=")), 0)
+        pids[rank] = min(int(pid), pids.get(rank, int(pid)))
     return pids
+
+
+def memory_gib(pid):
+    """(peak resident so far, anonymous now) of a process, GiB; (0, 0) once it is gone. Anonymous memory is the
+    process's own; the rest of its resident memory is file pages (safetensors mapped), which the ranks share."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0, 0.0
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return tuple(int(fields.get(name, "0 kB").split()[0]) / 2**20 for name in ("VmHWM", "RssAnon"))
+
+
+class HostMemory(threading.Thread):
+    """Samples the ranks' memory until stopped: one rank's peak resident and peak anonymous memory, and the peak of
+    all ranks' anonymous memory at once."""
+
+    def __init__(self, captioner):
+        super().__init__(daemon=True)
+        self.captioner, self.stopped = captioner, threading.Event()
+        self.resident = self.anonymous = self.all_anonymous = 0.0
+
+    def run(self):
+        while not self.stopped.wait(0.2):
+            sizes = [memory_gib(pid) for pid in rank_pids(self.captioner).values()]
+            self.resident = max([self.resident, *(peak for peak, _ in sizes)])
+            self.anonymous = max([self.anonymous, *(anonymous for _, anonymous in sizes)])
+            self.all_anonymous = max(self.all_anonymous, sum(anonymous for _, anonymous in sizes))
+
+    def stop(self):
+        self.stopped.set()
+        self.join()
+        return dict(rank_peak_resident_gib=round(self.resident, 1), rank_peak_anonymous_gib=round(self.anonymous, 1),
+                    all_ranks_peak_anonymous_gib=round(self.all_anonymous, 1))
 
 
 # ------------------------------------------------------------------------------------------------ scaling
@@ -111,27 +159,83 @@ def save_real_size_qwen(folder):
     return folder
 
 
-def scaling(args, model, folder):
+def save_real_size_internvl(folder):
+    """A random-weight InternVL2-8B in the original format, drawn on the GPU: the tests' tiny original folder
+    (tokenizer, configs) given InternVL2-8B's sizes, its weights in 5 GB shards with their index, as published."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.throughput import INTERNVL2_8B_LLM, INTERNVL2_8B_VISION
+    from tests.internvl_checkpoint import build_checkpoint, random_state_dict
+    folder = Path(folder)
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    build_checkpoint(str(folder))
+    (folder / "model.safetensors").unlink()  # the tiny weights; the real-size shards replace them
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"].update(INTERNVL2_8B_VISION)
+    config["llm_config"].update({**INTERNVL2_8B_LLM, "vocab_size": config["llm_config"]["vocab_size"]})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state_dict = {key: tensor.to(torch.bfloat16) for key, tensor in random_state_dict(config, device="cuda").items()}
+    shards, shard, shard_bytes = [], {}, 0
+    for key, tensor in state_dict.items():
+        if shard and shard_bytes + tensor.nbytes > 5 * 10**9:
+            shards, shard, shard_bytes = shards + [shard], {}, 0
+        shard[key], shard_bytes = tensor, shard_bytes + tensor.nbytes
+    shards.append(shard)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({key: tensor.cpu() for key, tensor in shard.items()}, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in state_dict.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
+def convert_timed(original, native):
+    """`python internvl.py --convert-to native` (once): seconds and the converting process's peak memory."""
+    if (native / "config.json").exists():
+        return {}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "internvl.py", "--convert-to", str(native), "--model", str(original)], cwd=REPO,
+                   check=True, stdout=subprocess.DEVNULL)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB: the largest child so far
+    return dict(convert_s=round(time.perf_counter() - started, 1), convert_peak_gib=round(peak, 1))
+
+
+def one_run(args, captioner, model, input_file, out, processes):
+    """`bash generate.sh` once with NUM_GPUS=processes: its timings, memory and each rank's summary."""
+    flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens), "--temperature",
+             "0", "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+    launched = time.perf_counter()
+    memory = HostMemory(captioner)
+    memory.start()
+    process = start(input_file, out, model, flags, captioner, NUM_GPUS=processes)
+    first_caption = wait_for_lines(process, out)
+    status, stderr = finish(process)
+    wall = time.perf_counter() - launched
+    ranks = [dict(rank=int(m[1]), images=int(m[3]), seconds=float(m[6]), images_per_s=float(m[7]))
+             for m in SUMMARY.finditer(stderr)]
+    return dict(processes=processes, status=status, wall_s=round(wall, 1),
+                first_caption_s=round(first_caption or -1, 1), **memory.stop(),
+                ranks=sorted(ranks, key=lambda r: r["rank"]), captioned=len(caption_lines(out)),
+                stderr_tail=stderr[-3000:] if status else "")
+
+
+def scaling(args, captioner, models, folder):
+    """One row per checkpoint of `models` ({label: folder}) and count of processes."""
     from bench.throughput import make_images
     folder.mkdir()
     make_images(folder, args.images)
-    flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens),
-             "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
     rows = []
-    for processes in args.processes:
-        out = folder / f"out-{processes}"
-        launched = time.perf_counter()
-        process = start(folder / "input.json", out, model, flags, NUM_GPUS=processes)
-        first_caption = wait_for_lines(process, out)
-        status, stderr = finish(process)
-        wall = time.perf_counter() - launched
-        ranks = [dict(rank=int(m[1]), images=int(m[3]), seconds=float(m[6]), images_per_s=float(m[7]))
-                 for m in SUMMARY.finditer(stderr)]
-        rows.append(dict(processes=processes, status=status, wall_s=round(wall, 1),
-                         first_caption_s=round(first_caption or -1, 1), ranks=sorted(ranks, key=lambda r: r["rank"]),
-                         captioned=len(caption_lines(out)), stderr_tail=stderr[-600:] if status else ""))
-    one = next((sum(r["images_per_s"] for r in row["ranks"]) for row in rows if row["processes"] == 1), None)
+    for index, (label, path) in enumerate(models.items()):
+        for processes in args.processes:
+            out = folder / f"out-{index}-{processes}"
+            rows.append(dict(checkpoint=label, **one_run(args, captioner, path, folder / "input.json", out, processes)))
     for row in rows:
+        one = next((sum(r["images_per_s"] for r in other["ranks"]) for other in rows
+                    if other["processes"] == 1 and other["checkpoint"] == row["checkpoint"]), None)
         total = sum(r["images_per_s"] for r in row["ranks"])
         row["aggregate_images_per_s"] = round(total, 2)
         row["vs_one_gpu"] = round(total / one, 2) if one else None
@@ -209,20 +313,47 @@ def checks(args, folder):
     result["SIGTERM, rerun: every image exactly once"] = (status == 0
                                                           and sorted(r["image"] for r in rows) == sorted(names))
     result["SIGTERM, rerun: merged equals one process"] = merged(folder / "term") == reference
+    result.update(array_units(args, input_file, folder / "array", model, flags, reference, names))
     return result
+
+
+def array_units(args, input_file, out, model, flags, reference, names):
+    """A job array's units over the host's GPUs, started at once; one killed whole once it has written a line,
+    then rerun alone."""
+    units, killed = args.array_units, args.array_units // 2
+    processes = [start(input_file, out, model, [*flags, "--part", f"{i}/{units}"], own_group=True, NUM_GPUS=1,
+                       CUDA_VISIBLE_DEVICES=i % max(1, args.gpus)) for i in range(units)]
+    killed_file = f"captions-{killed:05d}-of-{units:05d}.jsonl"
+    lines_at_kill = None
+    while processes[killed].poll() is None:
+        if caption_lines(out, killed_file):
+            os.killpg(processes[killed].pid, signal.SIGKILL)
+            lines_at_kill = len(caption_lines(out, killed_file))
+            break
+        time.sleep(0.05)
+    statuses = [finish(p)[0] for p in processes]
+    rerun = finish(start(input_file, out, model, [*flags, "--part", f"{killed}/{units}"], NUM_GPUS=1))[0]
+    rows = caption_lines(out)
+    return {f"array of {units}: unit {killed} killed after lines, statuses": [lines_at_kill, statuses],
+            f"array: unit {killed} rerun alone: status": rerun,
+            "array: every image exactly once": sorted(r["image"] for r in rows) == sorted(names),
+            "array: merged equals one process": merged(out) == reference}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real-size", metavar="DIR", help="save (once) and use a random-weight Qwen2-VL-7B here")
+    parser.add_argument("--captioner", choices=["qwen", "internvl"], default="qwen",
+                        help="the model of --real-size: Qwen2-VL-7B or InternVL2-8B")
+    parser.add_argument("--real-size", metavar="DIR", help="save (once) and use a random-weight checkpoint here")
     parser.add_argument("--checks", action="store_true", help="the exactly-once checks on the tiny checkpoint")
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts (one per GPU)")
     parser.add_argument("--images", type=int, default=1024, help="images for the scaling runs")
     parser.add_argument("--check-images", type=int, default=48, help="images for --checks")
-    parser.add_argument("--new-tokens", type=int, default=77)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--array-units", type=int, default=3, help="units of --checks' job array")
+    parser.add_argument("--new-tokens", type=int, default=77, help="new tokens of every caption")
+    parser.add_argument("--batch-size", type=int, default=256, help="--batch-size of the scaling runs")
     parser.add_argument("--num-workers", type=int, default=6, help="image workers per process")
-    parser.add_argument("--json", default="bench/out/multi_gpu.json")
+    parser.add_argument("--json", default="bench/out/multi_gpu.json", help="where the results are written")
     args = parser.parse_args()
     args.processes = [int(p) for p in args.processes.split(",")]
     args.gpus = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
@@ -231,17 +362,28 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_size:
             started = time.perf_counter()
-            model = save_real_size_qwen(args.real_size)
+            if args.captioner == "qwen":
+                models = {"hub format": save_real_size_qwen(args.real_size)}
+            else:
+                original = save_real_size_internvl(Path(args.real_size) / "original")
             result["real_size_saved_s"] = round(time.perf_counter() - started, 1)
-            result["scaling"] = scaling(args, model, Path(tmp) / "scaling")
+            if args.captioner == "internvl":
+                native = Path(args.real_size) / "native"
+                result.update(convert_timed(original, native))
+                models = {"original, converted at load": original, "--convert-to folder": native}
+            result["scaling"] = scaling(args, args.captioner, models, Path(tmp) / "scaling")
         if args.checks:
             os.makedirs(Path(tmp) / "checks")
             result["checks"] = checks(args, Path(tmp) / "checks")
     print(json.dumps(result, indent=1))
     for row in result.get("scaling", []):
         ranks = ", ".join(f"r{r['rank']} {r['images_per_s']:.2f}" for r in row["ranks"])
-        print(f"{row['processes']} process(es): wall {row['wall_s']} s, first caption {row['first_caption_s']} s, "
-              f"aggregate {row['aggregate_images_per_s']} images/s ({row['vs_one_gpu']}x one GPU), per rank: {ranks}")
+        print(f"{args.captioner}, {row['checkpoint']}: {row['processes']} process(es): wall {row['wall_s']} s, "
+              f"first caption {row['first_caption_s']} s, host memory: a rank {row['rank_peak_resident_gib']} GiB "
+              f"resident, {row['rank_peak_anonymous_gib']} its own, all ranks' own "
+              f"{row['all_ranks_peak_anonymous_gib']}; "
+              f"aggregate {row['aggregate_images_per_s']} images/s "
+              f"({row['vs_one_gpu']}x one GPU), per rank: {ranks}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

@@ -191,13 +191,14 @@ def build_config(variant, vocab_size, token_ids):
     }
 
 
-def random_state_dict(config, seed=0):
+def random_state_dict(config, seed=0, device="cpu"):
     """Original InternVLChatModel key names. Weights are larger than a usual init so that greedy decoding
-    of the tiny model has clear winners (no near-ties that float noise could flip)."""
-    generator = torch.Generator().manual_seed(seed)
+    of the tiny model has clear winners (no near-ties that float noise could flip). `device`: where they are drawn
+    (bench/multi_gpu.py draws a real-size one on the GPU)."""
+    generator = torch.Generator(device).manual_seed(seed)
 
     def rand(*shape, std=0.2):
-        return torch.randn(*shape, generator=generator) * std
+        return torch.randn(*shape, generator=generator, device=device) * std
 
     def norm_weight(n):
         return 1.0 + rand(n, std=0.1)
