@@ -73,11 +73,11 @@ def merged(out):
     return sorted((row["image"], row["caption"]) for row in map(json.loads, open(composed)))
 
 
-def wait_for_lines(process, out, count=1):
-    """Seconds until `count` caption lines are on disk (None if the process ended first)."""
+def wait_for_lines(process, out, count=1, files="captions-*.jsonl"):
+    """Seconds until `count` caption lines are on disk in `files` (None if the process ended first)."""
     started = time.perf_counter()
     while process.poll() is None:
-        if len(caption_lines(out)) >= count:
+        if len(caption_lines(out, files)) >= count:
             return time.perf_counter() - started
         time.sleep(0.05)
     return None
@@ -325,12 +325,9 @@ def array_units(args, input_file, out, model, flags, reference, names):
                        CUDA_VISIBLE_DEVICES=i % max(1, args.gpus)) for i in range(units)]
     killed_file = f"captions-{killed:05d}-of-{units:05d}.jsonl"
     lines_at_kill = None
-    while processes[killed].poll() is None:
-        if caption_lines(out, killed_file):
-            os.killpg(processes[killed].pid, signal.SIGKILL)
-            lines_at_kill = len(caption_lines(out, killed_file))
-            break
-        time.sleep(0.05)
+    if wait_for_lines(processes[killed], out, files=killed_file) is not None:
+        os.killpg(processes[killed].pid, signal.SIGKILL)
+        lines_at_kill = len(caption_lines(out, killed_file))
     statuses = [finish(p)[0] for p in processes]
     rerun = finish(start(input_file, out, model, [*flags, "--part", f"{killed}/{units}"], NUM_GPUS=1))[0]
     rows = caption_lines(out)
