@@ -204,6 +204,20 @@ def convert_timed(original, native):
     return dict(convert_s=round(time.perf_counter() - started, 1), convert_peak_gib=round(peak, 1))
 
 
+def real_size_models(captioner, folder, result):
+    """The real-size folders to run, by label, saved once (and, for InternVL2, converted once) under `folder`; the
+    times that took go into `result`."""
+    started = time.perf_counter()
+    if captioner == "qwen":
+        models = {"hub format": save_real_size_qwen(folder)}
+        result["real_size_saved_s"] = round(time.perf_counter() - started, 1)
+        return models
+    original, native = save_real_size_internvl(folder / "original"), folder / "native"
+    result["real_size_saved_s"] = round(time.perf_counter() - started, 1)
+    result.update(convert_timed(original, native))
+    return {"original, converted at load": original, "--convert-to folder": native}
+
+
 def one_run(args, captioner, model, input_file, out, processes):
     """`bash generate.sh` once with NUM_GPUS=processes: its timings, memory and each rank's summary."""
     flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens), "--temperature",
@@ -358,16 +372,7 @@ def main():
     result = dict(gpus=args.gpus)
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_size:
-            started = time.perf_counter()
-            if args.captioner == "qwen":
-                models = {"hub format": save_real_size_qwen(args.real_size)}
-            else:
-                original = save_real_size_internvl(Path(args.real_size) / "original")
-            result["real_size_saved_s"] = round(time.perf_counter() - started, 1)
-            if args.captioner == "internvl":
-                native = Path(args.real_size) / "native"
-                result.update(convert_timed(original, native))
-                models = {"original, converted at load": original, "--convert-to folder": native}
+            models = real_size_models(args.captioner, Path(args.real_size), result)
             result["scaling"] = scaling(args, args.captioner, models, Path(tmp) / "scaling")
         if args.checks:
             os.makedirs(Path(tmp) / "checks")
