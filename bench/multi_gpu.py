@@ -11,8 +11,11 @@ original format in DIR/original (InternVLChatModel's key names, bfloat16 shards 
 tokenizer, so the vocabulary is the tokenizer's, not InternLM2.5's 92,553), which each process converts at load;
 then `internvl.py --convert-to DIR/native` (timed) and the native folder. Then `bash generate.sh` runs on the same
 --images JPEGs for each folder and each count of --processes (NUM_GPUS=P, one process per GPU), greedy, each
-caption exactly --new-tokens new tokens. Reported per run: wall time, time from launch to the first caption line on disk
-(start-up: P processes loading the same checkpoint at once), host memory sampled every 0.2 s (one rank's peak
+caption exactly --new-tokens new tokens (--generate-args adds flags). A checkpoint's runs share a torch.compile cache
+folder that starts empty: the first run compiles as on a fresh machine, the later ones find its kernels (so
+`--processes 1,1` is a fresh run and a warm one). Reported per run: wall time, the caption lines on disk every
+second, the time from launch to the first of them (start-up: P processes loading the same checkpoint at once) and
+to half of them, the rate over the second half, host memory sampled every 0.2 s (one rank's peak
 resident and anonymous memory, and all ranks' anonymous memory at once: the part they do not share, where a
 conversion at load holds the whole checkpoint), and each rank's images/s from its summary line; the aggregate
 against one GPU.
@@ -81,6 +84,21 @@ def wait_for_lines(process, out, count=1, files="captions-*.jsonl"):
             return time.perf_counter() - started
         time.sleep(0.05)
     return None
+
+
+def caption_curve(process, out, every=1.0):
+    """(seconds since the start, caption lines on disk) every `every` s until the process ends."""
+    started, curve = time.perf_counter(), []
+    while process.poll() is None:
+        lines = sum(path.read_bytes().count(b"\n") for path in out.glob("*/*/*/captions-*.jsonl"))
+        curve.append((round(time.perf_counter() - started, 1), lines))
+        time.sleep(every)
+    return curve
+
+
+def seconds_to(curve, count):
+    """When the curve first reached `count` captions (None if never)."""
+    return next((seconds for seconds, lines in curve if lines >= count), None)
 
 
 def rank_pids(captioner="qwen"):
@@ -218,23 +236,33 @@ def real_size_models(captioner, folder, result):
     return {"original, converted at load": original, "--convert-to folder": native}
 
 
-def one_run(args, captioner, model, input_file, out, processes):
+def one_run(args, captioner, model, input_file, out, processes, compile_cache):
     """`bash generate.sh` once with NUM_GPUS=processes: its timings, memory and each rank's summary."""
     flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens), "--temperature",
-             "0", "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+             "0", "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+             *args.generate_args.split()]
     launched = time.perf_counter()
     memory = HostMemory(captioner)
     memory.start()
-    process = start(input_file, out, model, flags, captioner, NUM_GPUS=processes)
-    first_caption = wait_for_lines(process, out)
+    process = start(input_file, out, model, flags, captioner, NUM_GPUS=processes,
+                    TORCHINDUCTOR_CACHE_DIR=compile_cache)
+    curve = caption_curve(process, out)
     status, stderr = finish(process)
     wall = time.perf_counter() - launched
     ranks = [dict(rank=int(m[1]), images=int(m[3]), seconds=float(m[6]), images_per_s=float(m[7]))
              for m in SUMMARY.finditer(stderr)]
+    half = args.images // 2
     return dict(processes=processes, status=status, wall_s=round(wall, 1),
-                first_caption_s=round(first_caption or -1, 1), **memory.stop(),
+                first_caption_s=seconds_to(curve, 1), half_s=seconds_to(curve, half),
+                second_half_images_per_s=rate(curve, half, args.images), **memory.stop(),
                 ranks=sorted(ranks, key=lambda r: r["rank"]), captioned=len(caption_lines(out)),
-                stderr_tail=stderr[-3000:] if status else "")
+                caption_curve=curve, stderr_tail=stderr[-3000:] if status else "")
+
+
+def rate(curve, start, end):
+    """Images per second from the `start`th caption to the `end`th."""
+    begun, ended = seconds_to(curve, start), seconds_to(curve, end)
+    return round((end - start) / (ended - begun), 2) if begun is not None and ended and ended > begun else None
 
 
 def scaling(args, captioner, models, folder):
@@ -244,9 +272,11 @@ def scaling(args, captioner, models, folder):
     make_images(folder, args.images)
     rows = []
     for index, (label, path) in enumerate(models.items()):
-        for processes in args.processes:
-            out = folder / f"out-{index}-{processes}"
-            rows.append(dict(checkpoint=label, **one_run(args, captioner, path, folder / "input.json", out, processes)))
+        compile_cache = folder / f"torchinductor-{index}"  # empty at first, as on a fresh machine
+        for run, processes in enumerate(args.processes):
+            out = folder / f"out-{index}-{run}"  # its own folder, so that --processes 1,1 runs twice
+            rows.append(dict(checkpoint=label, **one_run(args, captioner, path, folder / "input.json", out, processes,
+                                                         compile_cache)))
     for row in rows:
         one = next((sum(r["images_per_s"] for r in other["ranks"]) for other in rows
                     if other["processes"] == 1 and other["checkpoint"] == row["checkpoint"]), None)
@@ -364,6 +394,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=77, help="new tokens of every caption")
     parser.add_argument("--batch-size", type=int, default=256, help="--batch-size of the scaling runs")
     parser.add_argument("--num-workers", type=int, default=6, help="image workers per process")
+    parser.add_argument("--generate-args", default="", metavar="ARGS",
+                        help="more flags for every scaling run's generate.sh, e.g. \"--no-compile\"")
     parser.add_argument("--json", default="bench/out/multi_gpu.json", help="where the results are written")
     args = parser.parse_args()
     args.processes = [int(p) for p in args.processes.split(",")]
@@ -381,7 +413,8 @@ def main():
     for row in result.get("scaling", []):
         ranks = ", ".join(f"r{r['rank']} {r['images_per_s']:.2f}" for r in row["ranks"])
         print(f"{args.captioner}, {row['checkpoint']}: {row['processes']} process(es): wall {row['wall_s']} s, "
-              f"first caption {row['first_caption_s']} s, host memory: a rank {row['rank_peak_resident_gib']} GiB "
+              f"first caption {row['first_caption_s']} s, half the images {row['half_s']} s, second half "
+              f"{row['second_half_images_per_s']} images/s, host memory: a rank {row['rank_peak_resident_gib']} GiB "
               f"resident, {row['rank_peak_anonymous_gib']} its own, all ranks' own "
               f"{row['all_ranks_peak_anonymous_gib']}; "
               f"aggregate {row['aggregate_images_per_s']} images/s "

@@ -46,11 +46,11 @@ def start_worker(parent, worker_id):
 
 
 def prepared_windows(pending, image_root, prepare, settings):
-    """Yield read-ahead windows of (index into pending, prepared image or None, error or None), each
-    --sort-window batches long but the first, which is one batch, so that the model starts as soon as one batch is
-    prepared. Workers prepare small chunks in parallel, enough in flight to fill the next window while the GPU
-    works on this one; with a GPU their tensors arrive in pinned memory, so that copies to the GPU run while the
-    CPU goes on."""
+    """Start the workers and return the read-ahead windows they fill (windows_of). They start here, on the
+    caller's thread, before torch.compile's thread runs: a process forked while another thread works inherits the
+    locks that thread holds, and a worker could wait for one forever. Workers prepare small chunks in parallel,
+    enough in flight to fill the next window while the GPU works on this one; with a GPU their tensors arrive in
+    pinned memory, so that copies to the GPU run while the CPU goes on."""
     import torch
     window_size = settings.batch_size * settings.sort_window
     chunk_size = min(8, settings.batch_size)
@@ -61,8 +61,15 @@ def prepared_windows(pending, image_root, prepare, settings):
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=max(2, -(-window_size // (chunk_size * workers))) if workers else None,
     )
-    window, size = [], settings.batch_size
-    for chunk in loader:
+    return windows_of(iter(loader), settings.batch_size, window_size)
+
+
+def windows_of(chunks, first_size, window_size):
+    """Yield windows of (index into pending, prepared image or None, error or None), each `window_size` long but
+    the first, which is `first_size` (one batch), so that the model starts as soon as one batch is prepared.
+    Closing it ends the workers."""
+    window, size = [], first_size
+    for chunk in chunks:
         window += chunk
         if len(window) >= size:
             yield window
