@@ -1,6 +1,7 @@
 """The shared loop through a real script (qwen.py on a tiny checkpoint): sharding, resume, signals, errors."""
 import argparse
 import json
+import multiprocessing
 import queue
 import signal
 import subprocess
@@ -163,6 +164,18 @@ def test_the_first_window_is_one_batch_and_later_ones_read_ahead(dataset, worker
     assert sorted(index for window in windows for index, _, _ in window) == list(range(COUNT))
     assert all(error is None and size == (40 + 7 * (index % 5), 40 + 5 * (index % 3))
                for window in windows for index, size, error in window)
+
+
+def test_the_image_workers_start_before_prepared_windows_returns(dataset):
+    """The loop compiles on another thread right after this call (utils/caption_loop.py): the workers must be
+    forked by then, not later on the batcher thread while that thread works."""
+    folder = dataset[0].parent
+    pending = [(name, None, ["default"]) for name in dataset[1]]
+    before = set(multiprocessing.active_children())
+    windows = prepared_windows(pending, str(folder), _image_size, argparse.Namespace(batch_size=4, sort_window=3,
+                                                                                     num_workers=2))
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    assert sum(len(window) for window in windows) == COUNT
 
 
 def _image_size(image):  # a picklable `prepare` for the worker processes

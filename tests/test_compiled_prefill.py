@@ -50,6 +50,33 @@ def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, mon
                                       max_new_tokens=4, pad_token_id=0), expected)
 
 
+def test_the_loop_compiles_before_its_first_batch(qwen_checkpoint, tmp_path, monkeypatch):
+    """The loop's compile_before_first_batch: a blank image starts the compile of every compiled module, and the call
+    returns once they are all done, so that the first batch runs compiled; the blank image's calls are not counted,
+    and its sampling leaves the random generator where it was."""
+    import qwen
+    from conftest import model_settings
+    from PIL import Image
+
+    from utils.caption_loop import compile_before_first_batch
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    captioner = qwen.QwenCaptioner(model_settings(qwen.QwenCaptioner, "--model", qwen_checkpoint, "--max-new-tokens",
+                                                  "4", "--temperature", "1"), torch.device(DEVICE))
+    assert compiled_prefill.compile_prefill(captioner.model) > 0
+    prompts = {"default": qwen.QwenCaptioner.prompts["default"]}
+    with torch.inference_mode():
+        compile_before_first_batch(captioner, prompts)
+        assert not compiled_prefill.PREFILL_CALLS
+        image = captioner.prepare(Image.new("RGB", (64, 48), "red"))
+        captioner.caption([image, image], list(prompts.values()))
+        assert compiled_prefill.PREFILL_CALLS["compiled"] > 0 and compiled_prefill.PREFILL_CALLS["eager"] == 0
+        # (checked with the code compiled: a compile restores the generator's state as it found it)
+        generator = torch.get_rng_state(), torch.cuda.get_rng_state() if DEVICE == "cuda" else None
+        compile_before_first_batch(captioner, prompts)
+    assert torch.equal(torch.get_rng_state(), generator[0])
+    assert DEVICE == "cpu" or torch.equal(torch.cuda.get_rng_state(), generator[1])
+
+
 class ModulesRunAsTheyAre(torch.fx.Tracer):
     """An FX trace that runs the modules it meets, as the one inductor's compile makes."""
 

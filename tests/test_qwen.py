@@ -114,7 +114,7 @@ def test_each_family_gives_its_model_cards_captions(model_type, device, image_fo
     run_command(["python", "qwen.py", "--input-json", str(write_input(folder / "good.json", good)), "--model",
                  checkpoint, "--output-dir", str(out), "--batch-size", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
                  "--temperature", "0", "--prompt", "default", "--prompt", FREE_PROMPT, "--num-workers", "1",
-                 "--dtype", "float32", *(["--wait-for-compile"] if gpu else [])], **gpu)
+                 "--dtype", "float32"], **gpu)
     caption = model_card_captioner(checkpoint, getattr(transformers, FAMILIES[model_type][1].__name__), device)
     rows = [row for path in sorted(out.glob("qwen/*/*/captions-*.jsonl")) for row in read_jsonl(path)]
     assert len(rows) == 2 * len(good)

@@ -63,10 +63,9 @@ def load_captioner(captioner_cls, settings, device, dtype):
     captioner = captioner_cls(model_settings(captioner_cls, settings, dtype), device)
     on_gpu = device.type == "cuda"
     if on_gpu and settings.compile:
-        modules = compile_prefill(captioner.model, wait=settings.wait_for_compile)
-        when = "at the first batch" if settings.wait_for_compile else "in the background; eager until then"
+        modules = compile_prefill(captioner.model)
         print(f"{settings.tag} {modules} RMSNorms, MLPs and vision attentions compiled for the prefill "
-              f"(torch.compile, {when})", file=sys.stderr, flush=True)
+              f"(torch.compile, before the first batch, while the image workers start)", file=sys.stderr, flush=True)
     graphs = decode_with_cuda_graphs(captioner.model, captioner.unread_in_decode) if on_gpu and settings.cuda_graphs else []
     return captioner, graphs
 
@@ -110,14 +109,15 @@ def caption_part(captioner_cls, settings):
             print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
             return 0
         captioner, graphs = load_captioner(captioner_cls, settings, device, dtype)
-        return caption_work(captioner, graphs, work, writer, settings, stop)
+        return caption_work(captioner, graphs, work, writer, settings, stop, device.type == "cuda" and settings.compile)
     finally:
         writer.close()
 
 
-def caption_work(captioner, graphs, work, writer, settings, stop):
+def caption_work(captioner, graphs, work, writer, settings, stop, compile_first=False):
     """The loop over the pending images: windows of prepared images, batches, lines; a signal stops it after
-    the current batch."""
+    the current batch. compile_first: compile the prefill (compile_before_first_batch) while the image workers
+    prepare the first batch."""
     tag = settings.tag
     progress = tqdm(total=len(work.pending), unit="img", desc=tag, dynamic_ncols=True,
                     mininterval=1 if sys.stderr.isatty() else 30)
@@ -126,7 +126,9 @@ def caption_work(captioner, graphs, work, writer, settings, stop):
     runner = BatchRunner(captioner, settings.prompts, work.pending, writer, progress, tag, graphs, settings.batch_size,
                          smaller_sizes)
     started = time.time()
-    windows = prepared_windows(work.pending, work.image_root, captioner.prepare, settings)
+    windows = prepared_windows(work.pending, work.image_root, captioner.prepare, settings)  # the workers start
+    if compile_first:  # before the batcher thread, which would run the tokenizer at the same time
+        compile_before_first_batch(captioner, settings.prompts)
     batches = OnSecondThread(batcher.batches(windows))
     try:
         for batch in batches:
@@ -143,6 +145,23 @@ def caption_work(captioner, graphs, work, writer, settings, stop):
               f"command again to resume", file=sys.stderr, flush=True)
         return 128 + stop.signal
     return 0
+
+
+def compile_before_first_batch(captioner, prompts):
+    """Caption a blank image, which starts the compile of every module that runs compiled, and wait for the compile
+    thread. With the compile under way, batches would run those modules eagerly and decode without CUDA graphs,
+    and the compile thread's Python would slow their launches; this way it overlaps only the image workers' start,
+    and every batch runs compiled. The blank image's calls are not counted in the end-of-run line, and its sampling
+    does not move the random generator."""
+    import torch
+    from PIL import Image
+
+    from utils.generation.compiled_prefill import PREFILL_CALLS, wait_for_compiles
+    blank = captioner.prepare(Image.new("RGB", (448, 448)))
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        captioner.caption([blank], list(prompts.values()))
+    wait_for_compiles()
+    PREFILL_CALLS.clear()
 
 
 def report(runner, graphs, work, tag, seconds):

@@ -75,11 +75,8 @@ def add_speed_flags(parser, captioner_cls):
     add("--no-cuda-graphs", action="store_true", help="decode eagerly; by default, on a GPU, decode steps replay a "
         "CUDA graph recorded once per batch shape (utils/generation/cuda_graphs.py): the same tokens, faster")
     add("--no-compile", action="store_true", help="run the prefill eagerly; by default, on a GPU, the RMSNorms and "
-        "MLPs run compiled by torch.compile in the prefill (utils/generation/compiled_prefill.py), compiled on a "
-        "background thread while the first batches run them eagerly")
-    add("--wait-for-compile", action="store_true", help="compile at the first batch and wait for it, so that every "
-        "batch runs compiled: in bfloat16, which captions come from eager code then does not depend on how fast the "
-        "compile went")
+        "MLPs run compiled by torch.compile in the prefill (utils/generation/compiled_prefill.py), compiled before "
+        "the first batch while the image workers start")
     if captioner_cls.refills_rows:
         add("--decode-rows", type=int, default=None, metavar="N", help="decode each batch's (image, prompt) rows in "
             "N rows that each take the next waiting row as soon as its caption ends (utils/generation/refill.py); "

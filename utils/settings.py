@@ -39,7 +39,6 @@ class Settings:
     attn_implementation: str
     cuda_graphs: bool
     compile: bool
-    wait_for_compile: bool
     decode_rows: Optional[int]
     limit: Optional[int]
     overwrite: bool
@@ -161,7 +160,7 @@ def resolve_settings(captioner_cls, args, own_flags, place):
         seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers,
         sort_window=args.sort_window, attn_implementation=args.attn_implementation,
         cuda_graphs=not args.no_cuda_graphs, compile=not args.no_compile,
-        wait_for_compile=args.wait_for_compile, decode_rows=getattr(args, "decode_rows", None),
+        decode_rows=getattr(args, "decode_rows", None),
         limit=args.limit, overwrite=args.overwrite, retry_errors=args.retry_errors, check_input=args.check_input,
         options=options, place=place)
 

@@ -12,12 +12,12 @@ model's own forward stand-ins can have a compiled part of theirs too (`run_compi
 rotary embedding), which compile_prefill turns on.
 
 Compiling takes seconds per module class, tens of seconds with an empty inductor cache. By default it runs on a
-background thread, from an example input shaped like the first one, while the prefill runs the eager forward, so
-the GPU never waits for it; once the code is ready the prefill uses it. The processes of a node take turns
-(a file lock in inductor's cache folder): the first compiles, the others then load its kernels from the cache
-instead of compiling the same graphs at once. While a compile runs, decode steps are not recorded as CUDA graphs
-(COMPILING). `wait=True` compiles at the first call instead, as torch.compile does; then which batches ran
-compiled does not depend on how fast the compile went.
+background thread, from an example input shaped like the first one, while the calls go on with the eager forward;
+once the code is ready they use it. `wait_for_compiles` waits for that thread: the loop starts the compiles with a
+blank image and waits before its first batch (utils/caption_loop.py). The processes of a node take turns (a file
+lock in inductor's cache folder): the first compiles, the others then load its kernels from the cache instead of
+compiling the same graphs at once. While a compile runs, decode steps are not recorded as CUDA graphs (COMPILING).
+`wait=True` compiles at the first call instead, as torch.compile does.
 
 Fused kernels round differently from the eager chain: bfloat16 activations differ in their last bits, as they do
 between batch sizes. In float32 the GPU tests require the tokens of eager generate() (tests/test_cuda_graphs.py,
@@ -105,6 +105,13 @@ def compile_thread():
             jobs.get()()
     threading.Thread(target=work, name="compile", daemon=True).start()
     return jobs
+
+
+def wait_for_compiles():
+    """Return once the compile thread has finished every compile started so far."""
+    done = threading.Event()
+    compile_thread().put(done.set)
+    done.wait()
 
 
 @contextlib.contextmanager
