@@ -114,7 +114,7 @@ def caption_part(captioner_cls, settings):
         writer.close()
 
 
-def caption_work(captioner, graphs, work, writer, settings, stop, compile_first=False):
+def caption_work(captioner, graphs, work, writer, settings, stop, compile_first):
     """The loop over the pending images: windows of prepared images, batches, lines; a signal stops it after
     the current batch. compile_first: compile the prefill (compile_before_first_batch) while the image workers
     prepare the first batch."""

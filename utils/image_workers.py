@@ -67,7 +67,7 @@ def prepared_windows(pending, image_root, prepare, settings):
 def windows_of(chunks, first_size, window_size):
     """Yield windows of (index into pending, prepared image or None, error or None), each `window_size` long but
     the first, which is `first_size` (one batch), so that the model starts as soon as one batch is prepared.
-    Closing it ends the workers."""
+    Closing it frees the loader's iterator, which stops the workers."""
     window, size = [], first_size
     for chunk in chunks:
         window += chunk
