@@ -10,15 +10,16 @@ tokenizer and processor files), read by the real `from_pretrained` path. InternV
 original format in DIR/original (InternVLChatModel's key names, bfloat16 shards of at most 5 GB; the tests' tiny
 tokenizer, so the vocabulary is the tokenizer's, not InternLM2.5's 92,553), which each process converts at load;
 then `internvl.py --convert-to DIR/native` (timed) and the native folder. Then `bash generate.sh` runs on the same
---images JPEGs for each folder and each count of --processes (NUM_GPUS=P, one process per GPU), greedy, each
-caption exactly --new-tokens new tokens (--generate-args adds flags). A checkpoint's runs share a torch.compile cache
-folder that starts empty: the first run compiles as on a fresh machine, the later ones find its kernels (so
-`--processes 1,1` is a fresh run and a warm one). Reported per run: wall time, the caption lines on disk every
-second, the time from launch to the first of them (start-up: P processes loading the same checkpoint at once) and
-to half of them, the rate over the second half, host memory sampled every 0.2 s (one rank's peak
-resident and anonymous memory, and all ranks' anonymous memory at once: the part they do not share, where a
-conversion at load holds the whole checkpoint), and each rank's images/s from its summary line; the aggregate
-against one GPU.
+--images JPEGs for each folder and each count of --processes (NUM_GPUS=P, one process per GPU), greedy, each caption
+exactly --new-tokens new tokens (--generate-args adds flags). A checkpoint's runs share a torch.compile cache folder
+that starts empty: the first run compiles as on a fresh machine, the later ones find its kernels (so
+`--processes 1,1` is a fresh run and a warm one). --baseline DIR runs each of them with DIR's generate.sh too
+(another checkout: old code against new in one run), with a cache of its own. Reported per run: wall time, the
+caption lines on disk every second, the time from launch to the first of them (start-up: P processes loading the
+same checkpoint at once) and to half of them, the rate over the second half, host memory sampled every 0.2 s (one
+rank's peak resident and anonymous memory, and all ranks' anonymous memory at once: the part they do not share,
+where a conversion at load holds the whole checkpoint), and each rank's images/s from its summary line; the
+aggregate against one GPU.
 
 --checks: the exactly-once properties, on the tests' tiny Qwen2-VL checkpoint in float32 (greedy, so the
 captions of any split must be identical): one process as the reference; two "nodes" on this host
@@ -48,12 +49,13 @@ SUMMARY = re.compile(r"\[\w+ (?:part \d+/\d+ )?rank (\d+)/(\d+)\] captioned (\d+
                      r"([\d.]+) s, ([\d.]+) images/s")
 
 
-def start(input_file, out, model, flags, captioner="qwen", own_group=False, **env):
-    """`bash generate.sh` in the background; `own_group`: in a process group of its own (to kill it whole)."""
+def start(input_file, out, model, flags, captioner="qwen", own_group=False, repo=REPO, **env):
+    """`bash generate.sh` of `repo` in the background; `own_group`: in a process group of its own (to kill it
+    whole)."""
     env = {**os.environ, "PYTHON": sys.executable, **{k: str(v) for k, v in env.items()}}
     command = ["bash", "generate.sh", str(input_file), captioner, "--model", str(model), "--output-dir", str(out),
                *flags]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=own_group)
 
 
@@ -236,15 +238,15 @@ def real_size_models(captioner, folder, result):
     return {"original, converted at load": original, "--convert-to folder": native}
 
 
-def one_run(args, captioner, model, input_file, out, processes, compile_cache):
-    """`bash generate.sh` once with NUM_GPUS=processes: its timings, memory and each rank's summary."""
+def one_run(args, captioner, model, input_file, out, processes, compile_cache, repo):
+    """`bash generate.sh` of `repo` once with NUM_GPUS=processes: its timings, memory and each rank's summary."""
     flags = ["--max-new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.new_tokens), "--temperature",
              "0", "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
              *args.generate_args.split()]
     launched = time.perf_counter()
     memory = HostMemory(captioner)
     memory.start()
-    process = start(input_file, out, model, flags, captioner, NUM_GPUS=processes,
+    process = start(input_file, out, model, flags, captioner, repo=repo, NUM_GPUS=processes,
                     TORCHINDUCTOR_CACHE_DIR=compile_cache)
     curve = caption_curve(process, out)
     status, stderr = finish(process)
@@ -266,20 +268,24 @@ def rate(curve, start, end):
 
 
 def scaling(args, captioner, models, folder):
-    """One row per checkpoint of `models` ({label: folder}) and count of processes."""
+    """One row per checkpoint of `models` ({label: folder}), count of processes and code tree (this one, and
+    --baseline's, each run in turn)."""
     from bench.throughput import make_images
     folder.mkdir()
     make_images(folder, args.images)
+    trees = {"this tree": REPO, **({f"baseline {args.baseline.name}": args.baseline} if args.baseline else {})}
     rows = []
     for index, (label, path) in enumerate(models.items()):
-        compile_cache = folder / f"torchinductor-{index}"  # empty at first, as on a fresh machine
         for run, processes in enumerate(args.processes):
-            out = folder / f"out-{index}-{run}"  # its own folder, so that --processes 1,1 runs twice
-            rows.append(dict(checkpoint=label, **one_run(args, captioner, path, folder / "input.json", out, processes,
-                                                         compile_cache)))
+            for tree, (code, repo) in enumerate(trees.items()):
+                compile_cache = folder / f"torchinductor-{tree}-{index}"  # empty at first, as on a fresh machine
+                out = folder / f"out-{tree}-{index}-{run}"  # its own folder, so that --processes 1,1 runs twice
+                rows.append(dict(checkpoint=label, code=code, **one_run(args, captioner, path, folder / "input.json",
+                                                                        out, processes, compile_cache, repo)))
     for row in rows:
         one = next((sum(r["images_per_s"] for r in other["ranks"]) for other in rows
-                    if other["processes"] == 1 and other["checkpoint"] == row["checkpoint"]), None)
+                    if other["processes"] == 1 and (other["checkpoint"], other["code"]) == (row["checkpoint"],
+                                                                                         row["code"])), None)
         total = sum(r["images_per_s"] for r in row["ranks"])
         row["aggregate_images_per_s"] = round(total, 2)
         row["vs_one_gpu"] = round(total / one, 2) if one else None
@@ -381,6 +387,15 @@ def array_units(args, input_file, out, model, flags, reference, names):
             "array: merged equals one process": merged(out) == reference}
 
 
+def summary_line(row):
+    ranks = ", ".join(f"r{r['rank']} {r['images_per_s']:.2f}" for r in row["ranks"])
+    return (f"{row['checkpoint']}, {row['code']}: {row['processes']} process(es): wall {row['wall_s']} s, "
+            f"first caption {row['first_caption_s']} s, half the images {row['half_s']} s, second half "
+            f"{row['second_half_images_per_s']} images/s, host memory: a rank {row['rank_peak_resident_gib']} GiB "
+            f"resident, {row['rank_peak_anonymous_gib']} its own, all ranks' own {row['all_ranks_peak_anonymous_gib']};"
+            f" aggregate {row['aggregate_images_per_s']} images/s ({row['vs_one_gpu']}x one GPU), per rank: {ranks}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captioner", choices=["qwen", "internvl"], default="qwen",
@@ -396,6 +411,9 @@ def main():
     parser.add_argument("--num-workers", type=int, default=6, help="image workers per process")
     parser.add_argument("--generate-args", default="", metavar="ARGS",
                         help="more flags for every scaling run's generate.sh, e.g. \"--no-compile\"")
+    parser.add_argument("--baseline", type=lambda path: Path(path).resolve(), metavar="DIR",
+                        help="another checkout of the project (e.g. `git archive REV | tar -x -C DIR`): each scaling "
+                        "run also runs with its generate.sh, in turn with this tree's, for a comparison in one run")
     parser.add_argument("--json", default="bench/out/multi_gpu.json", help="where the results are written")
     args = parser.parse_args()
     args.processes = [int(p) for p in args.processes.split(",")]
@@ -411,14 +429,7 @@ def main():
             result["checks"] = checks(args, Path(tmp) / "checks")
     print(json.dumps(result, indent=1))
     for row in result.get("scaling", []):
-        ranks = ", ".join(f"r{r['rank']} {r['images_per_s']:.2f}" for r in row["ranks"])
-        print(f"{args.captioner}, {row['checkpoint']}: {row['processes']} process(es): wall {row['wall_s']} s, "
-              f"first caption {row['first_caption_s']} s, half the images {row['half_s']} s, second half "
-              f"{row['second_half_images_per_s']} images/s, host memory: a rank {row['rank_peak_resident_gib']} GiB "
-              f"resident, {row['rank_peak_anonymous_gib']} its own, all ranks' own "
-              f"{row['all_ranks_peak_anonymous_gib']}; "
-              f"aggregate {row['aggregate_images_per_s']} images/s "
-              f"({row['vs_one_gpu']}x one GPU), per rank: {ranks}")
+        print(f"{args.captioner}, {summary_line(row)}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
