@@ -92,8 +92,7 @@ def caption_curve(process, out, every=1.0):
     """(seconds since the start, caption lines on disk) every `every` s until the process ends."""
     started, curve = time.perf_counter(), []
     while process.poll() is None:
-        lines = sum(path.read_bytes().count(b"\n") for path in out.glob("*/*/*/captions-*.jsonl"))
-        curve.append((round(time.perf_counter() - started, 1), lines))
+        curve.append((round(time.perf_counter() - started, 1), len(caption_lines(out))))
         time.sleep(every)
     return curve
 

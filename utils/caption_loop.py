@@ -51,6 +51,11 @@ def model_settings(captioner_cls, settings, dtype):
                          settings.decode_rows, MappingProxyType(dict(settings.options)))
 
 
+def compiles_prefill(settings, device):
+    """Whether the prefill runs compiled: on a GPU, unless --no-compile."""
+    return device.type == "cuda" and settings.compile
+
+
 def load_captioner(captioner_cls, settings, device, dtype):
     """The model on this process's device; where there is a GPU, its prefill compiled and its decode steps as CUDA
     graphs (their DecodeStepGraphs are returned with it)."""
@@ -62,7 +67,7 @@ def load_captioner(captioner_cls, settings, device, dtype):
     torch.manual_seed(settings.seed + settings.place.rank)
     captioner = captioner_cls(model_settings(captioner_cls, settings, dtype), device)
     on_gpu = device.type == "cuda"
-    if on_gpu and settings.compile:
+    if compiles_prefill(settings, device):
         modules = compile_prefill(captioner.model)
         print(f"{settings.tag} {modules} RMSNorms, MLPs and vision attentions compiled for the prefill "
               f"(torch.compile, before the first batch, while the image workers start)", file=sys.stderr, flush=True)
@@ -109,7 +114,7 @@ def caption_part(captioner_cls, settings):
             print(f"{tag} captioned 0, failed 0, skipped {work.skipped}, 0.0 s, 0.00 images/s", file=sys.stderr)
             return 0
         captioner, graphs = load_captioner(captioner_cls, settings, device, dtype)
-        return caption_work(captioner, graphs, work, writer, settings, stop, device.type == "cuda" and settings.compile)
+        return caption_work(captioner, graphs, work, writer, settings, stop, compiles_prefill(settings, device))
     finally:
         writer.close()
 
