@@ -1,8 +1,10 @@
 """utils/generation/compiled_prefill.py's default: the prefill runs eagerly until the background compile is done,
 then compiled, with the same tokens. On the GPU where there is one, else on the CPU (inductor's C++ code)."""
+import fcntl
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -45,6 +47,7 @@ def test_the_prefill_is_eager_until_the_background_compile_is_done(tmp_path, mon
     assert compiled_prefill.PREFILL_CALLS["eager"] == middle["eager"]
     assert dict(torch._dynamo.utils.counters["stats"]) == graphs  # nothing compiled again
     assert (tmp_path / "inductor" / "compile.lock").is_file()
+    assert len(list((tmp_path / "inductor").glob("compiled-*"))) == 2  # RMSNorm's graphs, the MLP's
     compiled_prefill.eager_forwards(model)
     assert torch.equal(model.generate(input_ids=longer, attention_mask=torch.ones_like(longer), do_sample=False,
                                       max_new_tokens=4, pad_token_id=0), expected)
@@ -130,3 +133,43 @@ def test_two_processes_with_one_cache_folder_compile_each_graph_once(tmp_path):
     assert all(process.returncode == 0 for process in processes)
     assert sum(count.get("fxgraph_cache_miss", 0) for count in counts) == 2, counts
     assert sum(count.get("fxgraph_cache_hit", 0) for count in counts) == 2, counts
+
+
+def compile_turn_beside_a_holder(folder, key, holder_compiles_it=False):
+    """compile_turn(key) on a thread while another open file (as another process would) holds the folder's lock,
+    released after two seconds or once the turn began; whether the turn waited for it, and whether the lock was free
+    inside the turn (known only where it waited: else the holder may not have let go yet). `holder_compiles_it`: the
+    holder writes the key's marker before it lets go."""
+    entered, lock_free_inside = threading.Event(), []
+
+    def turn():
+        with compiled_prefill.compile_turn(key), open(folder / "compile.lock", "a") as probe:
+            entered.set()
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_free_inside.append(True)
+            except BlockingIOError:
+                lock_free_inside.append(False)
+    with open(folder / "compile.lock", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        thread = threading.Thread(target=turn)
+        thread.start()
+        waited = not entered.wait(2)
+        if holder_compiles_it:
+            (folder / f"compiled-{key}").touch()
+    thread.join(10)
+    return waited, lock_free_inside[0]
+
+
+def test_only_graphs_that_nothing_marks_compiled_wait_for_the_cache_folders_lock(tmp_path, monkeypatch):
+    """compile_turn: graphs no process has compiled wait for the lock and hold it while they compile, then are
+    marked; marked ones (their kernels in the cache) load at once, beside the other processes; a turn that got the
+    lock after the process before it compiled the same graphs lets it go; a failed compile marks nothing."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert compile_turn_beside_a_holder(tmp_path, "norm") == (True, False)
+    assert (tmp_path / "compiled-norm").is_file()
+    assert compile_turn_beside_a_holder(tmp_path, "norm")[0] is False
+    assert compile_turn_beside_a_holder(tmp_path, "mlp", holder_compiles_it=True) == (True, True)
+    with pytest.raises(RuntimeError), compiled_prefill.compile_turn("vision"):
+        raise RuntimeError("inductor failed")
+    assert not (tmp_path / "compiled-vision").exists()

@@ -14,9 +14,10 @@ rotary embedding), which compile_prefill turns on.
 Compiling takes seconds per module class, tens of seconds with an empty inductor cache. By default it runs on a
 background thread, from an example input shaped like the first one, while the calls go on with the eager forward;
 once the code is ready they use it. `wait_for_compiles` waits for that thread: the loop starts the compiles with a
-blank image and waits before its first batch (utils/caption_loop.py). The processes of a node take turns (a file
-lock in inductor's cache folder): the first compiles, the others then load its kernels from the cache instead of
-compiling the same graphs at once. While a compile runs, decode steps are not recorded as CUDA graphs (COMPILING).
+blank image and waits before its first batch (utils/caption_loop.py). The processes of a node share inductor's
+cache folder (`compile_turn`): one compiles a function while the others wait, and then they all load its kernels
+from the cache at once, instead of compiling the same graphs side by side or loading them one after another.
+While a compile runs, decode steps are not recorded as CUDA graphs (COMPILING).
 `wait=True` compiles at the first call instead, as torch.compile does.
 
 Fused kernels round differently from the eager chain: bfloat16 activations differ in their last bits, as they do
@@ -26,6 +27,7 @@ tokens_of_all_paths in tests/conftest.py). `eager_forwards` undoes `compile_pref
 import contextlib
 import fcntl
 import functools
+import hashlib
 import os
 import queue
 import sys
@@ -46,6 +48,7 @@ class CompiledForward:
     compile_prefill calls on the same model, so that these find it compiled."""
 
     def __init__(self, forward):
+        self.function = forward
         self.code = torch.compile(forward, dynamic=True)
         self.ready = threading.Event()
         self.started = False
@@ -63,7 +66,8 @@ class CompiledForward:
     def compile(self, example, modes):
         grad, inference = modes
         try:
-            with node_lock(), COMPILING, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            with (compile_turn(graphs_key(self.function, example, modes)), COMPILING, torch.inference_mode(inference),
+                  torch.set_grad_enabled(grad)):
                 self.code(*example)
                 if any(isinstance(arg, torch.Tensor) and arg.is_cuda for arg in example):
                     torch.cuda.current_stream().synchronize()
@@ -114,17 +118,33 @@ def wait_for_compiles():
     done.wait()
 
 
+def graphs_key(function, example, modes):
+    """Names the graphs that compiling `function` for `example` makes: the function, torch's version, the modes and
+    every argument (tensors by dtype, device and sizes, functions by name, modules by their repr)."""
+    def described(arg):
+        if isinstance(arg, torch.Tensor):
+            return str(arg.dtype), arg.device.type, tuple(arg.shape)
+        return f"{arg.__module__}.{arg.__qualname__}" if hasattr(arg, "__qualname__") else repr(arg)
+    parts = repr((torch.__version__, modes, [described(arg) for arg in example]))
+    return f"{function.__qualname__}-{hashlib.sha256(parts.encode()).hexdigest()[:16]}"
+
+
 @contextlib.contextmanager
-def node_lock():
-    """Held while compiling: one process of the machine (or of the nodes sharing the cache folder) at a time."""
+def compile_turn(key):
+    """Held while compiling the graphs `key` names. A marker in inductor's cache folder says that a process of the
+    machine (or of the nodes sharing the folder) compiled them: then the kernels are in the cache and this process
+    loads them without waiting for the others. Without one it takes the folder's lock, so that one process compiles
+    at a time, and once it holds the lock looks again: the process before it may have compiled the same graphs."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     os.makedirs(cache_dir(), exist_ok=True)
-    with open(os.path.join(cache_dir(), "compile.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    marker = os.path.join(cache_dir(), f"compiled-{key}")
+    with open(os.path.join(cache_dir(), "compile.lock"), "a") as lock:  # closing it releases the lock
+        if not os.path.exists(marker):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(marker):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+        open(marker, "a").close()
 
 
 def run_compiled(function, args, wait):
