@@ -136,9 +136,10 @@ def compile_turn(key):
     loads them without waiting for the others. Without one it takes the folder's lock, so that one process compiles
     at a time, and once it holds the lock looks again: the process before it may have compiled the same graphs."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
-    os.makedirs(cache_dir(), exist_ok=True)
-    marker = os.path.join(cache_dir(), f"compiled-{key}")
-    with open(os.path.join(cache_dir(), "compile.lock"), "a") as lock:  # closing it releases the lock
+    folder = cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, f"compiled-{key}")
+    with open(os.path.join(folder, "compile.lock"), "a") as lock:  # closing it releases the lock
         if not os.path.exists(marker):
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(marker):
